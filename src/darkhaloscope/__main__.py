@@ -1,0 +1,5 @@
+import sys
+
+from darkhaloscope.cli import main
+
+sys.exit(main())
