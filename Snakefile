@@ -1,0 +1,34 @@
+# darkhaloscope: Gen2 baseline -> hard-negative mining -> Gen3 curriculum (A1 -> A2) -> stratified FPR.
+# The Snakefile only includes; helpers live in rules/common.smk, science in src/darkhaloscope/.
+from snakemake.utils import min_version
+
+min_version("9.3")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+
+
+workdir: RUN_DIR
+
+
+wildcard_constraints:
+    variant="|".join(VARIANTS),
+    shard=r"\d{5}",
+    stage="|".join(STAGES),
+    name="|".join(SCORES),
+
+
+include: "rules/simulate.smk"
+include: "rules/train.smk"
+include: "rules/score.smk"
+include: "rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "gen3_stratified_fpr.csv",
+        "report/gen3_report.html",

@@ -1,0 +1,126 @@
+# Helpers shared by the rules: config validation, run-directory layout, and argument builders.
+# Rules stay declarative; anything computed from the config is computed here.
+import os
+from pathlib import Path
+
+import jsonschema
+import yaml
+from snakemake.exceptions import WorkflowError
+
+REPO = Path(workflow.basedir)
+SPLITS = ["train", "val", "test"]
+VARIANTS = ["v4_sota", "v4_sota_moffat"]
+
+
+def validate_config(cfg, schema_path):
+    """Validate against the JSON schema; the error names the offending key path."""
+    with open(schema_path) as fh:
+        schema = yaml.safe_load(fh)
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise WorkflowError(f"invalid config key '{key}': {err.message}")
+    for section, key in [("eval", "theta_bins"), ("eval", "res_bins")]:
+        bins = cfg[section][key]
+        if any(hi <= lo for lo, hi in zip(bins, bins[1:])):
+            raise WorkflowError(f"invalid config key '{section}.{key}': bins must be strictly increasing")
+    if abs(sum(cfg["simulation"]["split_fracs"]) - 1.0) > 1e-6:
+        raise WorkflowError("invalid config key 'simulation.split_fracs': fractions must sum to 1")
+
+
+validate_config(config, REPO / "schemas" / "config.schema.yaml")
+
+RUN_DIR = config["run_dir"] if os.path.isabs(config["run_dir"]) else str(REPO / config["run_dir"])
+N_SHARDS = config["simulation"]["n_shards"]
+SHARDS = [f"{i:05d}" for i in range(N_SHARDS)]
+
+# The simulator's code is an input of the simulation rules, so editing it reruns everything downstream.
+SIM_CODE = sorted(
+    str(p)
+    for p in [*(REPO / "src/darkhaloscope/physics").glob("*.py")]
+    + [REPO / "src/darkhaloscope" / f for f in ("manifest.py", "scene.py", "inject.py", "contract.py")]
+    if p.exists()
+)
+
+# Training stages: run directory -> config section, data variant, extra inputs.
+STAGES = {
+    "gen2": {"section": "gen2", "variant": "v4_sota"},
+    "gen3_stageA1": {"section": "gen3_a1", "variant": "v4_sota_moffat", "hard_negs": "hard_negs/gen2_top50k.parquet"},
+    "gen3_stageA2": {"section": "gen3_a2", "variant": "v4_sota_moffat", "hard_negs": "hard_negs/gen2_top50k.parquet",
+                     "init_from": "runs/gen3_stageA1/best.pt"},
+}
+
+# Score files: name -> (checkpoint, variant, split).
+SCORES = {
+    "gen2_parent": ("runs/gen2/best.pt", "v4_sota", "train"),
+    "gen2_test": ("runs/gen2/best.pt", "v4_sota_moffat", "test"),
+    "gen3_test": ("runs/gen3_stageA2/best.pt", "v4_sota_moffat", "test"),
+}
+
+
+def existing(variant):
+    return config["variants"][variant].get("existing")
+
+
+def data_dir(variant):
+    """Where a variant's Phase 4c parquet lives: existing real data, or the simulated directory."""
+    return existing(variant) or f"data/{variant}"
+
+
+def data_files(variant, splits=SPLITS):
+    """Files a job must wait for: the simulated shards, or nothing for existing data (local or s3://)."""
+    path = existing(variant)
+    if path:
+        if not path.startswith("s3://") and not Path(path).is_dir():
+            raise WorkflowError(f"invalid config key 'variants.{variant}.existing': no directory {path}")
+        return []
+    return expand("data/{variant}/region_split={split}/part-{shard}.parquet", variant=variant, split=splits, shard=SHARDS)
+
+
+def audit_file(variant):
+    return [] if existing(variant) else [f"audit/{variant}.json"]
+
+
+def flag(name, value):
+    """Render one CLI flag: booleans as switches, lists comma-joined, None omitted."""
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return f"--{name}"
+    if isinstance(value, (list, tuple)):
+        return f"--{name} {','.join(str(v) for v in value)}" if value else ""
+    return f"--{name} {value}"
+
+
+def train_args(stage):
+    """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
+    t, s = config["train"], config[STAGES[stage]["section"]]
+    keys = ["arch", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed"]
+    args = [flag(k, t[k]) for k in keys]
+    args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
+                                          "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]
+    args.append(flag("variant", STAGES[stage]["variant"]))
+    return " ".join(a for a in args if a)
+
+
+def train_launcher():
+    """`dhs train` on CPU or one GPU; torchrun (DDP, one process per GPU) when more than one GPU is given."""
+    gpus = config["train"]["gpus"]
+    if gpus > 1:
+        return f"torchrun --standalone --nproc_per_node {gpus} -m darkhaloscope train"
+    return "dhs train"
+
+
+def stage_inputs(wildcards):
+    st = STAGES[wildcards.stage]
+    inputs = {"data": data_files(st["variant"], ["train", "val"]), "audit": audit_file(st["variant"])}
+    for key in ("hard_negs", "init_from"):
+        if key in st:
+            inputs[key] = st[key]
+    return inputs
+
+
+def stage_extra(wildcards):
+    st = STAGES[wildcards.stage]
+    return " ".join(flag(k, st[k]) for k in ("hard_negs", "init_from") if k in st)

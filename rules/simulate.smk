@@ -1,0 +1,78 @@
+# Phase 4a (manifest), Phase 4c (rendering, one job per variant and shard), and the realism gates.
+
+
+rule manifest:
+    input:
+        code=SIM_CODE,
+    output:
+        "manifest/manifest.parquet",
+    params:
+        args=" ".join(
+            [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "confuser_frac")]
+            + [flag("seed", config["seed"])]
+        ),
+    log:
+        "logs/manifest.log",
+    benchmark:
+        "benchmarks/manifest.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../envs/simulate.yaml"
+    shell:
+        "dhs manifest --out {output} {params.args} > {log} 2>&1"
+
+
+rule inject:
+    input:
+        manifest="manifest/manifest.parquet",
+        code=SIM_CODE,
+    output:
+        expand("data/{{variant}}/region_split={split}/part-{{shard}}.parquet", split=SPLITS),
+    params:
+        psf_model=lambda w: config["variants"][w.variant]["psf_model"],
+        beta=lambda w: config["variants"][w.variant]["moffat_beta"],
+        shard=lambda w: int(w.shard),
+        n_shards=N_SHARDS,
+        batch_size=config["simulation"]["batch_size"],
+        write_arc=flag("write_arc", config["simulation"]["write_arc"]),
+    log:
+        "logs/inject/{variant}_{shard}.log",
+    benchmark:
+        "benchmarks/inject/{variant}_{shard}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/simulate.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest} --out_dir data/{wildcards.variant}"
+        " --variant {wildcards.variant} --psf-model {params.psf_model} --moffat-beta {params.beta}"
+        " --shard {params.shard} --n_shards {params.n_shards} --batch_size {params.batch_size} {params.write_arc}"
+        " > {log} 2>&1"
+
+
+rule audit:
+    input:
+        lambda w: data_files(w.variant),
+    output:
+        "audit/{variant}.json",
+    params:
+        data=lambda w: data_dir(w.variant),
+        gates=" ".join(flag(k, v) for k, v in config["audit"].items()),
+    log:
+        "logs/audit/{variant}.log",
+    benchmark:
+        "benchmarks/audit/{variant}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/simulate.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} dhs audit --data {params.data} --out {output} --split train"
+        " {params.gates} > {log} 2>&1"
