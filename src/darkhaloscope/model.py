@@ -1,0 +1,168 @@
+"""The lens classifier: a timm ConvNeXt image backbone joined with a small MLP over observing conditions.
+
+Also the checkpoint format (docs/architecture.md) and the one meta standardisation that training and
+inference share. ``load_model`` is the only way a network is rebuilt from a checkpoint.
+
+64x64 adaptation: timm's ConvNeXt has a 4x4/stride-4 patch stem, so a 64x64 stamp becomes a 16x16 map
+and the last stage sees 2x2. ``stem_stride=2`` (timm's ``patch_size``) keeps 2x the resolution
+(32x32 -> 4x4 at the last stage), at about 4x the compute and activation memory. The default is the
+seed's unmodified timm model (stride 4); the choice is recorded in the checkpoint's ``model_kwargs``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from darkhaloscope.errors import DHSError
+from darkhaloscope.io import atomic_output
+
+CKPT_FORMAT = "darkhaloscope-ckpt-v1"
+DEFAULT_STEM_STRIDE = 4
+
+
+class LensClassifier(nn.Module):
+    """Image features (timm backbone, global pooled) concatenated with an MLP embedding of the
+    standardised meta inputs, then dropout and one linear layer -> one float32 logit per stamp."""
+
+    def __init__(self, arch: str, n_meta: int = 0, dropout: float = 0.1, drop_path: float = 0.0,
+                 stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32):
+        super().__init__()
+        import timm
+
+        if not timm.is_model(arch):
+            raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
+        extra = {}
+        if stem_stride != DEFAULT_STEM_STRIDE:
+            if not arch.startswith("convnext"):
+                raise DHSError(f"--stem_stride {stem_stride} is only supported for ConvNeXt models, not '{arch}'")
+            extra["patch_size"] = int(stem_stride)
+        self.arch = arch
+        self.n_meta = int(n_meta)
+        self.backbone = timm.create_model(arch, pretrained=False, in_chans=3, num_classes=0,
+                                          drop_path_rate=float(drop_path), **extra)
+        n_feat = self.backbone.num_features
+        if self.n_meta > 0:
+            self.meta_mlp = nn.Sequential(nn.Linear(self.n_meta, meta_hidden), nn.GELU(),
+                                          nn.Linear(meta_hidden, meta_hidden), nn.GELU())
+            n_feat += meta_hidden
+        else:
+            self.meta_mlp = None
+        self.dropout = nn.Dropout(float(dropout))
+        self.head = nn.Linear(n_feat, 1)
+
+    def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
+        feats = self.backbone(images)
+        if self.meta_mlp is not None:
+            if meta is None or meta.shape[-1] != self.n_meta:
+                got = None if meta is None else tuple(meta.shape)
+                raise DHSError(f"model expects {self.n_meta} meta inputs, got {got}")
+            feats = torch.cat([feats, self.meta_mlp(meta.to(feats.dtype))], dim=1)
+        # The head runs in float32 even under bf16 autocast: logits are ranked at 1e-4 FPR, so they
+        # must not be rounded to bf16's 8 bits of mantissa.
+        with torch.autocast(device_type=feats.device.type, enabled=False):
+            logits = self.head(self.dropout(feats.float()))
+        return logits.squeeze(-1)
+
+
+def build_model(arch: str, n_meta: int, dropout: float = 0.1, **kwargs) -> LensClassifier:
+    """``kwargs``: ``drop_path`` (stochastic depth rate), ``stem_stride`` (4 = timm default, 2 = finer
+    stem for 64x64 stamps), ``meta_hidden``. Everything passed here is stored as ``model_kwargs``."""
+    return LensClassifier(arch, n_meta=n_meta, dropout=dropout, **kwargs)
+
+
+def model_kwargs(arch: str, n_meta: int, dropout: float, **kwargs) -> dict:
+    """The dict stored in a checkpoint such that ``build_model(**model_kwargs)`` rebuilds the network."""
+    return {"arch": arch, "n_meta": int(n_meta), "dropout": float(dropout), **kwargs}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Meta inputs
+# ----------------------------------------------------------------------------------------------------
+
+def meta_statistics(values: np.ndarray) -> tuple[list[float], list[float]]:
+    """Column means and standard deviations (NaN ignored; std 0 or undefined -> 1)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] == 0:
+        return [], []
+    mean, std = [], []
+    for col in values.T:
+        finite = col[np.isfinite(col)]
+        m = float(finite.mean()) if finite.size else 0.0
+        s = float(finite.std()) if finite.size > 1 else 1.0
+        mean.append(m)
+        std.append(s if s > 0 and math.isfinite(s) else 1.0)
+    return mean, std
+
+
+def standardize_meta(values, mean, std=None) -> np.ndarray:
+    """(x - mean) / std per column, then NaN/inf -> 0 (the mean). ``mean`` may be a checkpoint dict,
+    whose ``meta_mean`` / ``meta_std`` are then used. The one standardisation of training and inference."""
+    if isinstance(mean, Mapping):
+        mean, std = mean["meta_mean"], mean["meta_std"]
+    values = np.asarray(values, dtype=np.float64)
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != mean.size:
+        raise DHSError(f"meta values have shape {values.shape}, expected (N, {mean.size})")
+    out = (values - mean) / std
+    out[~np.isfinite(out)] = 0.0
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def save_checkpoint(path: str | os.PathLike, **fields) -> None:
+    """torch.save a checkpoint dict atomically (temporary name, then rename). ``format`` is added."""
+    fields = {"format": CKPT_FORMAT, **fields}
+    with atomic_output(path) as tmp:
+        torch.save(fields, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a darkhaloscope checkpoint dict; any unreadable or foreign file -> DHSError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DHSError(f"checkpoint {path} does not exist")
+    try:
+        # weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts, nothing executable.
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt or foreign files
+        raise DHSError(f"checkpoint {path} is unreadable: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise DHSError(f"{path} is not a darkhaloscope checkpoint (no format '{CKPT_FORMAT}')")
+    for key in ("model_kwargs", "state_dict", "meta_cols", "meta_mean", "meta_std"):
+        if key not in ckpt:
+            raise DHSError(f"checkpoint {path} lacks '{key}'")
+    return ckpt
+
+
+def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[LensClassifier, dict]:
+    """Rebuild the network from the checkpoint alone -> (model in eval mode, checkpoint dict)."""
+    ckpt = load_checkpoint(path, map_location)
+    model = build_model(**ckpt["model_kwargs"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as exc:
+        raise DHSError(f"checkpoint {path}: weights do not fit {ckpt['model_kwargs']}: "
+                       f"{str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model, ckpt
