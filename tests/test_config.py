@@ -1,0 +1,52 @@
+"""The config is validated against schemas/config.schema.yaml at parse time, with errors naming the key."""
+
+import pytest
+import yaml
+
+from workflow_helpers import REPO, snakemake, write_config
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"gen3_a1": {"focal_alpha": 2.0}}, "gen3_a1.focal_alpha"),
+        ({"train": {"batch_size": "big"}}, "train.batch_size"),
+        ({"gen3_a2": {"meta_cols": ["arc_snr"]}}, "gen3_a2.meta_cols.0"),
+        ({"variants": {"v4_sota_moffat": {"psf_model": "airy"}}}, "variants.v4_sota_moffat.psf_model"),
+        ({"eval": {"theta_bins": [1.0, 0.5, 2.0]}}, "eval.theta_bins"),
+        ({"simulation": {"split_fracs": [0.5, 0.3, 0.3]}}, "simulation.split_fracs"),
+        ({"mine": {"top_k": 5}}, "mine"),
+    ],
+)
+def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):
+    cfg = write_config(tmp_path / "bad.yaml", tmp_path / "run", override)
+    result = snakemake("-n", "--configfile", str(cfg))
+    assert result.returncode != 0
+    assert f"invalid config key '{key}" in result.stderr + result.stdout
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    for name in ("config.yaml", "config/full.yaml"):
+        cfg = yaml.safe_load((REPO / name).read_text())
+        cfg["run_dir"] = str(tmp_path / name.replace("/", "_"))
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        result = snakemake("gen3_stratified_fpr.csv", "-n", "--configfile", str(path))
+        assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_full_config_is_the_seeds_recipe():
+    full = yaml.safe_load((REPO / "config/full.yaml").read_text())
+    assert full["train"]["arch"] == "convnext_tiny" and full["train"]["batch_size"] == 256
+    assert full["train"]["use_bf16"] is True and full["train"]["dropout"] == 0.10
+    a1, a2 = full["gen3_a1"], full["gen3_a2"]
+    assert (a1["epochs"], a1["lr"], a1["min_theta_over_psf"], a1["min_arc_snr"]) == (6, 3e-4, 0.80, 7.0)
+    assert (a2["epochs"], a2["lr"], a2["min_theta_over_psf"], a2["min_arc_snr"]) == (6, 1e-4, 0.50, 3.0)
+    assert a1["loss"] == a2["loss"] == "focal" and (a1["focal_alpha"], a1["focal_gamma"]) == (0.25, 2.0)
+    assert a1["meta_cols"] == a2["meta_cols"] == ["psfsize_r", "psfdepth_r"]
+    assert full["mine"]["topk"] == 50000 and full["mine"]["min_score"] == 0.90
+    assert full["eval"]["theta_bins"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5]
+    assert full["eval"]["res_bins"] == [0.5, 0.7, 0.9, 1.1, 1.4, 2.0]
+    assert full["eval"]["fpr_targets"] == [1e-5, 1e-4, 1e-3, 1e-2]
+    assert full["variants"]["v4_sota_moffat"] == {"psf_model": "moffat", "moffat_beta": 3.5, "existing": None}
