@@ -1,0 +1,136 @@
+"""The whole DAG through the real `snakemake` command on a tiny configuration (minutes, marked slow).
+
+One run directory is shared by the tests of this module (run them in one process: `--dist loadfile`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from workflow_helpers import REPO, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+TARGET = "gen3_stratified_fpr.csv"
+
+
+def jobs_planned(result) -> dict[str, int]:
+    """Rule -> job count from a dry run's 'Job stats' table."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1].split("total", 1)[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, flags=re.M)}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("workflow")
+    run_dir = base / "results"
+    cfg = write_config(base / "tiny.yaml", run_dir)
+    result = snakemake(TARGET, "--configfile", str(cfg))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    return base, run_dir, cfg
+
+
+def test_dry_run_plans_without_running(tmp_path):
+    cfg = write_config(tmp_path / "tiny.yaml", tmp_path / "results")
+    result = snakemake(TARGET, "-n", "--configfile", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = jobs_planned(result)
+    assert planned["inject"] == 4 and planned["train"] == 3 and planned["score"] == 3
+    assert planned["manifest"] == planned["mine"] == planned["evaluate"] == 1
+    produced = [p for p in (tmp_path / "results").rglob("*") if p.is_file()] if (tmp_path / "results").exists() else []
+    assert produced == []
+
+
+def test_lint_is_clean():
+    result = snakemake("--lint")
+    assert result.returncode == 0
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_whole_dag_outputs_are_real(run):
+    _, run_dir, _ = run
+    for path in ["manifest/manifest.parquet", "runs/gen2/best.pt", "scores/gen2_parent_scores.parquet",
+                 "hard_negs/gen2_top50k.parquet", "runs/gen3_stageA1/best.pt", "runs/gen3_stageA2/best.pt",
+                 "scores/gen3_test_scores.parquet", TARGET, "report/gen3_report.html",
+                 "audit/v4_sota.json", "audit/v4_sota_moffat.json"]:
+        assert (run_dir / path).stat().st_size > 0, path
+    manifest = pq.read_table(run_dir / "manifest/manifest.parquet")
+    assert manifest.num_rows == 720
+    scores = pd.read_parquet(run_dir / "scores/gen3_test_scores.parquet")
+    assert set(scores["is_control"]) == {0, 1} and scores["logit"].dtype == "float32"
+    assert scores["logit"].nunique() > len(scores) // 2  # not a constant or saturated model
+    table = pd.read_csv(run_dir / TARGET)
+    assert {"stratum", "metric", "target", "value", "n_pos", "n_neg"} <= set(table.columns)
+    assert table["value"].notna().any()
+    a2 = torch.load(run_dir / "runs/gen3_stageA2/best.pt", map_location="cpu", weights_only=False)
+    a1 = torch.load(run_dir / "runs/gen3_stageA1/best.pt", map_location="cpu", weights_only=False)
+    assert a2["meta_cols"] == ["psfsize_r", "psfdepth_r"] and a2["variant"] == "v4_sota_moffat"
+    changed = [k for k in a1["state_dict"] if not torch.equal(a1["state_dict"][k], a2["state_dict"][k])]
+    assert changed, "stage A2 did not train (weights identical to A1)"
+    for stage in ("gen2", "gen3_stageA1", "gen3_stageA2"):
+        assert (run_dir / "logs/train" / f"{stage}.log").stat().st_size > 0
+        history = json.loads((run_dir / "runs" / stage / "history.json").read_text())
+        assert len(history) >= 1
+    html = (run_dir / "report/gen3_report.html").read_text()
+    assert html.count("<img") >= 4
+
+
+def test_second_run_does_nothing(run):
+    _, _, cfg = run
+    result = snakemake(TARGET, "-n", "--configfile", str(cfg))
+    assert result.returncode == 0
+    assert jobs_planned(result) == {}, result.stdout[-3000:]
+
+
+def test_changing_a2_reruns_only_a2_and_downstream(run):
+    base, run_dir, _ = run
+    cfg2 = write_config(base / "tiny_a2.yaml", run_dir, {"gen3_a2": {"lr": 5.0e-5}})
+    planned = jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg2)))
+    assert planned.get("train") == 1 and planned.get("score") == 1 and planned.get("evaluate") == 1
+    assert not {"manifest", "inject", "audit", "mine"} & set(planned)
+
+
+def test_changing_simulation_reruns_everything_downstream(run):
+    base, run_dir, _ = run
+    cfg2 = write_config(base / "tiny_sim.yaml", run_dir, {"simulation": {"confuser_frac": 0.2}})
+    planned = jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg2)))
+    assert planned.get("manifest") == 1 and planned.get("inject") == 4 and planned.get("train") == 3
+
+
+def test_changing_simulator_code_reruns_everything_downstream(run):
+    _, _, cfg = run
+    code = REPO / "src/darkhaloscope/physics/lens.py"
+    stat = code.stat()
+    try:
+        os.utime(code, None)  # a newer simulator source than every output
+        planned = jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg)))
+    finally:
+        os.utime(code, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert planned.get("manifest") == 1 and planned.get("inject") == 4 and planned.get("train") == 3
+
+
+def test_interrupted_training_rule_resumes(run):
+    base, run_dir, _ = run
+    # A2 with 2 epochs, interrupted after a few optimiser steps by the training loop's test hook.
+    cfg2 = write_config(base / "tiny_resume.yaml", run_dir, {"gen3_a2": {"epochs": 2}})
+    shutil.rmtree(run_dir / "state/gen3_stageA2", ignore_errors=True)
+    first = snakemake(TARGET, "--configfile", str(cfg2), env={"DHS_TRAIN_STOP_AFTER_STEPS": "3"})
+    assert first.returncode != 0
+    assert not (run_dir / "runs/gen3_stageA2/best.pt").exists()
+    assert (run_dir / "state/gen3_stageA2/last.pt").exists()
+    second = snakemake(TARGET, "--configfile", str(cfg2))
+    assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
+    log = (run_dir / "logs/train/gen3_stageA2.log").read_text().lower()
+    assert "resum" in log and "step 3" in log
+    assert (run_dir / "runs/gen3_stageA2/best.pt").exists()
