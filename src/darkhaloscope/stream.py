@@ -1,0 +1,517 @@
+"""Streaming Phase 4c parquet into training and inference batches.
+
+Two readers share one decode + normalise + meta path (``decode_batch`` / ``prepare_stamps``):
+
+* ``iter_table_batches``: a plain sequential reader over one split (inference, mining, audits).
+* ``StampStream``: the training/validation stream. It first reads the split's small scalar columns
+  into an index (about 40 bytes per row; the stamps are never held beyond one shuffle window), applies
+  the curriculum cuts, the control matching and the hard-negative weights, and then, every epoch, builds
+  a deterministic *plan* from (seed, epoch):
+
+  1. draws: every kept row once, except controls with a sampling weight w, which are drawn
+     floor(w) or floor(w)+1 times (stochastic rounding, fresh each epoch; mean weight 1 over controls);
+  2. order: row groups in a random order, cut into windows of ``window`` draws, each window shuffled at
+     row level (repeated draws of a row are spread evenly through their window, so hard negatives land in
+     different batches);
+  3. batches: the sequence is cut into world_size x lanes x n contiguous, near-equal batches (sizes
+     differ by at most one and never exceed batch_size), so every rank gets the same number of batches
+     and every draw goes to exactly one (rank, lane). A lane is one DataLoader worker (or the main
+     process); the rank's batches are delivered lane-interleaved, which is exactly the DataLoader's
+     round-robin order, so the training order does not depend on worker timing.
+
+  The epoch and the mid-epoch start position live in shared memory (``torch.multiprocessing.Value``),
+  so persistent workers see ``set_epoch`` too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+import torch.multiprocessing as tmp
+from torch.utils.data import IterableDataset, get_worker_info
+
+from darkhaloscope import contract
+from darkhaloscope.errors import DHSError
+from darkhaloscope.model import meta_statistics, standardize_meta
+
+PARTITION = "region_split"
+CUT_COLUMNS = ("theta_e_arcsec", "arc_snr", "psf_fwhm_used_r", "psfsize_r")
+MATCH_COLUMNS = ("psfsize_r", "psfdepth_r")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opening a split
+# ----------------------------------------------------------------------------------------------------
+
+def _filesystem(data: str):
+    """(filesystem, path) for a local directory or an s3:// (or other pyarrow) URI."""
+    data = str(data)
+    if "://" in data:
+        try:
+            return pafs.FileSystem.from_uri(data)
+        except Exception as exc:
+            raise DHSError(f"cannot open data location {data}: {exc}") from None
+    return pafs.LocalFileSystem(), data
+
+
+def open_split(data: str, split: str) -> tuple[pafs.FileSystem, list[str], pa.Schema]:
+    """Files of one Hive partition ``region_split=<split>`` (sorted) and the dataset schema."""
+    fs, root = _filesystem(data)
+    try:
+        dataset = pads.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
+    except Exception as exc:
+        raise DHSError(f"cannot read parquet dataset at {data}: {type(exc).__name__}: {exc}") from None
+    if PARTITION not in dataset.schema.names:
+        raise DHSError(f"{data} is not Hive-partitioned by {PARTITION}=<split>")
+    files = sorted(f.path for f in dataset.get_fragments(filter=pads.field(PARTITION) == split))
+    if not files:
+        raise DHSError(f"no parquet files for split '{split}' under {data}/{PARTITION}={split}")
+    return fs, files, dataset.schema
+
+
+def check_columns(schema: pa.Schema, columns, where: str) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise DHSError(f"{where} lacks column(s) {','.join(missing)}")
+
+
+def iter_table_batches(data: str, split: str, columns, batch_size: int = 1024):
+    """Yield pyarrow RecordBatches (at most ``batch_size`` rows) of ``columns`` of one split, in file
+    order, streaming. Missing columns -> DHSError."""
+    fs, files, schema = open_split(data, split)
+    columns = list(dict.fromkeys(columns))
+    check_columns(schema, columns, f"{data} split '{split}'")
+    dataset = pads.dataset(files, format="parquet", filesystem=fs,
+                           schema=pa.schema([f for f in schema if f.name != PARTITION]))
+    file_columns = [c for c in columns if c != PARTITION]
+    for batch in dataset.to_batches(columns=file_columns, batch_size=batch_size):
+        if PARTITION in columns:
+            batch = batch.append_column(PARTITION, pa.array([split] * batch.num_rows, pa.string()))
+        if batch.num_rows:
+            yield batch
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decode + normalise + augment (shared by training and inference)
+# ----------------------------------------------------------------------------------------------------
+
+def augment_stamps(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random rot90 (k = 0..3) and horizontal flip per stamp: the 8 symmetries of the square pixel grid."""
+    k = rng.integers(0, 4, len(images))
+    flip = rng.random(len(images)) < 0.5
+    out = np.empty_like(images)
+    for kk in range(4):
+        for ff in (False, True):
+            sel = np.flatnonzero((k == kk) & (flip == ff))
+            if sel.size:
+                block = np.rot90(images[sel], kk, axes=(-2, -1))
+                out[sel] = block[..., ::-1] if ff else block
+    return out
+
+
+def prepare_stamps(blobs, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """npz blobs -> (normalised (N_ok, 3, 64, 64) float32, ok mask (N,)); augmented when ``rng`` given."""
+    images, ok = contract.decode_stamps(blobs)
+    images = contract.normalize_stamps(images)
+    if rng is not None and len(images):
+        images = augment_stamps(images, rng)
+    return np.ascontiguousarray(images), ok
+
+
+def decode_batch(batch, meta_cols=(), meta_mean=None, meta_std=None, rng=None):
+    """A RecordBatch/Table with ``stamp_npz`` (and ``cutout_ok``, meta columns if present) ->
+    (images (N_ok, 3, 64, 64) normalised, meta (N_ok, k) standardised float32, ok (N,) bool).
+
+    ok is False where cutout_ok != 1 or the stamp does not decode / is not 3x64x64 / is not finite.
+    ``meta_mean``/``meta_std`` are the checkpoint's (``model.standardize_meta``)."""
+    n = batch.num_rows
+    blobs = batch.column("stamp_npz").to_pylist()
+    ok_cut = np.ones(n, bool)
+    if "cutout_ok" in batch.schema.names:
+        ok_cut = batch.column("cutout_ok").to_numpy(zero_copy_only=False) == 1
+        blobs = [b if c else None for b, c in zip(blobs, ok_cut)]
+    images, ok = prepare_stamps(blobs, rng)
+    meta_cols = list(meta_cols)
+    if meta_cols:
+        raw = np.column_stack([_as_float(batch.column(c)) for c in meta_cols])[ok]
+        meta = standardize_meta(raw, meta_mean, meta_std)
+    else:
+        meta = np.zeros((int(ok.sum()), 0), np.float32)
+    return images, meta, ok
+
+
+def _as_float(column) -> np.ndarray:
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Index of a split: scalars only
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class SplitIndex:
+    """One entry per row with cutout_ok == 1: where it lives and its scalar columns."""
+
+    files: list[str]
+    file_id: np.ndarray  # int32
+    row_group: np.ndarray  # int32
+    row: np.ndarray  # int32, row within its row group
+    task_id: np.ndarray  # int64
+    label: np.ndarray  # int8: 1 = lens (positive), 0 = control
+    columns: dict[str, np.ndarray] = field(default_factory=dict)  # float64 scalars
+    n_cutout_failed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.task_id)
+
+    def take(self, keep: np.ndarray) -> SplitIndex:
+        return SplitIndex(self.files, self.file_id[keep], self.row_group[keep], self.row[keep],
+                          self.task_id[keep], self.label[keep], {k: v[keep] for k, v in self.columns.items()},
+                          self.n_cutout_failed)
+
+
+def build_index(fs, files: list[str], scalar_columns) -> SplitIndex:
+    """Read only the scalar columns of every row group (streaming) into a SplitIndex."""
+    scalar_columns = list(dict.fromkeys(scalar_columns))
+    parts = {k: [] for k in ("file_id", "row_group", "row", "task_id", "label", "ok")}
+    cols = {c: [] for c in scalar_columns}
+    read = ["task_id", "is_control", "cutout_ok", *scalar_columns]
+    for f_id, path in enumerate(files):
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            for rg in range(pf.num_row_groups):
+                t = pf.read_row_group(rg, columns=read)
+                n = t.num_rows
+                parts["file_id"].append(np.full(n, f_id, np.int32))
+                parts["row_group"].append(np.full(n, rg, np.int32))
+                parts["row"].append(np.arange(n, dtype=np.int32))
+                parts["task_id"].append(t.column("task_id").to_numpy(zero_copy_only=False).astype(np.int64))
+                parts["label"].append((t.column("is_control").to_numpy(zero_copy_only=False) == 0).astype(np.int8))
+                parts["ok"].append(t.column("cutout_ok").to_numpy(zero_copy_only=False) == 1)
+                for c in scalar_columns:
+                    cols[c].append(_as_float(t.column(c)))
+    cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+    ok = cat["ok"].astype(bool)
+    index = SplitIndex(files, cat["file_id"].astype(np.int32), cat["row_group"].astype(np.int32),
+                       cat["row"].astype(np.int32), cat["task_id"].astype(np.int64), cat["label"].astype(np.int8),
+                       {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()})
+    index = index.take(ok)
+    index.n_cutout_failed = int((~ok).sum())
+    return index
+
+
+# ----------------------------------------------------------------------------------------------------
+# Curriculum, control matching, hard negatives
+# ----------------------------------------------------------------------------------------------------
+
+def curriculum_mask(index: SplitIndex, min_theta_over_psf: float | None, min_arc_snr: float | None) -> np.ndarray:
+    """True for rows kept by the cuts: every control, and positives with theta_E / PSF >=
+    min_theta_over_psf and arc_snr >= min_arc_snr (PSF: contract.resolution_psf). NaN fails a cut."""
+    keep = np.ones(len(index), bool)
+    pos = index.label == 1
+    if min_theta_over_psf:
+        psf = contract.resolution_psf(index.columns["psf_fwhm_used_r"], index.columns["psfsize_r"])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = index.columns["theta_e_arcsec"] / psf
+        keep &= ~pos | (ratio >= min_theta_over_psf)
+    if min_arc_snr:
+        keep &= ~pos | (index.columns["arc_snr"] >= min_arc_snr)
+    return keep
+
+
+def cuts_active(min_theta_over_psf, min_arc_snr) -> bool:
+    return bool(min_theta_over_psf) or bool(min_arc_snr)
+
+
+def _cell_ids(cond: np.ndarray, edges: list[np.ndarray]) -> np.ndarray:
+    """2-D histogram cell of each row; a NaN coordinate gets its own bin along that axis."""
+    ids = np.zeros(len(cond), np.int64)
+    for d, e in enumerate(edges):
+        x = cond[:, d]
+        b = np.clip(np.searchsorted(e, x, side="right") - 1, 0, len(e) - 2)
+        b = np.where(np.isfinite(x), b, len(e) - 1)
+        ids = ids * len(e) + b
+    return ids
+
+
+def control_match_weights(pos_cond: np.ndarray, ctrl_cond: np.ndarray, base_weight: np.ndarray,
+                          n_bins: int | None = None) -> np.ndarray:
+    """Importance weights that make the (base-weighted) controls' distribution of the condition columns
+    (psfsize_r, psfdepth_r) equal to the kept positives' on a 2-D histogram with quantile bins:
+    w_i = base_i * p_pos(cell_i) / p_ctrl(cell_i), scaled to mean 1 over the controls.
+    Controls in cells without positives get weight 0 (they would tell the classes apart)."""
+    n_pos, n_ctrl = len(pos_cond), len(ctrl_cond)
+    if n_pos == 0 or n_ctrl == 0:
+        return base_weight.astype(np.float64)
+    if n_bins is None:  # about 20 rows per cell of the smaller class, 2..10 bins per axis
+        n_bins = int(np.clip(math.sqrt(min(n_pos, n_ctrl) / 20.0), 2, 10))
+    edges = []
+    for d in range(pos_cond.shape[1]):
+        both = np.concatenate([pos_cond[:, d], ctrl_cond[:, d]])
+        both = both[np.isfinite(both)]
+        e = np.unique(np.quantile(both, np.linspace(0, 1, n_bins + 1))) if both.size else np.array([0.0, 1.0])
+        if len(e) < 2:
+            e = np.array([e[0], e[0] + 1.0])
+        edges.append(e)
+    cells_p = _cell_ids(pos_cond, edges)
+    cells_c = _cell_ids(ctrl_cond, edges)
+    n_cells = int(np.prod([len(e) for e in edges]))
+    p_pos = np.bincount(cells_p, minlength=n_cells) / n_pos
+    p_ctrl = np.bincount(cells_c, weights=base_weight, minlength=n_cells) / base_weight.sum()
+    ratio = np.divide(p_pos, p_ctrl, out=np.zeros(n_cells), where=p_ctrl > 0)
+    w = base_weight * ratio[cells_c]
+    return w * (n_ctrl / w.sum()) if w.sum() > 0 else w
+
+
+def metadata_auc(cond: np.ndarray, label: np.ndarray, weight: np.ndarray | None = None, seed: int = 0) -> float:
+    """How well the conditions alone predict the label: 2-fold cross-validated logistic regression on
+    quadratic features, (sample-)weighted AUC on the held-out folds. ~0.5 = no leak."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import PolynomialFeatures, StandardScaler
+
+    weight = np.ones(len(label)) if weight is None else np.asarray(weight, float)
+    use = weight > 0
+    x = np.nan_to_num(np.asarray(cond, float)[use], nan=0.0)
+    y, w = np.asarray(label)[use], weight[use]
+    if len(np.unique(y)) < 2 or len(y) < 8:
+        return math.nan
+    fold = np.random.default_rng(seed).integers(0, 2, len(y))
+    scores = np.zeros(len(y))
+    for f in (0, 1):
+        tr, te = fold != f, fold == f
+        if len(np.unique(y[tr])) < 2:
+            return math.nan
+        clf = make_pipeline(StandardScaler(), PolynomialFeatures(2), LogisticRegression(max_iter=500))
+        clf.fit(x[tr], y[tr], logisticregression__sample_weight=w[tr])
+        scores[te] = clf.decision_function(x[te])
+    return float(roc_auc_score(y, scores, sample_weight=w))
+
+
+def read_hard_negatives(path: str) -> np.ndarray:
+    """task_ids of a mined hard-negative parquet; a missing or unreadable file is an error."""
+    import os
+
+    if not os.path.exists(path):
+        raise DHSError(f"hard-negative file {path} does not exist")
+    try:
+        table = pq.read_table(path, columns=["task_id"])
+    except Exception as exc:
+        raise DHSError(f"hard-negative file {path} is unreadable or has no task_id column: {exc}") from None
+    return np.unique(table.column("task_id").to_numpy(zero_copy_only=False).astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The epoch plan
+# ----------------------------------------------------------------------------------------------------
+
+def draw_counts(weight: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """How often each row is drawn this epoch: floor(w) plus one with probability frac(w)."""
+    base = np.floor(weight)
+    return (base + (rng.random(len(weight)) < weight - base)).astype(np.int64)
+
+
+def epoch_sequence(index: SplitIndex, weight: np.ndarray | None, seed: int, epoch: int, shuffle: bool,
+                   window: int) -> np.ndarray:
+    """The epoch's global sequence of index positions (see the module docstring)."""
+    rng = np.random.default_rng([seed, epoch, 7919])
+    n = len(index)
+    counts = np.ones(n, np.int64) if weight is None else draw_counts(weight, rng)
+    rows = np.repeat(np.arange(n), counts)
+    if not shuffle:
+        return rows
+    rg_global = index.file_id.astype(np.int64) * (1 << 32) + index.row_group
+    uniq, rg_of_row = np.unique(rg_global, return_inverse=True)
+    rg_rank = rng.permutation(len(uniq))[rg_of_row]
+    # row groups in a random order; the rows of one row group stay together (I/O locality) until the
+    # window shuffle mixes them with the other row groups of their window
+    seq = rows[np.argsort(rg_rank[rows], kind="stable")]
+    return _shuffle_windows(seq, counts, rng, window)
+
+
+def _shuffle_windows(seq: np.ndarray, counts: np.ndarray, rng: np.random.Generator, window: int) -> np.ndarray:
+    """Shuffle ``seq`` within consecutive windows; the m copies of a row get keys (j + u) / m, which
+    spreads them evenly through the window instead of letting them cluster in one batch."""
+    n = len(seq)
+    if n == 0:
+        return seq
+    # copy index of each occurrence of a row within seq
+    order = np.argsort(seq, kind="stable")
+    sorted_rows = seq[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_rows)) + 1]
+    run_len = np.diff(np.r_[starts, n])
+    copy_sorted = np.arange(n) - np.repeat(starts, run_len)
+    copy = np.empty(n, np.int64)
+    copy[order] = copy_sorted
+    u_row = rng.random(len(counts))
+    mult = counts[seq]
+    single = mult == 1
+    key = np.where(single, rng.random(n), (copy + u_row[seq]) / np.maximum(mult, 1))
+    win = np.arange(n) // max(int(window), 1)
+    return seq[np.lexsort((key, win))]
+
+
+def split_batches(n_draws: int, world_size: int, lanes: int, batch_size: int) -> np.ndarray:
+    """Boundaries of world_size*lanes*k near-equal contiguous batches (k the same for all)."""
+    per = world_size * lanes
+    k = max(1, math.ceil(n_draws / (per * batch_size)))
+    return np.linspace(0, n_draws, per * k + 1).round().astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training / validation stream
+# ----------------------------------------------------------------------------------------------------
+
+class StampStream(IterableDataset):
+    """Yields dict batches: images (n,3,64,64) float32, meta (n,k) float32, label (n,) float32 (1 = lens),
+    task_id (n,) int64, n_bad (stamps that did not decode, were not 3x64x64 or not finite), n_planned,
+    batch_index (position in this rank's epoch order). Use with DataLoader(batch_size=None,
+    num_workers=num_workers) and call ``set_epoch`` before each epoch."""
+
+    def __init__(self, index: SplitIndex, fs, meta_cols=(), meta_mean=None, meta_std=None,
+                 weight: np.ndarray | None = None, batch_size: int = 256, shuffle: bool = True,
+                 augment: bool = False, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, window: int | None = None):
+        super().__init__()
+        if len(index) == 0:
+            raise DHSError("no usable rows to stream (all filtered out or cutout_ok != 1)")
+        self.index = index
+        self.fs = fs
+        self.meta_cols = list(meta_cols)
+        self.meta = (standardize_meta(np.column_stack([index.columns[c] for c in self.meta_cols]), meta_mean, meta_std)
+                     if self.meta_cols else np.zeros((len(index), 0), np.float32))
+        self.weight = weight
+        self.batch_size = int(batch_size)
+        self.shuffle, self.augment, self.seed = shuffle, augment, int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.lanes = max(1, int(num_workers))
+        self.window = int(window or max(2048, 8 * self.batch_size))
+        self._epoch = tmp.Value("q", 0)
+        self._start = tmp.Value("q", 0)
+
+    # -- shared state (survives persistent workers) --------------------------------------------------
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._epoch.value = int(epoch)
+        self._start.value = int(start_batch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.value)
+
+    # -- plan -------------------------------------------------------------------------------------------
+    def rank_batches(self, epoch: int | None = None) -> list[np.ndarray]:
+        """This rank's batches (index positions) in delivery order for ``epoch``."""
+        epoch = self.epoch if epoch is None else epoch
+        seq = epoch_sequence(self.index, self.weight, self.seed, epoch, self.shuffle, self.window)
+        bounds = split_batches(len(seq), self.world_size, self.lanes, self.batch_size)
+        per_rank = (len(bounds) - 1) // self.world_size
+        per_lane = per_rank // self.lanes
+        first = self.rank * per_rank
+        out = []
+        for i in range(per_lane):  # lane-interleaved = DataLoader round-robin order
+            for lane in range(self.lanes):
+                b = first + lane * per_lane + i
+                out.append(seq[bounds[b]:bounds[b + 1]])
+        return out
+
+    def __len__(self) -> int:
+        """Batches per rank this epoch (same on every rank)."""
+        return len(self.rank_batches())
+
+    def __iter__(self):
+        info = get_worker_info()
+        epoch, start = self.epoch, int(self._start.value)
+        batches = self.rank_batches(epoch)
+        order = list(range(start, len(batches)))
+        if info is None:
+            mine = order
+        else:
+            if info.num_workers != self.lanes:
+                raise DHSError(f"StampStream built for {self.lanes} lanes but the DataLoader has "
+                               f"{info.num_workers} workers")
+            mine = order[info.id::info.num_workers]
+        reader = _RowReader(self.fs, self.index)
+        reader.plan([batches[i] for i in mine])
+        for i in mine:
+            yield self._make_batch(batches[i], i, epoch, reader)
+        reader.close()
+
+    def _make_batch(self, rows: np.ndarray, batch_index: int, epoch: int, reader: _RowReader) -> dict:
+        blobs = reader.take(rows)
+        rng = np.random.default_rng([self.seed, epoch, batch_index, self.rank, 104729]) if self.augment else None
+        images, ok = prepare_stamps(blobs, rng)
+        good = rows[ok]
+        return {
+            "images": torch.from_numpy(images),
+            "meta": torch.from_numpy(self.meta[good]),
+            "label": torch.from_numpy(self.index.label[good].astype(np.float32)),
+            "task_id": torch.from_numpy(self.index.task_id[good]),
+            "n_bad": int((~ok).sum()),
+            "n_planned": int(len(rows)),
+            "batch_index": int(batch_index),
+        }
+
+
+class _RowReader:
+    """Reads the stamp blobs of planned rows, one row group at a time, keeping a row group's needed
+    blobs only until its last planned draw in this lane is delivered (memory ~ one shuffle window)."""
+
+    def __init__(self, fs, index: SplitIndex):
+        self.fs, self.index = fs, index
+        self.files: dict[int, pq.ParquetFile] = {}
+        self.cache: dict[tuple[int, int], dict[int, bytes]] = {}
+        self.remaining: dict[tuple[int, int], int] = {}
+        self.needed: dict[tuple[int, int], np.ndarray] = {}
+
+    def plan(self, batches: list[np.ndarray]) -> None:
+        """Count, per row group, the draws this lane will take, and which rows it needs from it."""
+        self.remaining, self.needed = {}, {}
+        if not batches:
+            return
+        rows = np.concatenate(batches)
+        key = self.index.file_id[rows].astype(np.int64) * (1 << 32) + self.index.row_group[rows]
+        order = np.argsort(key, kind="stable")
+        key_s, rows_s = key[order], rows[order]
+        starts = np.r_[0, np.flatnonzero(np.diff(key_s)) + 1]
+        for a, b in zip(starts, np.r_[starts[1:], len(key_s)]):
+            k = (int(key_s[a] >> 32), int(key_s[a] & 0xFFFFFFFF))
+            self.remaining[k] = int(b - a)
+            self.needed[k] = np.unique(self.index.row[rows_s[a:b]])
+
+    def _load(self, key: tuple[int, int], rows_in_group: np.ndarray) -> None:
+        f, g = key
+        if f not in self.files:
+            self.files[f] = pq.ParquetFile(self.fs.open_input_file(self.index.files[f]))
+        col = self.files[f].read_row_group(g, columns=["stamp_npz"]).column(0)
+        wanted = np.unique(rows_in_group)
+        self.cache[key] = dict(zip(wanted.tolist(), col.take(pa.array(wanted)).to_pylist()))
+
+    def take(self, rows: np.ndarray) -> list:
+        fids, rgs, rws = self.index.file_id[rows], self.index.row_group[rows], self.index.row[rows]
+        for key in set(zip(fids.tolist(), rgs.tolist())):
+            if key not in self.cache:
+                # every row this lane still needs from this group (later batches included)
+                self._load(key, self._needed_rows(key))
+        out = []
+        for f, g, r in zip(fids.tolist(), rgs.tolist(), rws.tolist()):
+            key = (f, g)
+            out.append(self.cache[key][r])
+            self.remaining[key] -= 1
+            if self.remaining[key] <= 0:
+                del self.cache[key]
+        return out
+
+    def _needed_rows(self, key):
+        return self.needed[key]
+
+    def close(self) -> None:
+        self.files.clear()
+        self.cache.clear()
