@@ -111,3 +111,19 @@ def roc_summary(y_true, logits, fpr_targets=(1e-2, 1e-3, 1e-4), tpr_targets=(0.8
     for t in tpr_targets:
         out[f"fpr@tpr{t:g}"] = fpr_at_tpr(points, t)[0]
     return out
+
+
+def fpr_target_estimable(n_neg: int, target: float, min_neg_per_fpr: float = 1.0) -> bool:
+    """Can a false-positive rate of ``target`` be resolved with ``n_neg`` controls?
+
+    The rule used by ``dhs eval`` (docs/evaluation.md): at least ``min_neg_per_fpr / target`` controls,
+    i.e. the target must allow at least ``min_neg_per_fpr`` false positives. With fewer controls the
+    only reachable FPR below the target is 0, and tpr@fpr would silently become TPR0."""
+    return n_neg > 0 and n_neg * target >= min_neg_per_fpr * (1 - 1e-12)
+
+
+def recall_at_threshold(pos_scores, threshold: float) -> tuple[int, int]:
+    """(number of positives with score >= threshold, number of positives): the same rule as a ROC
+    threshold (ties at the threshold count as recovered)."""
+    s = np.asarray(pos_scores, dtype=np.float64)
+    return int((s >= threshold).sum()), int(s.size)

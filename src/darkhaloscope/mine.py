@@ -1,0 +1,280 @@
+"""`dhs mine`: hard negatives from a score parquet, excluding known lenses.
+
+Streams the score file in record batches and keeps a bounded top-K (memory independent of the number of
+rows). Rules, applied in this order and each logged with the number of rows it removed:
+1. not a control (``is_control != 1``);
+2. ``score < --min_score``;
+3. within ``--exclude_radius_arcsec`` of a known lens (BallTree on the sphere, haversine metric; the real
+   ``lenscat`` catalogue by default, or ``--known_lenses`` CSV/parquet with ra/dec in degrees);
+4. (with ``--per_psf_bin N``) ``psfsize_r`` outside ``--psf_bins``, or beyond the top N of its PSF bin;
+5. beyond the ``--topk`` highest logits.
+Ranking is by float32 ``logit`` descending, ties broken by ``task_id`` ascending; ``rank`` 1 is the most
+lens-like control.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from darkhaloscope.errors import DHSError
+from darkhaloscope.io import atomic_output
+
+log = logging.getLogger("dhs.mine")
+
+OUTPUT_SCHEMA = pa.schema([("task_id", pa.int64()), ("ra", pa.float64()), ("dec", pa.float64()),
+                           ("score", pa.float32()), ("logit", pa.float32()), ("psfsize_r", pa.float32()),
+                           ("rank", pa.int64())])
+DEFAULT_PSF_BINS = "0.5,1.1,1.3,1.5,1.7,3.0"
+ARCSEC_PER_RAD = 180.0 / math.pi * 3600.0
+_COLUMNS = ("task_id", "ra", "dec", "score", "logit", "psfsize_r")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Known lenses
+# ----------------------------------------------------------------------------------------------------
+
+def _find_column(names, wanted: str):
+    """The column called ``wanted`` case-insensitively, optionally with a unit suffix ('RA [deg]')."""
+    for name in names:
+        base = name.split("[")[0].strip().lower()
+        if base == wanted:
+            return name
+    return None
+
+
+def load_known_lenses(path=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) in degrees of known lenses: the ``lenscat`` catalogue by default (~33k lenses and
+    candidates, RA/DEC in degrees), else a CSV or parquet file with ra/dec columns in degrees."""
+    if path is None:
+        import lenscat  # imported lazily: it pulls in astropy
+
+        cat = lenscat.catalog
+        ra, dec = np.asarray(cat["RA"], np.float64), np.asarray(cat["DEC"], np.float64)
+        source = f"lenscat {getattr(lenscat, '__version__', '')}".strip()
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise DHSError(f"known-lens catalogue {path} does not exist")
+        import pandas as pd
+
+        try:
+            df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+        except Exception as exc:
+            raise DHSError(f"known-lens catalogue {path} cannot be read ({exc.__class__.__name__})") from None
+        ra_col, dec_col = _find_column(df.columns, "ra"), _find_column(df.columns, "dec")
+        if ra_col is None or dec_col is None:
+            raise DHSError(f"known-lens catalogue {path} has no ra/dec columns (has: {','.join(map(str, df.columns))})")
+        try:
+            ra, dec = df[ra_col].to_numpy(np.float64), df[dec_col].to_numpy(np.float64)
+        except (TypeError, ValueError):
+            raise DHSError(f"known-lens catalogue {path}: ra/dec are not numbers in degrees") from None
+        source = str(path)
+    good = np.isfinite(ra) & np.isfinite(dec)
+    if good.any() and (np.abs(dec[good]).max() > 90 or ra[good].min() < -360 or ra[good].max() > 360):
+        raise DHSError(f"known-lens catalogue {source}: ra/dec out of range for degrees")
+    if not good.all():
+        log.warning("known-lens catalogue %s: %d rows without ra/dec ignored", source, int((~good).sum()))
+    log.info("known lenses: %d positions from %s", int(good.sum()), source)
+    return ra[good], dec[good]
+
+
+class KnownLensIndex:
+    """Nearest-neighbour search on the sphere (sklearn BallTree, haversine metric, radians)."""
+
+    def __init__(self, ra_deg, dec_deg):
+        from sklearn.neighbors import BallTree
+
+        self.size = int(np.size(ra_deg))
+        self.tree = BallTree(_latlon(ra_deg, dec_deg), metric="haversine") if self.size else None
+
+    def near(self, ra_deg, dec_deg, radius_arcsec: float) -> np.ndarray:
+        """Boolean mask: within ``radius_arcsec`` (inclusive) of any known lens."""
+        ra_deg = np.asarray(ra_deg, np.float64)
+        if self.tree is None or radius_arcsec <= 0 or ra_deg.size == 0:
+            return np.zeros(ra_deg.shape, bool)
+        dist, _ = self.tree.query(_latlon(ra_deg, dec_deg), k=1)
+        return dist[:, 0] * ARCSEC_PER_RAD <= radius_arcsec
+
+
+def _latlon(ra_deg, dec_deg) -> np.ndarray:
+    return np.radians(np.column_stack([np.asarray(dec_deg, np.float64), np.asarray(ra_deg, np.float64)]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bounded top-K
+# ----------------------------------------------------------------------------------------------------
+
+class TopK:
+    """The ``k`` rows with the highest logit (ties: lower task_id first) seen so far.
+
+    Each push merges the kept rows with the new ones and truncates, so memory is O(k + batch) whatever
+    the number of rows streamed (a numpy merge-and-truncate: vectorised, unlike a per-row heap)."""
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        self.cols: dict[str, np.ndarray] | None = None
+
+    @property
+    def floor(self) -> float:
+        if self.cols is None or self.cols["logit"].size < self.k:
+            return -math.inf
+        return float(self.cols["logit"][-1])
+
+    def push(self, cols: dict[str, np.ndarray]) -> None:
+        keep = cols["logit"] >= self.floor  # rows strictly below a full top-K's floor cannot enter
+        cols = {c: v[keep] for c, v in cols.items()}
+        if self.cols is not None:
+            cols = {c: np.concatenate([self.cols[c], cols[c]]) for c in cols}
+        order = np.lexsort((cols["task_id"], -cols["logit"].astype(np.float64)))[: self.k]
+        self.cols = {c: v[order] for c, v in cols.items()}
+
+    def __len__(self) -> int:
+        return 0 if self.cols is None else int(self.cols["logit"].size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mining
+# ----------------------------------------------------------------------------------------------------
+
+def _batch_columns(batch: pa.RecordBatch, has_logit: bool, has_score: bool, has_psf: bool) -> dict:
+    n = batch.num_rows
+    get = batch.column
+    out = {"task_id": get("task_id").to_numpy(zero_copy_only=False).astype(np.int64),
+           "ra": get("ra").to_numpy(zero_copy_only=False).astype(np.float64),
+           "dec": get("dec").to_numpy(zero_copy_only=False).astype(np.float64)}
+    if has_logit:
+        out["logit"] = get("logit").to_numpy(zero_copy_only=False).astype(np.float32)
+    if has_score:
+        out["score"] = get("score").to_numpy(zero_copy_only=False).astype(np.float32)
+    if not has_logit:  # only probabilities: invert the sigmoid (saturated scores stay tied)
+        p = np.clip(out["score"].astype(np.float64), 1e-12, 1 - 1e-12)
+        out["logit"] = np.log(p / (1 - p)).astype(np.float32)
+    if not has_score:
+        out["score"] = (1.0 / (1.0 + np.exp(-out["logit"].astype(np.float64)))).astype(np.float32)
+    out["psfsize_r"] = (get("psfsize_r").to_numpy(zero_copy_only=False).astype(np.float32) if has_psf
+                        else np.full(n, np.nan, np.float32))
+    return out
+
+
+def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, known_lenses=None,
+         per_psf_bin: int | None = None, psf_bins=None, batch_size: int = 65536) -> tuple[pa.Table, dict]:
+    """Return (hard-negative table with OUTPUT_SCHEMA, counts removed by each rule)."""
+    if topk < 1:
+        raise DHSError(f"--topk must be >= 1, got {topk}")
+    if not 0.0 <= min_score <= 1.0:
+        raise DHSError(f"--min_score must be in [0, 1], got {min_score}")
+    if radius_arcsec < 0:
+        raise DHSError(f"--exclude_radius_arcsec must be >= 0, got {radius_arcsec}")
+    if per_psf_bin is not None and per_psf_bin < 1:
+        raise DHSError(f"--per_psf_bin must be >= 1, got {per_psf_bin}")
+    scores_path = Path(scores_path)
+    if not scores_path.exists():
+        raise DHSError(f"score file {scores_path} does not exist")
+    try:
+        pf = pq.ParquetFile(scores_path, pre_buffer=False)  # pre-buffering reads ahead whole files
+    except Exception as exc:
+        raise DHSError(f"score file {scores_path} is not a readable parquet file ({exc.__class__.__name__})") from None
+    names = set(pf.schema_arrow.names)
+    missing = [c for c in ("task_id", "ra", "dec", "is_control") if c not in names]
+    if missing:
+        raise DHSError(f"score file {scores_path} lacks column(s) {','.join(missing)}")
+    has_logit, has_score, has_psf = "logit" in names, "score" in names, "psfsize_r" in names
+    if not (has_logit or has_score):
+        raise DHSError(f"score file {scores_path} has neither a logit nor a score column")
+    if pf.metadata.num_rows == 0:
+        raise DHSError(f"score file {scores_path} has no rows (empty split?)")
+    if per_psf_bin is not None and not has_psf:
+        raise DHSError(f"--per_psf_bin needs a psfsize_r column, which {scores_path} lacks")
+    edges = None
+    if per_psf_bin is not None:
+        from darkhaloscope.evaluate import bin_index, parse_bins
+
+        edges = parse_bins(psf_bins or DEFAULT_PSF_BINS, "--psf_bins")
+
+    index = KnownLensIndex(*load_known_lenses(known_lenses)) if radius_arcsec > 0 else None
+    counts = {"rows": 0, "not_control": 0, "below_min_score": 0, "near_known_lens": 0, "outside_psf_bins": 0,
+              "beyond_topk": 0, "kept": 0}
+    tops = [TopK(per_psf_bin) for _ in range(edges.size - 1)] if edges is not None else [TopK(topk)]
+    columns = ["is_control", *[c for c in _COLUMNS if c in names]]
+    from tqdm import tqdm
+
+    bar = tqdm(total=pf.metadata.num_rows, unit="row", desc="dhs mine", leave=False)
+    candidates = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        bar.update(batch.num_rows)
+        counts["rows"] += batch.num_rows
+        is_control = batch.column("is_control").to_numpy(zero_copy_only=False)
+        control = np.asarray(is_control == 1)
+        counts["not_control"] += int((~control).sum())
+        cols = _batch_columns(batch, has_logit, has_score, has_psf)
+        cols = {c: v[control] for c, v in cols.items()}
+        high = cols["score"] >= min_score
+        counts["below_min_score"] += int((~high).sum())
+        cols = {c: v[high] for c, v in cols.items()}
+        if index is not None:
+            near = index.near(cols["ra"], cols["dec"], radius_arcsec)
+            counts["near_known_lens"] += int(near.sum())
+            cols = {c: v[~near] for c, v in cols.items()}
+        if edges is None:
+            candidates += cols["logit"].size
+            tops[0].push(cols)
+            continue
+        b = bin_index(cols["psfsize_r"].astype(np.float64), edges)
+        counts["outside_psf_bins"] += int((b < 0).sum())
+        for i, top in enumerate(tops):
+            sel = b == i
+            candidates += int(sel.sum())
+            top.push({c: v[sel] for c, v in cols.items()})
+    bar.close()
+    parts = [t.cols for t in tops if len(t)]
+    if parts:
+        merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+        final = TopK(topk)
+        final.push(merged)
+        kept = final.cols
+    else:
+        kept = {c: np.zeros(0, OUTPUT_SCHEMA.field(c).type.to_pandas_dtype()) for c in _COLUMNS}
+    n_kept = int(kept["logit"].size)
+    counts["beyond_topk"] = candidates - n_kept
+    counts["kept"] = n_kept
+    kept["rank"] = np.arange(1, n_kept + 1, dtype=np.int64)
+    table = pa.table({f.name: pa.array(kept[f.name], f.type) for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
+    return table, counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scores", required=True, help="score parquet from dhs infer")
+    parser.add_argument("--out", required=True, help="hard-negative parquet (consumed by dhs train --hard_negs)")
+    parser.add_argument("--topk", type=int, default=50000)
+    parser.add_argument("--min_score", type=float, default=0.90)
+    parser.add_argument("--exclude_radius_arcsec", type=float, default=3.0,
+                        help="drop controls within this radius of a known lens (0 disables)")
+    parser.add_argument("--known_lenses", default=None,
+                        help="CSV/parquet with ra/dec (deg) of known lenses; default: the lenscat catalogue")
+    parser.add_argument("--per_psf_bin", type=int, default=None, help="keep at most N per psfsize_r bin")
+    parser.add_argument("--psf_bins", default=DEFAULT_PSF_BINS, help="psfsize_r bin edges (arcsec) for --per_psf_bin")
+    parser.add_argument("--batch_size", type=int, default=65536, help="rows read per streamed batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.batch_size < 1:
+        raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
+    table, counts = mine(args.scores, args.topk, args.min_score, args.exclude_radius_arcsec, args.known_lenses,
+                         args.per_psf_bin, args.psf_bins, args.batch_size)
+    log.info("%d rows read; removed: %d not controls, %d below min_score %g, %d within %g arcsec of a known "
+             "lens, %d outside psf bins, %d beyond top-k; kept %d", counts["rows"], counts["not_control"],
+             counts["below_min_score"], args.min_score, counts["near_known_lens"], args.exclude_radius_arcsec,
+             counts["outside_psf_bins"], counts["beyond_topk"], counts["kept"])
+    if counts["kept"] == 0:
+        log.warning("no control passed the rules: writing a zero-row %s", args.out)
+    with atomic_output(args.out) as tmp:
+        pq.write_table(table, tmp)
+    return 0
