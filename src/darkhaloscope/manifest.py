@@ -1,0 +1,473 @@
+"""Phase 4a: the task manifest (``dhs manifest``).
+
+One row per task with every random draw frozen, so that every data variant renders the same hosts,
+neighbours, stars, confusers, sky positions and noise, and any shard can be re-rendered alone.
+
+Conventions (also in docs/simulator.md):
+- positions ``*_x``/``*_y`` are in arcsec relative to the stamp centre (pixel (31.5, 31.5)); +x is the
+  column index, +y the row index of the stored array;
+- angles ``*_phi`` are in radians, counter-clockwise from +x towards +y; axis ratios ``*_q`` = b/a;
+- magnitudes are AB, fluxes nanomaggies; ``psfsize_*`` FWHM arcsec; ``psfdepth_*`` 5-sigma AB mag.
+
+Neighbours and stars sit in fixed-size list columns (``nb_*`` with ``MAX_NEIGHBOURS`` slots, ``star_*``
+with ``MAX_STARS`` slots); an unused slot has a NaN magnitude. Lens and source columns are null for
+controls. ``noise_seed`` seeds the one per-task generator used for the pixel noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy.special import ndtr
+
+from darkhaloscope.contract import BANDS, STAMP_SIZE, PIXEL_SCALE_ARCSEC, load_conditions
+from darkhaloscope.errors import DHSError
+from darkhaloscope.io import atomic_output
+
+MAX_NEIGHBOURS = 4
+MAX_STARS = 2
+CONFUSER_KINDS = ("tidal_arc", "ring", "spiral_arm", "blue_companion")
+SOURCE_PRIORS = ("realistic", "grid_sota")
+
+# DR10-south-like footprint: dec -20..+30 and two RA ranges away from the Galactic plane.
+FOOTPRINT_DEC = (-20.0, 30.0)
+FOOTPRINT_RA = ((0.0, 50.0), (110.0, 270.0), (315.0, 360.0))
+
+# Equal-area sky cells: a cylindrical equal-area grid (equal steps in RA and in sin(dec)). Written by
+# hand because it is three lines and the footprint never reaches the poles, where the cells would get
+# elongated; HEALPix (healpy) would add a dependency for the same purpose. A cell is ~1.6 deg^2.
+CELL_N_RA = 280
+CELL_N_SINDEC = 90
+
+HALF_STAMP_ARCSEC = STAMP_SIZE * PIXEL_SCALE_ARCSEC / 2.0
+
+# Columns ``dhs inject`` needs; a manifest lacking any of them is refused.
+CONDITION_COLUMNS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
+HOST_COLUMNS = ("host_mag_r", "host_g_minus_r", "host_r_minus_z", "host_reff", "host_n", "host_q",
+                "host_phi", "host_x", "host_y")
+NEIGHBOUR_COLUMNS = ("nb_x", "nb_y", "nb_mag_r", "nb_g_minus_r", "nb_r_minus_z", "nb_reff", "nb_n",
+                     "nb_q", "nb_phi")
+STAR_COLUMNS = ("star_x", "star_y", "star_mag_r", "star_g_minus_r", "star_r_minus_z")
+CONFUSER_COLUMNS = ("confuser_kind", "conf_r", "conf_phi", "conf_span", "conf_width", "conf_pitch",
+                    "conf_mag_r", "conf_g_minus_r", "conf_r_minus_z")
+LENS_COLUMNS = ("theta_e_arcsec", "lens_q", "lens_phi", "lens_x0", "lens_y0", "shear_g1", "shear_g2",
+                "src_x", "src_y", "src_reff", "src_n", "src_q", "src_phi", "src_mag_r",
+                "src_g_minus_r", "src_r_minus_z") + tuple(f"src_flux_{b}" for b in BANDS)
+REQUIRED_COLUMNS = (("task_id", "ra", "dec", "brickname", "region_id", "region_split", "is_control",
+                     "noise_seed") + CONDITION_COLUMNS + HOST_COLUMNS + NEIGHBOUR_COLUMNS + STAR_COLUMNS
+                    + CONFUSER_COLUMNS + LENS_COLUMNS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sky positions, regions and splits
+# ----------------------------------------------------------------------------------------------------
+
+def sky_cell(ra, dec) -> np.ndarray:
+    """Equal-area sky cell id (int64) of positions in degrees."""
+    ra = np.mod(np.asarray(ra, np.float64), 360.0)
+    s = np.sin(np.radians(np.asarray(dec, np.float64)))
+    i_ra = np.minimum((ra / 360.0 * CELL_N_RA).astype(np.int64), CELL_N_RA - 1)
+    i_s = np.minimum(((s + 1.0) / 2.0 * CELL_N_SINDEC).astype(np.int64), CELL_N_SINDEC - 1)
+    return i_s * CELL_N_RA + i_ra
+
+
+def cell_bounds(cell: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ra_lo, ra_hi, sindec_lo, sindec_hi) of sky cells."""
+    cell = np.asarray(cell, np.int64)
+    i_s, i_ra = np.divmod(cell, CELL_N_RA)
+    ra_lo = i_ra * 360.0 / CELL_N_RA
+    s_lo = i_s * 2.0 / CELL_N_SINDEC - 1.0
+    return ra_lo, ra_lo + 360.0 / CELL_N_RA, s_lo, s_lo + 2.0 / CELL_N_SINDEC
+
+
+def region_split_of(region_id, split_fracs=(0.7, 0.15, 0.15)) -> np.ndarray:
+    """train/val/test from a hash of the region id alone (never the row), the same on any machine."""
+    fracs = np.asarray(split_fracs, np.float64)
+    edges = np.cumsum(fracs / fracs.sum())
+    names = np.array(["train", "val", "test"], dtype=object)
+    out = []
+    for rid in np.asarray(region_id, np.int64).ravel():
+        h = hashlib.blake2b(f"dhs-region-{int(rid)}".encode(), digest_size=8).digest()
+        u = int.from_bytes(h, "little") / 2.0**64
+        out.append(names[min(int(np.searchsorted(edges, u, side="right")), 2)])
+    return np.array(out, dtype=object)
+
+
+def brickname_of(ra, dec) -> np.ndarray:
+    """DR10-like brick name: 0.25 deg rows in dec, ~0.25 deg bricks in RA, e.g. '1502p012'."""
+    ra = np.mod(np.asarray(ra, np.float64), 360.0)
+    dec = np.asarray(dec, np.float64)
+    dec_c = np.round(dec / 0.25) * 0.25
+    n_ra = np.maximum(1, np.round(360.0 * np.cos(np.radians(dec_c)) / 0.25)).astype(np.int64)
+    ra_c = (np.floor(ra / 360.0 * n_ra) + 0.5) * 360.0 / n_ra
+    return np.array([f"{int(round(r * 10)) % 3600:04d}{'m' if d < 0 else 'p'}{int(round(abs(d) * 10)):03d}"
+                     for r, d in zip(ra_c, dec_c)], dtype=object)
+
+
+def _footprint_points(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Uniform-on-the-sphere points inside the footprint."""
+    widths = np.array([hi - lo for lo, hi in FOOTPRINT_RA])
+    which = rng.choice(len(FOOTPRINT_RA), size=n, p=widths / widths.sum())
+    lo = np.array([FOOTPRINT_RA[k][0] for k in which])
+    ra = lo + rng.random(n) * widths[which]
+    s_lo, s_hi = np.sin(np.radians(FOOTPRINT_DEC))
+    dec = np.degrees(np.arcsin(s_lo + rng.random(n) * (s_hi - s_lo)))
+    return ra, dec
+
+
+def draw_positions(rng: np.random.Generator, n: int, n_regions: int):
+    """Tasks clustered into ``n_regions`` distinct sky cells of the footprint (like LRGs of real bricks),
+    each task uniform inside its cell. Returns ra, dec, region id, and the region index of each task."""
+    cells: list[int] = []
+    for _ in range(100):
+        ra, dec = _footprint_points(rng, 4 * n_regions)
+        for c in sky_cell(ra, dec):
+            if int(c) not in cells:
+                cells.append(int(c))
+            if len(cells) == n_regions:
+                break
+        if len(cells) == n_regions:
+            break
+    cells_arr = np.array(cells, np.int64)
+    idx = rng.integers(0, len(cells_arr), n)
+    ra_lo, ra_hi, s_lo, s_hi = cell_bounds(cells_arr[idx])
+    ra = ra_lo + rng.random(n) * (ra_hi - ra_lo)
+    dec = np.degrees(np.arcsin(s_lo + rng.random(n) * (s_hi - s_lo)))
+    return ra, dec, cells_arr[idx], idx
+
+
+# ----------------------------------------------------------------------------------------------------
+# Observing conditions
+# ----------------------------------------------------------------------------------------------------
+
+def _quantile_curve(block: dict) -> tuple[np.ndarray, np.ndarray]:
+    q = block["quantiles"]
+    probs = np.array([float(k) for k in q], np.float64)
+    vals = np.array([float(v) for v in q.values()], np.float64)
+    order = np.argsort(probs)
+    return probs[order], vals[order]
+
+
+def draw_conditions(rng: np.random.Generator, region_index: np.ndarray, rho: float = 0.5) -> dict:
+    """PSF FWHM and 5-sigma depth per band, independent of the label.
+
+    r band: the DR10 quantile curves, interpolated linearly (inverse CDF). Tasks of one sky region share
+    part of their conditions through a Gaussian copula (correlation ``rho``), which keeps the marginals
+    exactly those of the JSON. g seeing is worse than r by the DR10 mean ratio (with scatter) and never
+    better than r or z; z tracks r. Depths in g and z follow r with the DR10 per-band offsets."""
+    cond = load_conditions()
+    n = len(region_index)
+    n_reg = int(region_index.max()) + 1 if n else 0
+    out = {}
+    for key, block in (("psfsize_r", cond["psfsize_r_fwhm_arcsec"]),
+                       ("psfdepth_r", cond["psfdepth_r_5sigma_abmag"])):
+        z_reg = rng.standard_normal(n_reg)
+        z = np.sqrt(rho) * z_reg[region_index] + np.sqrt(1.0 - rho) * rng.standard_normal(n)
+        probs, vals = _quantile_curve(block)
+        out[key] = np.interp(ndtr(z), probs, vals)
+    fwhm = cond["psf_fwhm_mean_by_band_arcsec"]
+    ratio_g = fwhm["g"] / fwhm["r"] * np.exp(0.04 * rng.standard_normal(n))
+    ratio_z = fwhm["z"] / fwhm["r"] * np.exp(0.05 * rng.standard_normal(n))
+    out["psfsize_g"] = out["psfsize_r"] * np.maximum(ratio_g, 1.03)
+    out["psfsize_z"] = np.minimum(out["psfsize_r"] * ratio_z, out["psfsize_g"] / 1.03)
+    # per-brick medians quoted in the JSON's typical_5sigma_depth_by_band_abmag note: g 24.8, r 24.4,
+    # z 23.3 -> offsets +0.4 / -1.1 mag from r
+    out["psfdepth_g"] = out["psfdepth_r"] + 0.4 + 0.2 * rng.standard_normal(n)
+    out["psfdepth_z"] = out["psfdepth_r"] - 1.1 + 0.25 * rng.standard_normal(n)
+    return {k: out[k] for k in CONDITION_COLUMNS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host, neighbours, stars, confusers
+# ----------------------------------------------------------------------------------------------------
+
+def draw_hosts(rng: np.random.Generator, n: int) -> dict:
+    """LRG hosts: de Vaucouleurs-like Sersic (n ~ 4), satisfying the parent cuts z < 20.4, r - z > 0.4.
+
+    z magnitudes follow rising number counts (p ~ 10^(0.3 m)) over 17.5-20.4; colours are those of
+    z ~ 0.3-0.8 LRGs; effective radius log-normal around 0.9 arcsec (~5 kpc at z ~ 0.5)."""
+    cuts = load_conditions()["lrg_parent_cuts"]
+    z_max = float(cuts["z_mag_max"])
+    a = 0.3 * np.log(10.0)
+    lo, hi = 17.5, z_max - 0.01
+    u = rng.random(n)
+    z_mag = np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
+    r_minus_z = np.clip(1.35 + 0.25 * rng.standard_normal(n), float(cuts["r_minus_z_min"]) + 0.05, 2.3)
+    g_minus_r = np.clip(1.6 + 0.25 * rng.standard_normal(n), 0.8, 2.4)
+    return {
+        "host_mag_r": z_mag + r_minus_z,
+        "host_g_minus_r": g_minus_r,
+        "host_r_minus_z": r_minus_z,
+        "host_reff": np.clip(np.exp(np.log(0.9) + 0.4 * rng.standard_normal(n)), 0.3, 3.0),
+        "host_n": np.clip(4.0 + 0.5 * rng.standard_normal(n), 2.5, 6.0),
+        "host_q": np.clip(0.75 + 0.15 * rng.standard_normal(n), 0.4, 1.0),
+        "host_phi": rng.random(n) * np.pi,
+        "host_x": rng.uniform(-0.3, 0.3, n) * PIXEL_SCALE_ARCSEC,
+        "host_y": rng.uniform(-0.3, 0.3, n) * PIXEL_SCALE_ARCSEC,
+    }
+
+
+def _annulus_positions(rng, shape, r_min, r_max):
+    r = np.sqrt(rng.uniform(r_min**2, r_max**2, shape))
+    t = rng.random(shape) * 2 * np.pi
+    return r * np.cos(t), r * np.sin(t)
+
+
+def draw_neighbours(rng: np.random.Generator, n: int) -> dict:
+    """Field galaxies: Poisson(1.2) per stamp (at most MAX_NEIGHBOURS), 2.5-12 arcsec from the centre,
+    r = 20-24.5, Sersic n 0.7-4."""
+    shape = (n, MAX_NEIGHBOURS)
+    count = np.minimum(rng.poisson(1.2, n), MAX_NEIGHBOURS)
+    x, y = _annulus_positions(rng, shape, 2.5, 12.0)
+    mag = rng.uniform(20.0, 24.5, shape)
+    mag[np.arange(MAX_NEIGHBOURS)[None, :] >= count[:, None]] = np.nan
+    return {
+        "nb_x": x, "nb_y": y, "nb_mag_r": mag,
+        "nb_g_minus_r": np.clip(0.9 + 0.4 * rng.standard_normal(shape), -0.2, 2.2),
+        "nb_r_minus_z": np.clip(0.7 + 0.3 * rng.standard_normal(shape), -0.3, 2.0),
+        "nb_reff": rng.uniform(0.2, 1.2, shape),
+        "nb_n": rng.uniform(0.7, 4.0, shape),
+        "nb_q": rng.uniform(0.35, 1.0, shape),
+        "nb_phi": rng.random(shape) * np.pi,
+    }
+
+
+def draw_stars(rng: np.random.Generator, n: int) -> dict:
+    """Point sources: Poisson(0.4) per stamp, anywhere beyond 3 arcsec, r = 17-23."""
+    shape = (n, MAX_STARS)
+    count = np.minimum(rng.poisson(0.4, n), MAX_STARS)
+    x, y = _annulus_positions(rng, shape, 3.0, 12.0)
+    mag = rng.uniform(17.0, 23.0, shape)
+    mag[np.arange(MAX_STARS)[None, :] >= count[:, None]] = np.nan
+    return {
+        "star_x": x, "star_y": y, "star_mag_r": mag,
+        "star_g_minus_r": rng.uniform(0.3, 1.5, shape),
+        "star_r_minus_z": rng.uniform(0.0, 1.2, shape),
+    }
+
+
+_CONFUSER_COLOURS = {  # (g-r mean, r-z mean): tidal debris is host-red, the rest star-forming blue
+    "tidal_arc": (1.45, 1.1), "ring": (0.7, 0.5), "spiral_arm": (0.6, 0.4), "blue_companion": (0.35, 0.25),
+}
+
+
+def draw_confusers(rng: np.random.Generator, n: int, frac: float) -> dict:
+    """Lens-like features at radius 0.8-3 arcsec (the Einstein-radius range), drawn for every row with
+    the same rate regardless of the label. Geometry (see scene.confuser_light): ``conf_r`` radius,
+    ``conf_phi`` central angle, ``conf_span`` angular half-extent (rad), ``conf_width`` Gaussian radial
+    sigma (arcsec), ``conf_pitch`` spiral growth d ln r / d angle."""
+    has = rng.random(n) < frac
+    kind = np.where(has, np.array(CONFUSER_KINDS, dtype=object)[rng.integers(0, len(CONFUSER_KINDS), n)],
+                    "none").astype(object)
+    gr = np.array([_CONFUSER_COLOURS.get(k, (0.0, 0.0))[0] for k in kind]) + 0.2 * rng.standard_normal(n)
+    rz = np.array([_CONFUSER_COLOURS.get(k, (0.0, 0.0))[1] for k in kind]) + 0.15 * rng.standard_normal(n)
+    out = {
+        "confuser_kind": kind,
+        "conf_r": rng.uniform(0.8, 3.0, n),
+        "conf_phi": rng.random(n) * 2 * np.pi,
+        "conf_span": rng.uniform(0.4, 1.3, n),
+        "conf_width": rng.uniform(0.12, 0.35, n),
+        "conf_pitch": rng.uniform(0.15, 0.35, n),
+        "conf_mag_r": rng.uniform(21.0, 23.5, n),
+        "conf_g_minus_r": gr, "conf_r_minus_z": rz,
+    }
+    for k in CONFUSER_COLUMNS[1:]:
+        out[k] = np.where(has, out[k], np.nan)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Lens and source
+# ----------------------------------------------------------------------------------------------------
+
+def _source_fluxes(mag_r, g_minus_r, r_minus_z) -> dict:
+    mags = {"g": mag_r + g_minus_r, "r": mag_r, "z": mag_r - r_minus_z}
+    return {f"src_flux_{b}": 10.0 ** (-0.4 * (mags[b] - 22.5)) for b in BANDS}
+
+
+def draw_lenses(rng: np.random.Generator, hosts: dict, priors: str) -> dict:
+    """SIE + shear and Sersic source for every row (the caller blanks controls).
+
+    The mass is tied to the host light: centre jittered by 0.03 arcsec, orientation by 5 deg. Source
+    position ``src_x``/``src_y`` is in the source plane relative to the lens centre (arcsec), at
+    beta = (0.1-0.4) theta_E from the optical axis. ``realistic``: the JSON's realistic priors (faint
+    sources of fixed unlensed r = 23-26). ``grid_sota``: the v4_sota grid (theta_E, src_dmag relative to
+    the host r magnitude, src_reff, src_e, shear amplitude), one grid point drawn per task."""
+    cond = load_conditions()
+    pri = cond["realistic_source_priors"]
+    n = len(hosts["host_mag_r"])
+    g1 = pri["shear_component_sd"] * rng.standard_normal(n)
+    g2 = pri["shear_component_sd"] * rng.standard_normal(n)
+    beta_frac = rng.uniform(*pri["beta_over_theta_e"], n)
+    beta_ang = rng.random(n) * 2 * np.pi
+    gmr = pri["src_g_minus_r"]["mean"] + pri["src_g_minus_r"]["sd"] * rng.standard_normal(n)
+    rmz = pri["src_r_minus_z"]["mean"] + pri["src_r_minus_z"]["sd"] * rng.standard_normal(n)
+    out = {
+        "lens_q": rng.uniform(*pri["lens_q"], n),
+        "lens_phi": np.mod(hosts["host_phi"] + np.radians(5.0) * rng.standard_normal(n), np.pi),
+        "lens_x0": hosts["host_x"] + 0.03 * rng.standard_normal(n),
+        "lens_y0": hosts["host_y"] + 0.03 * rng.standard_normal(n),
+        "src_n": rng.uniform(*pri["src_sersic_n"], n),
+        "src_q": rng.uniform(*pri["src_q"], n),
+        "src_phi": rng.random(n) * np.pi,
+        "src_g_minus_r": gmr, "src_r_minus_z": rmz,
+    }
+    if priors == "realistic":
+        out["theta_e_arcsec"] = rng.uniform(*pri["theta_e_arcsec"], n)
+        out["src_reff"] = rng.uniform(*pri["src_reff_arcsec"], n)
+        out["src_mag_r"] = rng.uniform(*pri["src_r_mag"], n)
+    elif priors == "grid_sota":
+        grid = cond["injection_grid_sota"]
+        pick = {k: np.asarray(grid[k], np.float64)[rng.integers(0, len(grid[k]), n)]
+                for k in ("theta_e_arcsec", "src_dmag", "src_reff_arcsec", "src_e", "shear")}
+        out["theta_e_arcsec"] = pick["theta_e_arcsec"]
+        out["src_reff"] = pick["src_reff_arcsec"]
+        out["src_mag_r"] = hosts["host_mag_r"] + pick["src_dmag"]
+        out["src_q"] = (1.0 - pick["src_e"]) / (1.0 + pick["src_e"])
+        out["src_n"] = np.ones(n)  # the grid's sources were exponential discs
+        ang = rng.random(n) * np.pi
+        g1, g2 = pick["shear"] * np.cos(2 * ang), pick["shear"] * np.sin(2 * ang)
+    else:
+        raise DHSError(f"unknown --source_priors '{priors}' (choose from {', '.join(SOURCE_PRIORS)})")
+    out["shear_g1"], out["shear_g2"] = g1, g2
+    beta = beta_frac * out["theta_e_arcsec"]
+    out["src_x"], out["src_y"] = beta * np.cos(beta_ang), beta * np.sin(beta_ang)
+    out.update(_source_fluxes(out["src_mag_r"], gmr, rmz))
+    return {k: out[k] for k in LENS_COLUMNS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The manifest
+# ----------------------------------------------------------------------------------------------------
+
+def _stream(seed: int, name: str) -> np.random.Generator:
+    """One independent generator per component, so adding a component never changes the others."""
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+    return np.random.default_rng(np.random.SeedSequence([int(seed), key]))
+
+
+def parse_split_fracs(text) -> tuple[float, float, float]:
+    try:
+        fracs = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        raise DHSError(f"--split_fracs '{text}' is not three comma-separated numbers") from None
+    if len(fracs) != 3 or any(not np.isfinite(f) or f < 0 for f in fracs) or sum(fracs) <= 0:
+        raise DHSError(f"--split_fracs '{text}' must be three non-negative numbers train,val,test")
+    return fracs
+
+
+def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fracs=(0.7, 0.15, 0.15),
+                   source_priors: str = "realistic", confuser_frac: float = 0.1,
+                   n_regions: int | None = None) -> pa.Table:
+    """The Phase 4a table as a pyarrow Table (see the module docstring for conventions)."""
+    if n_tasks < 1:
+        raise DHSError(f"--n_tasks must be >= 1, got {n_tasks}")
+    if not 0.0 <= control_frac <= 1.0:
+        raise DHSError(f"--control_frac must be in [0, 1], got {control_frac}")
+    if not 0.0 <= confuser_frac <= 1.0:
+        raise DHSError(f"--confuser_frac must be in [0, 1], got {confuser_frac}")
+    if source_priors not in SOURCE_PRIORS:
+        raise DHSError(f"unknown --source_priors '{source_priors}' (choose from {', '.join(SOURCE_PRIORS)})")
+    if n_regions is None:
+        n_regions = max(24, int(np.ceil(n_tasks / 40)))
+    if n_regions < 1:
+        raise DHSError(f"--n_regions must be >= 1, got {n_regions}")
+    split_fracs = parse_split_fracs(",".join(str(f) for f in split_fracs))
+
+    n = int(n_tasks)
+    ra, dec, region_id, region_index = draw_positions(_stream(seed, "sky"), n, int(n_regions))
+    label_rng = _stream(seed, "label")
+    is_control = np.zeros(n, np.int32)
+    is_control[label_rng.permutation(n)[: int(round(control_frac * n))]] = 1
+    cols: dict[str, object] = {
+        "task_id": np.arange(n, dtype=np.int64),
+        "ra": ra, "dec": dec,
+        "brickname": brickname_of(ra, dec),
+        "region_id": region_id.astype(np.int64),
+        "region_split": region_split_of(region_id, split_fracs),
+        "is_control": is_control,
+        "noise_seed": _stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64),
+    }
+    cols.update(draw_conditions(_stream(seed, "conditions"), region_index))
+    hosts = draw_hosts(_stream(seed, "host"), n)
+    cols.update(hosts)
+    cols.update(draw_neighbours(_stream(seed, "neighbours"), n))
+    cols.update(draw_stars(_stream(seed, "stars"), n))
+    cols.update(draw_confusers(_stream(seed, "confusers"), n, confuser_frac))
+    lenses = draw_lenses(_stream(seed, "lens"), hosts, source_priors)
+    positive = is_control == 0
+    for k, v in lenses.items():
+        cols[k] = pa.array(v, pa.float64(), mask=~positive)
+    arrays = {}
+    for k, v in cols.items():
+        if isinstance(v, pa.Array):
+            arrays[k] = v
+        elif isinstance(v, np.ndarray) and v.ndim == 2:
+            arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float64()), v.shape[1])
+        elif isinstance(v, np.ndarray) and v.dtype == object:
+            arrays[k] = pa.array(list(v), pa.string())
+        else:
+            arrays[k] = pa.array(v)
+    meta = {b"dhs_manifest": f"seed={seed};source_priors={source_priors};n_regions={n_regions};"
+            f"control_frac={control_frac};confuser_frac={confuser_frac};"
+            f"split_fracs={','.join(map(str, split_fracs))}".encode()}
+    return pa.table(arrays).replace_schema_metadata(meta)
+
+
+def write_manifest(table: pa.Table, path) -> None:
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def validate_manifest(table: pa.Table, where: str = "manifest") -> pa.Table:
+    """Refuse a manifest that lacks a column or has non-finite observing conditions."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DHSError(f"{where} lacks column(s): {', '.join(missing)}")
+    for c in CONDITION_COLUMNS + ("ra", "dec"):
+        v = table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            tid = table.column("task_id").to_numpy()[np.argmax(bad)]
+            raise DHSError(f"{where}: column {c} is NaN/inf/null in {int(bad.sum())} row(s) (first task_id {tid})")
+    if (table.column("psfsize_r").to_numpy() <= 0).any():
+        raise DHSError(f"{where}: psfsize_r must be > 0 arcsec")
+    return table
+
+
+def read_manifest(path) -> pa.Table:
+    path = Path(path)
+    if not path.exists():
+        raise DHSError(f"manifest {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # any unreadable file is bad input
+        raise DHSError(f"manifest {path} is not a readable parquet file ({type(exc).__name__})") from None
+    return validate_manifest(table, f"manifest {path}")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--out", required=True, help="output manifest parquet")
+    parser.add_argument("--n_tasks", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--control_frac", type=float, default=0.5, help="fraction of unpaired controls")
+    parser.add_argument("--split_fracs", default="0.7,0.15,0.15", help="train,val,test fractions of sky regions")
+    parser.add_argument("--source_priors", default="realistic", choices=SOURCE_PRIORS)
+    parser.add_argument("--confuser_frac", type=float, default=0.1,
+                        help="fraction of stamps (both classes) with a lens-like confuser")
+    parser.add_argument("--n_regions", type=int, default=None,
+                        help="number of distinct sky cells the tasks are drawn from (default n_tasks/40, at least 24)")
+
+
+def run(args) -> int:
+    table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
+                           args.source_priors, args.confuser_frac, args.n_regions)
+    write_manifest(table, args.out)
+    splits = table.column("region_split").to_pylist()
+    print(f"manifest: {table.num_rows} tasks ({int(table.column('is_control').to_numpy().sum())} controls), "
+          f"train/val/test = {splits.count('train')}/{splits.count('val')}/{splits.count('test')} -> {args.out}")
+    return 0

@@ -1,0 +1,301 @@
+"""Full DR10-like scenes for a batch of manifest rows: host LRG, neighbours, stars, confusers, the
+injected arc (positives only) and pixel noise, all in nanomaggies per 0.262-arcsec pixel.
+
+- Host, neighbours, stars and confusers are rendered as surface brightness integrated over pixels and
+  convolved with the band's "true sky" PSF: a Moffat with beta = ``SKY_MOFFAT_BETA`` and the band's
+  ``psfsize_*`` FWHM, the same for every data variant.
+- The arc is rendered by the physics layer (``physics.render``) with the variant's PSF model (Gaussian
+  or Moffat of the same FWHM) and added to the noiseless scene.
+- Noise is added to the whole scene the same way for both classes: per-pixel variance
+  ``sky_sigma^2 + max(scene, 0) / GAIN_E_PER_NMGY`` (Gaussian approximation of sky plus source Poisson
+  noise), with ``sky_sigma = 10^(-0.4 (m5 - 22.5)) / 5 * sqrt(sum PSF^2)`` from the 5-sigma depth m5.
+
+Sampling: hosts are point-sampled on the pixel grid except the central 8x8 pixels, which are averaged
+over 4x4 sub-pixels (the n ~ 4 cusp); confusers are averaged over 2x2 sub-pixels; neighbours (faint,
+off-centre) are point-sampled; stars are split bilinearly over the 4 pixels around their position.
+Positions and angles follow the manifest's conventions (see ``darkhaloscope.manifest``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
+from darkhaloscope.physics import lens, light, psf
+
+SKY_MOFFAT_BETA = 3.5
+# Effective gain of a DR10 coadd (electrons per nanomaggy), for the Gaussian approximation of source
+# Poisson noise. A 22.5-mag source gives ~1e3-1e4 e- in a 90-s DECam exposure; 3000 e-/nmgy keeps the
+# Poisson term of a bright host core comparable to, not larger than, the sky term, as in real cutouts.
+GAIN_E_PER_NMGY = 3000.0
+PIX_AREA = PIXEL_SCALE_ARCSEC**2
+CORE_BOX = 8          # central pixels (per axis) of the host that are sub-sampled
+CORE_SUPERSAMPLE = 4
+CONFUSER_SUPERSAMPLE = 2
+
+_X1, _Y1 = light.pixel_grid(STAMP_SIZE, 1)
+_lo = STAMP_SIZE // 2 - CORE_BOX // 2
+_CORE = slice(_lo, _lo + CORE_BOX)
+_XC, _YC = (g[_CORE.start * CORE_SUPERSAMPLE:_CORE.stop * CORE_SUPERSAMPLE,
+              _CORE.start * CORE_SUPERSAMPLE:_CORE.stop * CORE_SUPERSAMPLE]
+            for g in light.pixel_grid(STAMP_SIZE, CORE_SUPERSAMPLE))
+_XS, _YS = light.pixel_grid(STAMP_SIZE, CONFUSER_SUPERSAMPLE)
+
+
+def column_arrays(table: pa.Table) -> dict[str, np.ndarray]:
+    """Manifest table -> dict of numpy arrays (fixed-size list columns become (N, K) arrays; nulls NaN)."""
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if pa.types.is_fixed_size_list(col.type):
+            k = col.type.list_size
+            out[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, k)
+        elif pa.types.is_floating(col.type):
+            out[name] = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            out[name] = col.to_numpy(zero_copy_only=False)
+    return out
+
+
+def band_fluxes(mag_r, g_minus_r, r_minus_z) -> np.ndarray:
+    """AB r magnitude and colours -> fluxes (nmgy) in g, r, z stacked on a new last axis."""
+    mag_r = np.asarray(mag_r, np.float64)
+    mags = (mag_r + g_minus_r, mag_r, mag_r - r_minus_z)
+    return np.stack([np.nan_to_num(mag_to_nanomaggy(m), nan=0.0) for m in mags], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Components (pre-PSF, flux per pixel)
+# ----------------------------------------------------------------------------------------------------
+
+def _col(v):
+    return np.asarray(v, np.float64)[:, None, None]
+
+
+def host_light(rows: dict) -> np.ndarray:
+    """(B, 64, 64) unit-flux host image (flux per pixel), cusp sub-sampled."""
+    args = [_col(rows[k]) for k in ("host_reff", "host_n", "host_q", "host_phi", "host_x", "host_y")]
+    img = light.sersic(_X1, _Y1, 1.0, *args) * PIX_AREA
+    core = light.sersic(_XC, _YC, 1.0, *args) * PIX_AREA
+    img[:, _CORE, _CORE] = light.bin_image(core, CORE_SUPERSAMPLE)
+    return img
+
+
+def neighbour_light(rows: dict) -> np.ndarray:
+    """(B, 3, 64, 64) neighbour galaxies in g, r, z (only occupied slots are evaluated)."""
+    b = len(rows["task_id"])
+    out = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE))
+    stamp, slot = np.nonzero(np.isfinite(rows["nb_mag_r"]))
+    if len(stamp) == 0:
+        return out
+    get = {k: rows[k][stamp, slot] for k in ("nb_x", "nb_y", "nb_mag_r", "nb_g_minus_r", "nb_r_minus_z",
+                                             "nb_reff", "nb_n", "nb_q", "nb_phi")}
+    shape = light.sersic(_X1, _Y1, 1.0, _col(get["nb_reff"]), _col(get["nb_n"]), _col(get["nb_q"]),
+                         _col(get["nb_phi"]), _col(get["nb_x"]), _col(get["nb_y"])) * PIX_AREA
+    flux = band_fluxes(get["nb_mag_r"], get["nb_g_minus_r"], get["nb_r_minus_z"])  # (M, 3)
+    np.add.at(out, stamp, shape[:, None] * flux[:, :, None, None])
+    return out
+
+
+def star_light(rows: dict) -> np.ndarray:
+    """(B, 3, 64, 64) point sources, each split bilinearly over the four pixels around it."""
+    b = len(rows["task_id"])
+    out = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE))
+    stamp, slot = np.nonzero(np.isfinite(rows["star_mag_r"]))
+    if len(stamp) == 0:
+        return out
+    centre = (STAMP_SIZE - 1) / 2.0
+    px = rows["star_x"][stamp, slot] / PIXEL_SCALE_ARCSEC + centre
+    py = rows["star_y"][stamp, slot] / PIXEL_SCALE_ARCSEC + centre
+    flux = band_fluxes(rows["star_mag_r"][stamp, slot], rows["star_g_minus_r"][stamp, slot],
+                       rows["star_r_minus_z"][stamp, slot])
+    i0, j0 = np.floor(py).astype(int), np.floor(px).astype(int)
+    fy, fx = py - i0, px - j0
+    for di, dj, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        i, j = i0 + di, j0 + dj
+        ok = (i >= 0) & (i < STAMP_SIZE) & (j >= 0) & (j < STAMP_SIZE)
+        for band in range(len(BANDS)):
+            np.add.at(out, (stamp[ok], band, i[ok], j[ok]), (w * flux[:, band])[ok])
+    return out
+
+
+def _wrap(angle):
+    return np.mod(angle + np.pi, 2 * np.pi) - np.pi
+
+
+def confuser_shape(kind: str, x, y, p: dict) -> np.ndarray:
+    """Unnormalised surface brightness of one confuser kind on grids x, y (parameters (M, 1, 1)),
+    about the host centre. Geometry: radius ``conf_r``, central angle ``conf_phi``, angular
+    half-extent ``conf_span``, radial Gaussian sigma ``conf_width``, spiral growth ``conf_pitch``."""
+    dx, dy = x - p["host_x"], y - p["host_y"]
+    r = np.hypot(dx, dy)
+    dt = _wrap(np.arctan2(dy, dx) - p["conf_phi"])
+    w, r0 = p["conf_width"], p["conf_r"]
+    if kind == "tidal_arc":  # a tangential streak of debris, tapered in angle
+        return np.exp(-0.5 * ((r - r0) / w) ** 2 - 0.5 * (dt / p["conf_span"]) ** 2)
+    if kind == "ring":  # a complete, lopsided star-forming ring
+        return np.exp(-0.5 * ((r - r0) / w) ** 2) * (1.0 + 0.5 * np.cos(dt))
+    if kind == "spiral_arm":  # a logarithmic arm r = r0 exp(pitch * angle)
+        return np.exp(-0.5 * ((r - r0 * np.exp(p["conf_pitch"] * dt)) / w) ** 2 - 0.5 * (dt / (2 * p["conf_span"])) ** 2)
+    if kind == "blue_companion":  # a compact exponential blob at radius r0
+        cx, cy = r0 * np.cos(p["conf_phi"]), r0 * np.sin(p["conf_phi"])
+        return np.exp(-np.hypot(dx - cx, dy - cy) / (0.6 * w))
+    raise ValueError(f"unknown confuser kind {kind}")
+
+
+def confuser_light(rows: dict) -> np.ndarray:
+    """(B, 3, 64, 64) lens-like confusers, each normalised to its total flux inside the stamp."""
+    b = len(rows["task_id"])
+    out = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE))
+    kinds = np.asarray(rows["confuser_kind"]).astype(str)
+    for kind in np.unique(kinds):
+        if kind in ("none", "", "None"):
+            continue
+        idx = np.nonzero(kinds == kind)[0]
+        p = {k: _col(rows[k][idx]) for k in ("host_x", "host_y", "conf_r", "conf_phi", "conf_span",
+                                               "conf_width", "conf_pitch")}
+        shape = light.bin_image(confuser_shape(kind, _XS, _YS, p), CONFUSER_SUPERSAMPLE)
+        shape /= np.maximum(shape.sum(axis=(-2, -1), keepdims=True), 1e-30)
+        flux = band_fluxes(rows["conf_mag_r"][idx], rows["conf_g_minus_r"][idx], rows["conf_r_minus_z"][idx])
+        out[idx] += shape[:, None] * flux[:, :, None, None]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# PSF and noise
+# ----------------------------------------------------------------------------------------------------
+
+def psf_fwhm(rows: dict) -> np.ndarray:
+    """(B, 3) PSF FWHM (arcsec) per band from psfsize_g/r/z."""
+    return np.stack([np.asarray(rows[f"psfsize_{b}"], np.float64) for b in BANDS], axis=-1)
+
+
+def sky_kernels(fwhm: np.ndarray) -> np.ndarray:
+    """(B, 3, K, K) true-sky Moffat kernels (beta SKY_MOFFAT_BETA) for (B, 3) FWHMs."""
+    k = psf.moffat_kernel(fwhm.ravel(), beta=SKY_MOFFAT_BETA)
+    return k.reshape(fwhm.shape + k.shape[-2:])
+
+
+def sky_sigma(psfdepth, kernels) -> np.ndarray:
+    """Per-pixel sky sigma (nmgy) from the 5-sigma point-source depth (AB mag) and the unit-sum PSF
+    kernel: sigma_pix = 10^(-0.4 (m5 - 22.5)) / 5 * sqrt(sum PSF^2)."""
+    return mag_to_nanomaggy(psfdepth) / 5.0 * np.sqrt(psf.sum_sq(kernels))
+
+
+def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.ndarray:
+    """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``."""
+    var = sigma_sky[:, :, None, None] ** 2 + np.maximum(noiseless, 0.0) / GAIN_E_PER_NMGY
+    out = np.empty(noiseless.shape, np.float32)
+    for i, seed in enumerate(np.asarray(noise_seeds, np.int64)):
+        out[i] = np.random.default_rng(int(seed)).standard_normal(noiseless.shape[1:], dtype=np.float32)
+    out *= np.sqrt(var).astype(np.float32)
+    out += noiseless.astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arcs (thin layer over the physics renderer)
+# ----------------------------------------------------------------------------------------------------
+
+ARC_SUPERSAMPLE = 4
+
+
+def lens_truth(rows: dict) -> dict:
+    """Manifest truth columns -> physics arguments, each (B, 1, 1). The source position is stored
+    relative to the lens centre; the physics layer takes it in the stamp frame."""
+    c = {k: _col(rows[k]) for k in ("theta_e_arcsec", "lens_q", "lens_phi", "lens_x0", "lens_y0", "shear_g1",
+                                     "shear_g2", "src_x", "src_y", "src_reff", "src_n", "src_q", "src_phi")}
+    c["src_x_abs"] = c["lens_x0"] + c["src_x"]
+    c["src_y_abs"] = c["lens_y0"] + c["src_y"]
+    return c
+
+
+def render_arcs(rows: dict, psf_model: str, beta: float) -> dict:
+    """Noiseless arcs of positive rows: {'arc': (B, 3, 64, 64) float32 nmgy, 'magnification': (B,)}.
+
+    SIE + shear ray tracing of a Sersic source of unit unlensed flux on a 4x4 sub-pixel grid, averaged
+    per pixel, scaled by the unlensed flux per band and convolved with the variant's PSF of the band's
+    FWHM. Magnification = lensed flux before the PSF / unlensed flux."""
+    t = lens_truth(rows)
+    x, y = light.pixel_grid(STAMP_SIZE, ARC_SUPERSAMPLE)
+    bx, by = lens.ray_shoot(x, y, t["theta_e_arcsec"], t["lens_q"], t["lens_phi"], t["shear_g1"],
+                            t["shear_g2"], t["lens_x0"], t["lens_y0"])
+    unit = light.sersic(bx, by, 1.0, t["src_reff"], t["src_n"], t["src_q"], t["src_phi"],
+                        t["src_x_abs"], t["src_y_abs"])
+    unit = light.bin_image(unit, ARC_SUPERSAMPLE) * PIX_AREA
+    flux = np.stack([np.asarray(rows[f"src_flux_{b}"], np.float64) for b in BANDS], axis=-1)
+    kernels = psf.make_kernels(psf_fwhm(rows).ravel(), psf_model, beta)
+    kernels = kernels.reshape((len(flux), len(BANDS)) + kernels.shape[-2:])
+    pre = (unit[:, None] * flux[:, :, None, None]).astype(np.float32)
+    return {"arc": psf.convolve(pre, kernels.astype(np.float32)), "magnification": unit.sum(axis=(-2, -1))}
+
+
+# Pixels count towards the integrated S/N where the noiseless r-band arc exceeds this many sky sigmas.
+SNR_MASK_SIGMA = 0.5
+
+
+def arc_snr(arc: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integrated and peak-pixel S/N of noiseless arcs in the r band.
+
+    integrated: sum(arc) / sqrt(sum(sigma_sky^2)) over the pixels where arc > 0.5 sigma_sky
+    (sky-limited; 0 if no pixel qualifies); peak: max(arc) / sigma_sky."""
+    r = BANDS.index("r")
+    a = np.asarray(arc, np.float64)[:, r]
+    s = np.asarray(sigma, np.float64)[:, r][:, None, None]
+    mask = a > SNR_MASK_SIGMA * s
+    npix = mask.sum(axis=(-2, -1))
+    integrated = np.where(mask, a, 0.0).sum(axis=(-2, -1)) / np.maximum(np.sqrt(npix) * s[:, 0, 0], 1e-30)
+    return np.where(npix > 0, integrated, 0.0), a.max(axis=(-2, -1)) / s[:, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A full batch
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class SceneBatch:
+    image: np.ndarray          # (B, 3, 64, 64) float32 noisy stamps, nmgy
+    arc: np.ndarray            # (B, 3, 64, 64) float32 noiseless PSF-convolved arcs (zero for controls)
+    sky_sigma: np.ndarray      # (B, 3) per-pixel sky sigma, nmgy
+    arc_fwhm: np.ndarray       # (B, 3) FWHM of the arc PSF (NaN for controls)
+    arc_snr: np.ndarray        # (B,) integrated S/N (NaN for controls)
+    arc_snr_peak: np.ndarray   # (B,) peak-pixel S/N (NaN for controls)
+    magnification: np.ndarray  # (B,) lensed / unlensed source flux (NaN for controls)
+
+
+def noiseless_background(rows: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Everything but the arc, convolved with the true-sky PSF: ((B, 3, 64, 64), sky kernels)."""
+    host_flux = band_fluxes(rows["host_mag_r"], rows["host_g_minus_r"], rows["host_r_minus_z"])
+    pre = host_light(rows)[:, None] * host_flux[:, :, None, None]
+    pre += neighbour_light(rows)
+    pre += star_light(rows)
+    pre += confuser_light(rows)
+    kernels = sky_kernels(psf_fwhm(rows))
+    return psf.convolve(pre.astype(np.float32), kernels.astype(np.float32)), kernels
+
+
+def render_scenes(rows: dict, psf_model: str, beta: float, arcs=None) -> SceneBatch:
+    """Render a batch of manifest rows. ``arcs`` (injected, for tests) or the physics renderer supply
+    the noiseless arcs of positive rows."""
+    b = len(rows["task_id"])
+    background, kernels = noiseless_background(rows)
+    sigma = sky_sigma(np.stack([rows[f"psfdepth_{x}"] for x in BANDS], axis=-1), kernels)
+    positive = np.asarray(rows["is_control"]) == 0
+    arc = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
+    nan = np.full(b, np.nan)
+    fwhm_used = np.full((b, len(BANDS)), np.nan)
+    snr, snr_peak, magnification = nan.copy(), nan.copy(), nan.copy()
+    if positive.any():
+        idx = np.nonzero(positive)[0]
+        sub = {k: v[idx] for k, v in rows.items()}
+        res = render_arcs(sub, psf_model, beta) if arcs is None else arcs
+        arc[idx] = res["arc"]
+        fwhm_used[idx] = psf_fwhm(sub)
+        magnification[idx] = res["magnification"]
+        snr[idx], snr_peak[idx] = arc_snr(res["arc"], sigma[idx])
+    noiseless = background + arc
+    image = add_noise(noiseless, sigma, rows["noise_seed"])
+    return SceneBatch(image, arc, sigma, fwhm_used, snr, snr_peak, magnification)
