@@ -1,0 +1,608 @@
+"""`dhs train`: the lens-classifier training engine (Gen2 baseline and Gen3 curriculum stages).
+
+Gen2 and Gen3 are configurations of this one code path (see docs/training.md):
+Gen2 = ``--loss bce`` on Gaussian-PSF data without cuts; Gen3 A1 = ``--loss focal`` with the strict cuts
+and hard negatives; Gen3 A2 = A1's best weights (``--init_from`` or the seed's ``--resume A1/best.pt``)
+with a fresh optimizer and schedule at its own LR and cuts.
+
+Runs on CPU, on one GPU (bf16 autocast) and under torchrun (DDP; detected from RANK/WORLD_SIZE) with the
+same code. All bad input is rejected with a one-line DHSError before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from darkhaloscope import contract, metrics, stream
+from darkhaloscope.errors import DHSError
+from darkhaloscope.io import atomic_output
+from darkhaloscope.losses import LOSSES, make_loss
+from darkhaloscope.model import (build_model, load_checkpoint, meta_statistics, model_kwargs, save_checkpoint,
+                                 unwrap)
+
+# Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
+# that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.
+RESULT_ARGS = ("arch", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride",
+               "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
+               "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
+               "train_split", "match_controls", "max_skip_frac", "variant")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="Phase 4c parquet root (Hive region_split=); local or s3://")
+    p.add_argument("--out_dir", required=True, help="writes best.pt and history.json here")
+    p.add_argument("--arch", default="convnext_tiny", help="any timm model name")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch_size", type=int, default=256, help="per rank; batches are near-equal, <= this")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight_decay", type=float, default=1e-2)
+    p.add_argument("--dropout", type=float, default=0.10)
+    p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
+    p.add_argument("--stem_stride", type=int, default=4, choices=(2, 4),
+                   help="ConvNeXt stem stride: 4 = timm default, 2 = finer features for 64x64 stamps (~4x cost)")
+    p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
+    p.add_argument("--augment", action="store_true", help="random rot90 + flips")
+    p.add_argument("--loss", choices=LOSSES, default="bce")
+    p.add_argument("--focal_alpha", type=float, default=0.25, help="weight of the positive (lens) class")
+    p.add_argument("--focal_gamma", type=float, default=2.0)
+    p.add_argument("--min_theta_over_psf", type=float, default=0.0, help="curriculum: drop positives below")
+    p.add_argument("--min_arc_snr", type=float, default=0.0, help="curriculum: drop positives below")
+    p.add_argument("--match_controls", choices=("auto", "on", "off"), default="auto",
+                   help="reweight controls to the kept positives' (psfsize_r, psfdepth_r); auto = when cuts")
+    p.add_argument("--meta_cols", default="", help="comma-separated observing-condition inputs")
+    p.add_argument("--resume", default=None, help="last.pt: continue; a finished stage's best.pt: warm start")
+    p.add_argument("--init_from", default=None, help="warm start: weights only, fresh optimizer and schedule")
+    p.add_argument("--hard_negs", default=None, help="mined hard-negative parquet (task_id)")
+    p.add_argument("--hard_neg_weight", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warm-up, in (fractional) epochs")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--val_split", default="val")
+    p.add_argument("--train_split", default="train")
+    p.add_argument("--max_skip_frac", type=float, default=0.01,
+                   help="stop when more than this fraction of stamps fail to decode")
+    p.add_argument("--variant", default=None, help="data variant recorded in the checkpoint (default: data dir name)")
+    p.add_argument("--state_dir", default=None, help="where last.pt lives (default: out_dir)")
+    p.add_argument("--auto_resume", action="store_true",
+                   help="continue state_dir/last.pt if it is an unfinished run with the same fingerprint")
+    p.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps")
+    p.add_argument("--stop_after_steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook: simulated kill
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------
+
+class Dist:
+    """Rank / world size from torchrun's environment; a no-op on a single process."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def log(d: Dist, msg: str) -> None:
+    if d.main:
+        tqdm.write(f"[dhs train] {msg}", file=sys.stderr)
+
+
+def lr_at(progress: float, base_lr: float, epochs: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup`` epochs, then cosine to 0 at ``epochs``; progress in epochs."""
+    if warmup > 0 and progress < warmup:
+        return base_lr * (progress + 1e-3) / warmup
+    span = max(epochs - warmup, 1e-9)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress - warmup, 0.0) / span, 1.0)))
+
+
+def file_identity(path: str | None) -> list | None:
+    if not path:
+        return None
+    st = os.stat(path)
+    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
+def data_identity(fs, files: list[str]) -> list:
+    return [[os.path.basename(f), fs.get_file_info(f).size] for f in files]
+
+
+def fingerprint(args, inputs: dict) -> str:
+    fields = {k: getattr(args, k) for k in RESULT_ARGS}
+    fields["inputs"] = inputs
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def bf16_enabled(requested: bool, device: torch.device) -> bool:
+    if not requested:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:  # CPU bf16 autocast only pays off with native bf16 instructions
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def selection_key(m: dict) -> tuple:
+    """best.pt: highest val tpr@fpr1e-4, then tpr@fpr1e-3, then AUROC (NaN counts as worst)."""
+    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k]
+                 for k in ("tpr@fpr0.0001", "tpr@fpr0.001", "auroc"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup: every check happens here, before the first step
+# ----------------------------------------------------------------------------------------------------
+
+def _explicit_source(args) -> tuple[str | None, dict | None, str]:
+    """The checkpoint named on the command line: ('continue' | 'warm' | None, ckpt, path).
+    --resume of an unfinished last.pt continues it; --resume of a best.pt or of a finished run's
+    last.pt, and --init_from, warm-start from its weights."""
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        finished = ckpt.get("kind") == "best" or bool(ckpt.get("finished"))
+        if finished and args.init_from:
+            raise DHSError(f"--resume {args.resume} is a finished stage's checkpoint and --init_from is given too: "
+                           "use one of them")
+        return ("warm" if finished else "continue"), ckpt, args.resume
+    if args.init_from:
+        return "warm", load_checkpoint(args.init_from), args.init_from
+    return None, None, ""
+
+
+def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str]) -> None:
+    kw = ckpt["model_kwargs"]
+    if kw.get("arch") != args.arch:
+        raise DHSError(f"checkpoint {path} is a '{kw.get('arch')}' but --arch is '{args.arch}'")
+    if list(ckpt["meta_cols"]) != meta_cols:
+        raise DHSError(f"checkpoint {path} has meta columns {','.join(ckpt['meta_cols']) or '(none)'} but "
+                       f"--meta_cols is {','.join(meta_cols) or '(none)'}")
+    if int(kw.get("stem_stride", 4)) != args.stem_stride:
+        raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
+
+
+def _open_and_index(args, d: Dist, split: str, meta_cols: list[str], need_cuts: bool, need_match: bool):
+    fs, files, schema = stream.open_split(args.data, split)
+    scalars = list(meta_cols) + (list(stream.CUT_COLUMNS) if need_cuts else []) + \
+        (list(stream.MATCH_COLUMNS) if need_match else [])
+    stream.check_columns(schema, list(contract.READ_COLUMNS) + scalars, f"{args.data} split '{split}'")
+    index = stream.build_index(fs, files, scalars)
+    return fs, files, index
+
+
+def _check_classes(index, split: str, what: str) -> None:
+    n_pos = int((index.label == 1).sum())
+    n_neg = int((index.label == 0).sum())
+    if n_pos == 0:
+        raise DHSError(f"split '{split}' has no positives {what}")
+    if n_neg == 0:
+        raise DHSError(f"split '{split}' has no controls {what}")
+
+
+class Setup:
+    """Everything a run needs, validated."""
+
+    def __init__(self, args, d: Dist):
+        self.args = args
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+            raise DHSError("--epochs, --batch_size and --lr must be positive")
+        self.meta_cols = contract.parse_meta_columns(args.meta_cols)
+        args.meta_cols = ",".join(self.meta_cols)
+        import timm
+
+        if not timm.is_model(args.arch):
+            raise DHSError(f"unknown architecture '{args.arch}': not a timm model name")
+        if args.variant is None:
+            args.variant = Path(str(args.data).rstrip("/")).name
+        self.cuts = stream.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
+        self.match = args.match_controls == "on" or (args.match_controls == "auto" and self.cuts)
+
+        mode, ckpt, path = _explicit_source(args)
+        self.hard_ids = stream.read_hard_negatives(args.hard_negs) if args.hard_negs else None
+
+        # data: index the train and val splits (scalars only) and check classes and columns
+        self.fs, self.train_files, train_index = _open_and_index(args, d, args.train_split, self.meta_cols,
+                                                                 self.cuts, self.match)
+        _, self.val_files, val_index = _open_and_index(args, d, args.val_split, self.meta_cols, self.cuts, False)
+        _check_classes(train_index, args.train_split, "")
+        _check_classes(val_index, args.val_split, "")
+        keep = stream.curriculum_mask(train_index, args.min_theta_over_psf, args.min_arc_snr)
+        self.n_train_all = len(train_index)
+        self.train_index = train_index.take(keep)
+        _check_classes(self.train_index, args.train_split,
+                       f"after the cuts theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}")
+        self.val_index = val_index
+        self.val_cut = stream.curriculum_mask(val_index, args.min_theta_over_psf, args.min_arc_snr)
+        _check_classes(val_index.take(self.val_cut), args.val_split, "after the curriculum cuts")
+
+        warm_path = path if mode == "warm" else None
+        self.inputs = {"train": data_identity(self.fs, self.train_files), "val": data_identity(self.fs, self.val_files),
+                       "init_from": file_identity(args.init_from), "hard_negs": file_identity(args.hard_negs),
+                       "warm_start": file_identity(warm_path) if warm_path != args.init_from else None,
+                       "world_size": d.world}
+        self.fingerprint = fingerprint(args, self.inputs)
+
+        # an unfinished state_dir/last.pt with the same fingerprint wins under --auto_resume
+        self.resume_ckpt = None
+        self.init_ckpt = None
+        state_last = Path(args.state_dir or args.out_dir) / "last.pt"
+        auto_note = ""
+        if args.auto_resume and mode != "continue" and state_last.exists():
+            try:
+                last = load_checkpoint(state_last)
+            except DHSError as exc:
+                auto_note = f"--auto_resume: ignoring {state_last} ({exc}); "
+            else:
+                if last.get("fingerprint") == self.fingerprint and not last.get("finished"):
+                    mode, ckpt, path = "auto", last, str(state_last)
+                elif last.get("finished"):
+                    auto_note = f"--auto_resume: {state_last} is a finished run with this fingerprint or another; "
+                else:
+                    auto_note = (f"--auto_resume: {state_last} has fingerprint {last.get('fingerprint')} != "
+                                 f"{self.fingerprint} (arguments or inputs changed); ")
+        if mode in ("continue", "auto"):
+            _check_ckpt_matches(ckpt, path, args, self.meta_cols)
+            if ckpt.get("fingerprint") != self.fingerprint:
+                diff = [k for k in RESULT_ARGS if str(ckpt.get("args", {}).get(k)) != str(getattr(args, k))]
+                raise DHSError(f"--resume {path}: that run used different arguments or inputs "
+                               f"({', '.join(diff) or 'input files'} differ); use --init_from for a warm start")
+            self.resume_ckpt = ckpt
+            self.resume_note = (f"--auto_resume: " if mode == "auto" else "") + \
+                f"continuing the interrupted run in {path} at epoch {ckpt['sampler']['epoch'] + 1}, " \
+                f"batch {ckpt['sampler']['batches_done']} (fingerprint {self.fingerprint})"
+        elif mode == "warm":
+            _check_ckpt_matches(ckpt, path, args, self.meta_cols)
+            self.init_ckpt = ckpt
+            how = "--resume points at a finished stage's best.pt" if args.resume else "--init_from"
+            self.resume_note = auto_note + (f"{how} ({path}): warm start with a fresh optimizer at lr {args.lr:g} "
+                                            f"and a new {args.epochs}-epoch schedule")
+        else:
+            self.resume_note = auto_note + "fresh start"
+
+        # meta standardisation: continue/warm start keep the statistics the weights were trained with
+        source = self.resume_ckpt or self.init_ckpt
+        if source is not None:
+            self.meta_mean, self.meta_std = list(source["meta_mean"]), list(source["meta_std"])
+        else:
+            raw = np.column_stack([self.train_index.columns[c] for c in self.meta_cols]) if self.meta_cols else \
+                np.zeros((len(self.train_index), 0))
+            self.meta_mean, self.meta_std = meta_statistics(raw)
+
+        self._weights(args)
+
+    def _weights(self, args) -> None:
+        """Sampling weights of the training rows: positives 1; controls hard_neg_weight if mined, then
+        matched to the kept positives' conditions when matching is on."""
+        idx = self.train_index
+        ctrl = idx.label == 0
+        base = np.ones(len(idx))
+        self.n_hard = 0
+        if self.hard_ids is not None:
+            hard = ctrl & np.isin(idx.task_id, self.hard_ids)
+            self.n_hard = int(hard.sum())
+            if len(self.hard_ids) and self.n_hard == 0:
+                raise DHSError(f"none of the {len(self.hard_ids)} task_ids in {args.hard_negs} is a control in "
+                               f"split '{args.train_split}'")
+            base[hard] = args.hard_neg_weight
+        weight = base.copy()
+        cond_cols = [c for c in stream.MATCH_COLUMNS if c in idx.columns] or \
+            [c for c in self.meta_cols if c in idx.columns]
+        cond = np.column_stack([idx.columns[c] for c in cond_cols]) if cond_cols else None
+        if self.match and cond is not None:
+            w_ctrl = stream.control_match_weights(cond[~ctrl], cond[ctrl], base[ctrl])
+            weight[ctrl] = w_ctrl
+        elif ctrl.any():
+            weight[ctrl] = base[ctrl] * (ctrl.sum() / base[ctrl].sum())
+        self.weight = None if np.all(weight == 1.0) else weight
+        self.meta_auc_before = self.meta_auc_after = math.nan
+        if cond is not None:
+            self.meta_auc_before = stream.metadata_auc(cond, idx.label)
+            self.meta_auc_after = stream.metadata_auc(cond, idx.label, weight)
+        self.cond_cols = cond_cols
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------------
+
+def run(args) -> int:
+    d = Dist()
+    try:
+        return _run(args, d)
+    finally:
+        d.close()
+
+
+def _run(args, d: Dist) -> int:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    s = Setup(args, d)
+    out_dir = Path(args.out_dir)
+    state_dir = Path(args.state_dir or args.out_dir)
+    idx = s.train_index
+    log(d, f"data {args.data} variant {args.variant}: train {len(idx)} rows kept of {s.n_train_all} "
+           f"({int((idx.label == 1).sum())} positives, {int((idx.label == 0).sum())} controls, "
+           f"{idx.n_cutout_failed} with cutout_ok != 1 skipped); val {len(s.val_index)} rows")
+    if s.cuts:
+        log(d, f"curriculum: theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}; "
+               f"controls {'matched' if s.match else 'NOT matched'} to the kept positives on "
+               f"{','.join(s.cond_cols)}")
+    if s.hard_ids is not None:
+        log(d, f"hard negatives: {s.n_hard} controls from {args.hard_negs} weighted x{args.hard_neg_weight:g}")
+    log(d, f"metadata-only AUC ({','.join(s.cond_cols) or 'no condition columns'}) of the training set: "
+           f"{s.meta_auc_before:.3f} as filtered, {s.meta_auc_after:.3f} as sampled (0.5 = no leak)")
+    log(d, s.resume_note)
+
+    use_bf16 = bf16_enabled(args.use_bf16, d.device)
+    if args.use_bf16 and not use_bf16:
+        log(d, "bf16 autocast requested but off: this device has no native bf16")
+    kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
+                          stem_stride=args.stem_stride)
+    model = build_model(**kwargs)
+    if s.init_ckpt is not None:
+        model.load_state_dict(s.init_ckpt["state_dict"])
+    model.to(d.device)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    start_epoch, start_step, global_step, history, best = 0, 0, 0, [], None
+    if s.resume_ckpt is not None:
+        ck = s.resume_ckpt
+        model.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        start_epoch, start_step = ck["sampler"]["epoch"], ck["sampler"]["batches_done"]
+        global_step, history, best = ck["global_step"], ck["history"], ck.get("best")
+        set_rng_state(ck["rng"])
+    net = model
+    if d.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    loss_fn = make_loss(args.loss, args.focal_alpha, args.focal_gamma)
+
+    train_ds = stream.StampStream(idx, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=s.weight,
+                                  batch_size=args.batch_size, shuffle=True, augment=args.augment, seed=args.seed,
+                                  rank=d.rank, world_size=d.world, num_workers=args.num_workers)
+    val_ds = stream.StampStream(s.val_index, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=None,
+                                batch_size=max(args.batch_size, 256), shuffle=False, augment=False,
+                                seed=args.seed, rank=d.rank, world_size=d.world, num_workers=args.num_workers)
+    train_dl = _loader(train_ds, args.num_workers, d)
+    val_dl = _loader(val_ds, args.num_workers, d)
+
+    def save_last(epoch: int, batches_done: int, finished: bool) -> None:
+        if not d.main:
+            return
+        save_checkpoint(state_dir / "last.pt", kind="last", arch=args.arch, model_kwargs=kwargs,
+                        state_dict=unwrap(model).state_dict(), meta_cols=s.meta_cols, meta_mean=s.meta_mean,
+                        meta_std=s.meta_std, variant=args.variant, args=vars(args), epoch=epoch,
+                        metrics=history[-1] if history else {}, finished=finished, optimizer=opt.state_dict(),
+                        scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+                                   "base_lr": args.lr}, scaler=None, rng=rng_state(),
+                        sampler={"epoch": epoch, "batches_done": batches_done, "seed": args.seed},
+                        fingerprint=s.fingerprint, global_step=global_step, history=history, best=best)
+
+    stopped = False
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0
+        train_ds.set_epoch(epoch, first)
+        n_batches = len(train_ds)
+        net.train()
+        loss_sum, n_seen, n_bad, n_planned = 0.0, 0, 0, 0
+        bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.main,
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+        step_in_epoch = first
+        for batch in train_dl:
+            lr = lr_at(epoch + step_in_epoch / n_batches, args.lr, args.epochs, args.warmup_epochs)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = _train_step(net, model, opt, loss_fn, batch, d.device, use_bf16, args.grad_clip)
+            n = len(batch["label"])
+            loss_sum += loss * n
+            n_seen += n
+            n_bad += batch["n_bad"]
+            n_planned += batch["n_planned"]
+            step_in_epoch += 1
+            global_step += 1
+            _check_skips(n_bad, n_planned, args.max_skip_frac, final=False)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            if args.save_every_steps and step_in_epoch % args.save_every_steps == 0 and step_in_epoch < n_batches:
+                save_last(epoch, step_in_epoch, False)
+            if args.stop_after_steps and global_step >= args.stop_after_steps:
+                stopped = True
+                break
+        bar.close()
+        if stopped:
+            log(d, f"stopping after {global_step} steps (--stop_after_steps)")
+            break
+        loss_sum, n_seen, n_bad, n_planned = d.sum([loss_sum, n_seen, n_bad, n_planned])
+        _check_skips(n_bad, n_planned, args.max_skip_frac, final=True)
+        val = evaluate(net, val_dl, val_ds, s, d, use_bf16)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "lr": lr, "steps": global_step,
+               "n_train": int(n_seen), "n_skipped": int(n_bad), **val}
+        history.append(row)
+        improved = best is None or selection_key(val["val_cut"]) > selection_key(best["val_cut"])
+        if improved:
+            best = {"epoch": epoch + 1, "val_cut": val["val_cut"], "val_all": val["val_all"]}
+        log(d, _format_epoch(row, improved))
+        if d.main:
+            if improved:
+                _save_best(out_dir, model, kwargs, s, args, epoch + 1, row, finished=False)
+            _write_history(out_dir / "history.json", args, s, history, best)
+        save_last(epoch + 1, 0, finished=epoch + 1 == args.epochs)
+    if not stopped and d.main:
+        # mark best.pt as a finished stage's checkpoint (what --resume of the next stage looks for)
+        ck = load_checkpoint(out_dir / "best.pt")
+        ck["finished"] = True
+        save_checkpoint(out_dir / "best.pt", **{k: v for k, v in ck.items() if k != "format"})
+        log(d, f"done: best epoch {best['epoch']} ({_fmt(best['val_cut'])}) -> {out_dir / 'best.pt'}")
+    return 0
+
+
+def _loader(ds, num_workers: int, d: Dist):
+    # a private generator: the loader must not draw from the global torch RNG (dropout's), or a resumed
+    # run would diverge from an uninterrupted one
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0, pin_memory=d.device.type == "cuda",
+                                       generator=torch.Generator().manual_seed(0),
+                                       prefetch_factor=4 if num_workers > 0 else None)
+
+
+def _train_step(net, model, opt, loss_fn, batch, device, use_bf16: bool, grad_clip: float) -> float:
+    images = batch["images"].to(device, non_blocking=True)
+    meta = batch["meta"].to(device, non_blocking=True) if model.n_meta else None
+    target = batch["label"].to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        logits = net(images, meta)
+    loss = loss_fn(logits.float(), target)  # float32 logits, never rounded probabilities
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    return float(loss.detach())
+
+
+def _check_skips(n_bad: float, n_planned: float, max_frac: float, final: bool) -> None:
+    if (final or n_planned >= 1000) and n_planned and n_bad / n_planned > max_frac:
+        raise DHSError(f"{int(n_bad)} of {int(n_planned)} stamps did not decode, were not 3x64x64 or not finite "
+                       f"({n_bad / n_planned:.2%} > --max_skip_frac {max_frac:.2%})")
+
+
+@torch.no_grad()
+def evaluate(net, loader, val_ds, s: Setup, d: Dist, use_bf16: bool) -> dict:
+    """Validation logits (float32) on the whole val split -> roc_summary with and without the cuts."""
+    net.eval()
+    val_ds.set_epoch(0)
+    ids, logits, n_bad = [], [], 0
+    model = unwrap(net)
+    for batch in tqdm(loader, total=len(val_ds), desc="val", disable=not d.main, file=sys.stderr, leave=False):
+        images = batch["images"].to(d.device, non_blocking=True)
+        meta = batch["meta"].to(d.device) if model.n_meta else None
+        with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = model(images, meta)
+        logits.append(out.float().cpu().numpy())
+        ids.append(batch["task_id"].numpy())
+        n_bad += batch["n_bad"]
+    parts = d.gather((np.concatenate(ids), np.concatenate(logits), n_bad))
+    ids = np.concatenate([p[0] for p in parts])
+    logit = np.concatenate([p[1] for p in parts])
+    n_bad = sum(p[2] for p in parts)
+    _check_skips(n_bad, len(s.val_index), s.args.max_skip_frac, final=True)
+    pos = {t: i for i, t in enumerate(s.val_index.task_id.tolist())}
+    where = np.array([pos[t] for t in ids.tolist()], dtype=np.int64)
+    label = s.val_index.label[where]
+    cut = s.val_cut[where]
+    return {"val_cut": metrics.roc_summary(label[cut], logit[cut]),
+            "val_all": metrics.roc_summary(label, logit)}
+
+
+def _fmt(m: dict) -> str:
+    return (f"tpr@1e-2 {m['tpr@fpr0.01']:.3f} tpr@1e-3 {m['tpr@fpr0.001']:.3f} tpr@1e-4 {m['tpr@fpr0.0001']:.3f} "
+            f"fpr@0.85 {m['fpr@tpr0.85']:.2e} AUROC {m['auroc']:.4f} n_neg {m['n_neg']} tied_top {m['n_tied_top']}")
+
+
+def _format_epoch(row: dict, improved: bool) -> str:
+    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} lr {row['lr']:.2e}\n"
+            f"    val (cuts)    {_fmt(row['val_cut'])}\n    val (no cuts) {_fmt(row['val_all'])}"
+            + ("\n    -> new best.pt" if improved else ""))
+
+
+def _save_best(out_dir: Path, model, kwargs, s: Setup, args, epoch: int, row: dict, finished: bool) -> None:
+    save_checkpoint(out_dir / "best.pt", kind="best", arch=args.arch, model_kwargs=kwargs,
+                    state_dict=unwrap(model).state_dict(), meta_cols=s.meta_cols, meta_mean=s.meta_mean,
+                    meta_std=s.meta_std, variant=args.variant, args=vars(args), epoch=epoch,
+                    metrics={"val_cut": row["val_cut"], "val_all": row["val_all"],
+                             "selected_by": "val_cut tpr@fpr1e-4, then tpr@fpr1e-3, then AUROC"},
+                    finished=finished, fingerprint=s.fingerprint)
+
+
+def _write_history(path: Path, args, s: Setup, history: list, best: dict | None) -> None:
+    doc = {"args": vars(args), "variant": args.variant, "fingerprint": s.fingerprint,
+           "meta_cols": s.meta_cols, "meta_mean": s.meta_mean, "meta_std": s.meta_std,
+           "curriculum": {"min_theta_over_psf": args.min_theta_over_psf, "min_arc_snr": args.min_arc_snr,
+                          "match_controls": s.match, "condition_columns": s.cond_cols,
+                          "n_train_kept": len(s.train_index), "n_train_all": s.n_train_all,
+                          "meta_auc_filtered": s.meta_auc_before, "meta_auc_sampled": s.meta_auc_after},
+           "hard_negatives": {"path": args.hard_negs, "n_matched": s.n_hard, "weight": args.hard_neg_weight},
+           "best": best, "epochs": history}
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(_finite_or_null(doc), indent=2, default=_json_default, allow_nan=False))
+
+
+def _finite_or_null(x):
+    """NaN/inf -> null, so history.json is strict JSON (NaN appears e.g. for tpr without positives)."""
+    if isinstance(x, dict):
+        return {k: _finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_null(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def _json_default(x):
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return str(x)
