@@ -135,6 +135,8 @@ def draw_positions(rng: np.random.Generator, n: int, n_regions: int):
     cells_arr = np.array(cells, np.int64)
     idx = rng.integers(0, len(cells_arr), n)
     ra_lo, ra_hi, s_lo, s_hi = cell_bounds(cells_arr[idx])
+    f_lo, f_hi = np.sin(np.radians(FOOTPRINT_DEC))
+    s_lo, s_hi = np.maximum(s_lo, f_lo), np.minimum(s_hi, f_hi)  # cells on the dec edges are cut
     ra = ra_lo + rng.random(n) * (ra_hi - ra_lo)
     dec = np.degrees(np.arcsin(s_lo + rng.random(n) * (s_hi - s_lo)))
     return ra, dec, cells_arr[idx], idx

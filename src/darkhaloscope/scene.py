@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
-from darkhaloscope.physics import lens, light, psf
+from darkhaloscope.physics import light, psf, render
 
 SKY_MOFFAT_BETA = 3.5
 # Effective gain of a DR10 coadd (electrons per nanomaggy), for the Gaussian approximation of source
@@ -201,54 +201,43 @@ def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.n
 # ----------------------------------------------------------------------------------------------------
 
 ARC_SUPERSAMPLE = 4
+# Pixels count towards the integrated S/N where the noiseless r-band arc exceeds this many sky sigmas.
+SNR_THRESHOLD_SIGMA = 1.0
 
 
-def lens_truth(rows: dict) -> dict:
-    """Manifest truth columns -> physics arguments, each (B, 1, 1). The source position is stored
-    relative to the lens centre; the physics layer takes it in the stamp frame."""
-    c = {k: _col(rows[k]) for k in ("theta_e_arcsec", "lens_q", "lens_phi", "lens_x0", "lens_y0", "shear_g1",
-                                     "shear_g2", "src_x", "src_y", "src_reff", "src_n", "src_q", "src_phi")}
-    c["src_x_abs"] = c["lens_x0"] + c["src_x"]
-    c["src_y_abs"] = c["lens_y0"] + c["src_y"]
-    return c
+def arc_inputs(rows: dict) -> tuple[dict, dict]:
+    """Manifest/output truth columns -> (lens, source) mappings of ``physics.render.render_arcs``.
+    Both use the same convention: source position relative to the lens centre, in arcsec."""
+    lens_map = {"theta_e": "theta_e_arcsec", "q": "lens_q", "phi": "lens_phi", "gamma1": "shear_g1",
+                "gamma2": "shear_g2", "x0": "lens_x0", "y0": "lens_y0"}
+    src_map = {"x": "src_x", "y": "src_y", "r_eff": "src_reff", "n": "src_n", "q": "src_q", "phi": "src_phi",
+               **{f"flux_{b}": f"src_flux_{b}" for b in BANDS}}
+    lens_p = {k: np.asarray(rows[c], np.float64) for k, c in lens_map.items()}
+    src_p = {k: np.asarray(rows[c], np.float64) for k, c in src_map.items()}
+    return lens_p, src_p
 
 
 def render_arcs(rows: dict, psf_model: str, beta: float) -> dict:
     """Noiseless arcs of positive rows: {'arc': (B, 3, 64, 64) float32 nmgy, 'magnification': (B,)}.
 
-    SIE + shear ray tracing of a Sersic source of unit unlensed flux on a 4x4 sub-pixel grid, averaged
-    per pixel, scaled by the unlensed flux per band and convolved with the variant's PSF of the band's
-    FWHM. Magnification = lensed flux before the PSF / unlensed flux."""
-    t = lens_truth(rows)
-    x, y = light.pixel_grid(STAMP_SIZE, ARC_SUPERSAMPLE)
-    bx, by = lens.ray_shoot(x, y, t["theta_e_arcsec"], t["lens_q"], t["lens_phi"], t["shear_g1"],
-                            t["shear_g2"], t["lens_x0"], t["lens_y0"])
-    unit = light.sersic(bx, by, 1.0, t["src_reff"], t["src_n"], t["src_q"], t["src_phi"],
-                        t["src_x_abs"], t["src_y_abs"])
-    unit = light.bin_image(unit, ARC_SUPERSAMPLE) * PIX_AREA
-    flux = np.stack([np.asarray(rows[f"src_flux_{b}"], np.float64) for b in BANDS], axis=-1)
-    kernels = psf.make_kernels(psf_fwhm(rows).ravel(), psf_model, beta)
-    kernels = kernels.reshape((len(flux), len(BANDS)) + kernels.shape[-2:])
-    pre = (unit[:, None] * flux[:, :, None, None]).astype(np.float32)
-    return {"arc": psf.convolve(pre, kernels.astype(np.float32)), "magnification": unit.sum(axis=(-2, -1))}
-
-
-# Pixels count towards the integrated S/N where the noiseless r-band arc exceeds this many sky sigmas.
-SNR_MASK_SIGMA = 0.5
+    Delegates to ``physics.render.render_arcs`` (SIE + shear, Sersic source of fixed unlensed flux,
+    4x4 sub-pixel sampling wherever the source is not negligible, the variant's PSF of each band's
+    FWHM). Magnification = lensed flux inside the stamp before the PSF / unlensed flux."""
+    lens_p, src_p = arc_inputs(rows)
+    res = render.render_arcs(lens_p, src_p, psf_fwhm(rows), psf_model, moffat_beta=beta,
+                             supersample=ARC_SUPERSAMPLE)
+    return {"arc": res.images, "magnification": res.magnification}
 
 
 def arc_snr(arc: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integrated and peak-pixel S/N of noiseless arcs in the r band.
+    """(integrated, peak) S/N of noiseless arcs in the r band, sky-limited.
 
-    integrated: sum(arc) / sqrt(sum(sigma_sky^2)) over the pixels where arc > 0.5 sigma_sky
-    (sky-limited; 0 if no pixel qualifies); peak: max(arc) / sigma_sky."""
+    integrated: sum(arc_r) / sqrt(sum(sigma_sky_r^2)) over the pixels where arc_r > 1 sigma_sky_r
+    (0 if none); peak: max(arc_r) / sigma_sky_r (the original pipeline's definition)."""
     r = BANDS.index("r")
-    a = np.asarray(arc, np.float64)[:, r]
-    s = np.asarray(sigma, np.float64)[:, r][:, None, None]
-    mask = a > SNR_MASK_SIGMA * s
-    npix = mask.sum(axis=(-2, -1))
-    integrated = np.where(mask, a, 0.0).sum(axis=(-2, -1)) / np.maximum(np.sqrt(npix) * s[:, 0, 0], 1e-30)
-    return np.where(npix > 0, integrated, 0.0), a.max(axis=(-2, -1)) / s[:, 0, 0]
+    a = np.asarray(arc)[:, r]
+    s = np.asarray(sigma, np.float64)[:, r]
+    return (render.arc_snr(a, s, threshold=SNR_THRESHOLD_SIGMA), render.arc_snr_peak(a, s))
 
 
 # ----------------------------------------------------------------------------------------------------
