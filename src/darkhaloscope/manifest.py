@@ -239,10 +239,10 @@ def draw_neighbours(rng: np.random.Generator, n: int) -> dict:
 
 
 def draw_stars(rng: np.random.Generator, n: int) -> dict:
-    """Point sources: Poisson(0.4) per stamp, anywhere beyond 3 arcsec, r = 17-23."""
+    """Point sources: Poisson(0.4) per stamp, 3-8.2 arcsec from the centre (inside the stamp), r = 17-23."""
     shape = (n, MAX_STARS)
     count = np.minimum(rng.poisson(0.4, n), MAX_STARS)
-    x, y = _annulus_positions(rng, shape, 3.0, 12.0)
+    x, y = _annulus_positions(rng, shape, 3.0, 8.2)
     mag = rng.uniform(17.0, 23.0, shape)
     mag[np.arange(MAX_STARS)[None, :] >= count[:, None]] = np.nan
     return {
