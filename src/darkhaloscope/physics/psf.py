@@ -99,14 +99,28 @@ def sum_sq(kernels) -> np.ndarray:
     return np.sum(np.asarray(kernels, dtype=np.float64) ** 2, axis=(-2, -1))
 
 
-def convolve(images, kernels):
-    """Zero-padded FFT convolution, output the same shape as ``images`` ("same" mode, no wrap-around).
+def _wrapped_kernels(kernels, nh, nw, dtype):
+    """Kernels zero-padded to (nh, nw) with their centre moved to element (0, 0) (wrapped), so that
+    their FFT carries no phase shift."""
+    k = kernels.shape[-1]
+    c = k // 2
+    out = np.zeros(kernels.shape[:-2] + (nh, nw), dtype=dtype)
+    for rows_out, rows_in in ((slice(0, c + 1), slice(c, k)), (slice(nh - c, nh), slice(0, c))):
+        for cols_out, cols_in in ((slice(0, c + 1), slice(c, k)), (slice(nw - c, nw), slice(0, c))):
+            out[..., rows_out, cols_out] = kernels[..., rows_in, cols_in]
+    return out
 
-    images (B, H, W) with kernels (B, K, K), or images (B, C, H, W) with kernels (B, C, K, K) (or any
-    leading shape that broadcasts). K must be odd; the kernel centre is element (K // 2, K // 2).
-    The FFT size N >= H + K // 2 is the smallest that keeps the circular convolution from aliasing into
-    the H x W output (flux leaving the stamp is dropped, never wrapped around). Runs in the precision
-    of ``images`` (float32 stays float32).
+
+def convolve(images, kernels):
+    """Zero-padded FFT convolution in "same" mode (no wrap-around).
+
+    images (..., H, W) and kernels (..., K, K) with leading shapes that broadcast, e.g. images
+    (B, H, W) with kernels (B, K, K), images (B, C, H, W) with kernels (B, C, K, K), or one image per
+    stamp (B, 1, H, W) convolved with C kernels (B, C, K, K) (its FFT is then taken once). Output:
+    the broadcast leading shape + (H, W). K must be odd; the kernel centre is element (K//2, K//2).
+    The FFT size N >= H + K // 2 is the smallest that keeps the circular convolution from aliasing
+    into the H x W output (flux leaving the stamp is dropped, never wrapped around). Runs in the
+    precision of ``images`` (float32 stays float32).
     """
     images = np.asarray(images)
     kernels = np.asarray(kernels)
@@ -118,14 +132,10 @@ def convolve(images, kernels):
     dtype = np.float32 if images.dtype == np.float32 else np.float64
     h, w = images.shape[-2:]
     c = kh // 2
+    if c >= h + c or c >= w + c:
+        raise DHSError("PSF kernel larger than the padded image")
     nh = scipy.fft.next_fast_len(h + c, real=True)
     nw = scipy.fft.next_fast_len(w + c, real=True)
-    # Kernel laid out with its centre at (0, 0), wrapped: its FFT then carries no phase shift.
-    kpad = np.zeros(kernels.shape[:-2] + (nh, nw), dtype=dtype)
-    kpad[..., :kh, :kw] = kernels
-    kpad = np.roll(kpad, (-c, -c), axis=(-2, -1))
-    out = scipy.fft.irfft2(
-        scipy.fft.rfft2(images.astype(dtype, copy=False), s=(nh, nw)) * scipy.fft.rfft2(kpad),
-        s=(nh, nw),
-    )
-    return out[..., :h, :w].astype(dtype, copy=False)
+    spectrum = scipy.fft.rfft2(images.astype(dtype, copy=False), s=(nh, nw))
+    spectrum = spectrum * scipy.fft.rfft2(_wrapped_kernels(kernels, nh, nw, dtype))
+    return scipy.fft.irfft2(spectrum, s=(nh, nw))[..., :h, :w].astype(dtype, copy=False)
