@@ -54,7 +54,7 @@ def test_background_is_centred_and_conserves_flux(rows):
     for k in ("nb_mag_r", "star_mag_r"):
         r[k] = np.full_like(rows[k], np.nan)
     r["confuser_kind"] = np.array(["none"] * len(rows["task_id"]), dtype=object)
-    bg, kernels = scene.noiseless_background(r)
+    bg, sum_sq = scene.noiseless_background(r)
     pre = scene.host_light(r)[:, None] * scene.band_fluxes(r["host_mag_r"], r["host_g_minus_r"],
                                                            r["host_r_minus_z"])[:, :, None, None]
     # the PSF moves some light out of the stamp but never creates or wraps any
@@ -62,7 +62,11 @@ def test_background_is_centred_and_conserves_flux(rows):
     assert (ratio <= 1.0 + 1e-5).all() and (ratio > 0.9).all()
     peak = [np.unravel_index(b.argmax(), b.shape) for b in bg[:, 1]]
     assert all(abs(i - 31.5) <= 1 and abs(j - 31.5) <= 1 for i, j in peak)
-    assert kernels.shape[:2] == (len(r["task_id"]), 3)
+    assert sum_sq.shape == (len(r["task_id"]), 3)
+    # noise-equivalent area 1/sum(PSF^2) of a Moffat: pi alpha^2 (2 beta - 1) / (beta - 1)^2 (pixels)
+    beta = scene.SKY_MOFFAT_BETA
+    alpha_pix = r["psfsize_r"] / (2 * np.sqrt(2 ** (1 / beta) - 1)) / 0.262
+    np.testing.assert_allclose(1 / sum_sq[:, 1], np.pi * alpha_pix**2 * (2 * beta - 1) / (beta - 1) ** 2, rtol=0.03)
 
 
 def test_noise_adds_source_poisson_term():

@@ -35,6 +35,10 @@ PIX_AREA = PIXEL_SCALE_ARCSEC**2
 CORE_BOX = 8          # central pixels (per axis) of the host that are sub-sampled
 CORE_SUPERSAMPLE = 4
 CONFUSER_SUPERSAMPLE = 2
+# Stamps per FFT convolution call. PSF kernels of one call share the call's largest kernel size, so a
+# stamp's pixels depend (below 2e-4 of its flux) on its chunk; chunks are fixed within a batch, and
+# batches are fixed blocks of task ids (see inject), which keeps stamps byte-identical across shards.
+CHUNK = 32
 
 _X1, _Y1 = light.pixel_grid(STAMP_SIZE, 1)
 _lo = STAMP_SIZE // 2 - CORE_BOX // 2
@@ -96,7 +100,9 @@ def neighbour_light(rows: dict) -> np.ndarray:
     shape = light.sersic(_X1, _Y1, 1.0, _col(get["nb_reff"]), _col(get["nb_n"]), _col(get["nb_q"]),
                          _col(get["nb_phi"]), _col(get["nb_x"]), _col(get["nb_y"])) * PIX_AREA
     flux = band_fluxes(get["nb_mag_r"], get["nb_g_minus_r"], get["nb_r_minus_z"])  # (M, 3)
-    np.add.at(out, stamp, shape[:, None] * flux[:, :, None, None])
+    for k in np.unique(slot):  # within one slot every stamp appears once, so plain fancy-index adds
+        m = slot == k
+        out[stamp[m]] += shape[m][:, None] * flux[m][:, :, None, None]
     return out
 
 
@@ -179,20 +185,22 @@ def sky_kernels(fwhm: np.ndarray) -> np.ndarray:
     return k.reshape(fwhm.shape + k.shape[-2:])
 
 
-def sky_sigma(psfdepth, kernels) -> np.ndarray:
-    """Per-pixel sky sigma (nmgy) from the 5-sigma point-source depth (AB mag) and the unit-sum PSF
-    kernel: sigma_pix = 10^(-0.4 (m5 - 22.5)) / 5 * sqrt(sum PSF^2)."""
-    return mag_to_nanomaggy(psfdepth) / 5.0 * np.sqrt(psf.sum_sq(kernels))
+def sky_sigma(psfdepth, psf_sum_sq) -> np.ndarray:
+    """Per-pixel sky sigma (nmgy) from the 5-sigma point-source depth (AB mag) and sum(PSF^2) of the
+    unit-sum PSF kernel: sigma_pix = 10^(-0.4 (m5 - 22.5)) / 5 * sqrt(sum PSF^2)."""
+    return mag_to_nanomaggy(psfdepth) / 5.0 * np.sqrt(psf_sum_sq)
 
 
 def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.ndarray:
     """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``."""
-    var = sigma_sky[:, :, None, None] ** 2 + np.maximum(noiseless, 0.0) / GAIN_E_PER_NMGY
+    noiseless = np.asarray(noiseless, np.float32)
+    var = np.maximum(noiseless, np.float32(0.0)) * np.float32(1.0 / GAIN_E_PER_NMGY)
+    var += (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)[:, :, None, None]
     out = np.empty(noiseless.shape, np.float32)
     for i, seed in enumerate(np.asarray(noise_seeds, np.int64)):
         out[i] = np.random.default_rng(int(seed)).standard_normal(noiseless.shape[1:], dtype=np.float32)
-    out *= np.sqrt(var).astype(np.float32)
-    out += noiseless.astype(np.float32)
+    out *= np.sqrt(var)
+    out += noiseless
     return out
 
 
@@ -224,9 +232,15 @@ def render_arcs(rows: dict, psf_model: str, beta: float) -> dict:
     4x4 sub-pixel sampling wherever the source is not negligible, the variant's PSF of each band's
     FWHM). Magnification = lensed flux inside the stamp before the PSF / unlensed flux."""
     lens_p, src_p = arc_inputs(rows)
-    res = render.render_arcs(lens_p, src_p, psf_fwhm(rows), psf_model, moffat_beta=beta,
-                             supersample=ARC_SUPERSAMPLE)
-    return {"arc": res.images, "magnification": res.magnification}
+    fwhm = psf_fwhm(rows)
+    arcs, mags = [], []
+    for lo in range(0, len(fwhm), CHUNK):  # small chunks keep the FFT temporaries in cache
+        part = slice(lo, lo + CHUNK)
+        res = render.render_arcs({k: v[part] for k, v in lens_p.items()}, {k: v[part] for k, v in src_p.items()},
+                                 fwhm[part], psf_model, moffat_beta=beta, supersample=ARC_SUPERSAMPLE)
+        arcs.append(res.images)
+        mags.append(res.magnification)
+    return {"arc": np.concatenate(arcs), "magnification": np.concatenate(mags)}
 
 
 def arc_snr(arc: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -256,22 +270,30 @@ class SceneBatch:
 
 
 def noiseless_background(rows: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Everything but the arc, convolved with the true-sky PSF: ((B, 3, 64, 64), sky kernels)."""
+    """Everything but the arc, convolved with the true-sky PSF: ((B, 3, 64, 64) nmgy, (B, 3) sum of
+    the squared unit-sum sky kernels, the point-source noise factor of ``sky_sigma``)."""
     host_flux = band_fluxes(rows["host_mag_r"], rows["host_g_minus_r"], rows["host_r_minus_z"])
     pre = host_light(rows)[:, None] * host_flux[:, :, None, None]
     pre += neighbour_light(rows)
     pre += star_light(rows)
     pre += confuser_light(rows)
-    kernels = sky_kernels(psf_fwhm(rows))
-    return psf.convolve(pre.astype(np.float32), kernels.astype(np.float32)), kernels
+    fwhm = psf_fwhm(rows)
+    pre = pre.astype(np.float32)
+    out = np.empty_like(pre)
+    sum_sq = np.empty(fwhm.shape)
+    for lo in range(0, len(pre), CHUNK):  # small chunks keep kernels and FFT temporaries in cache
+        kernels = sky_kernels(fwhm[lo:lo + CHUNK])
+        sum_sq[lo:lo + CHUNK] = psf.sum_sq(kernels)
+        out[lo:lo + CHUNK] = psf.convolve(pre[lo:lo + CHUNK], kernels.astype(np.float32))
+    return out, sum_sq
 
 
 def render_scenes(rows: dict, psf_model: str, beta: float, arcs=None) -> SceneBatch:
     """Render a batch of manifest rows. ``arcs`` (injected, for tests) or the physics renderer supply
     the noiseless arcs of positive rows."""
     b = len(rows["task_id"])
-    background, kernels = noiseless_background(rows)
-    sigma = sky_sigma(np.stack([rows[f"psfdepth_{x}"] for x in BANDS], axis=-1), kernels)
+    background, psf_sum_sq = noiseless_background(rows)
+    sigma = sky_sigma(np.stack([rows[f"psfdepth_{x}"] for x in BANDS], axis=-1), psf_sum_sq)
     positive = np.asarray(rows["is_control"]) == 0
     arc = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
     nan = np.full(b, np.nan)
