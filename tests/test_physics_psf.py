@@ -95,6 +95,22 @@ def test_convolve_matches_direct_convolution_same_mode():
         np.testing.assert_allclose(out[i], ref, atol=1e-10)
 
 
+def test_convolve_general_kernels_and_convolve_psf():
+    rng = np.random.default_rng(2)
+    imgs = rng.normal(size=(2, 64, 64))
+    lopsided = rng.uniform(size=(2, 7, 7))  # not symmetric: takes the general FFT path
+    out = psf.convolve(imgs, lopsided)
+    for i in range(2):
+        ref = scipy.signal.convolve2d(imgs[i], lopsided[i], mode="same", boundary="fill")
+        np.testing.assert_allclose(out[i], ref, atol=1e-10)
+    # one image per stamp against three band kernels, without building the kernels
+    fwhm = np.array([[1.5, 1.3, 1.2], [0.9, 0.8, 0.8]])
+    got = psf.convolve_psf(imgs[:, None], fwhm, "moffat", beta=2.5)
+    want = psf.convolve(np.repeat(imgs[:, None], 3, axis=1), psf.make_kernels(fwhm.ravel(), "moffat", 2.5).reshape(2, 3, 127, 127))
+    assert got.shape == (2, 3, 64, 64)
+    np.testing.assert_allclose(got, want, atol=1e-10)
+
+
 def test_point_source_at_edge_does_not_wrap_around():
     img = np.zeros((1, 64, 64))
     img[0, 0, 20] = 1.0  # on the bottom edge

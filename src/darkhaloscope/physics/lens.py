@@ -71,10 +71,31 @@ def deflection(x, y, theta_e, q, phi, gamma1, gamma2, x0=0.0, y0=0.0):
     return ax + sx, ay + sy
 
 
+def rotate_shear(gamma1, gamma2, phi):
+    """Shear components in a frame rotated by ``phi`` (a spin-2 quantity turns by -2 phi)."""
+    c2, s2 = np.cos(2 * phi), np.sin(2 * phi)
+    return gamma1 * c2 + gamma2 * s2, gamma2 * c2 - gamma1 * s2
+
+
+def ray_shoot_lens_frame(xp, yp, theta_e, q, gamma1p, gamma2p):
+    """beta = theta - alpha in the lens frame: origin at the lens centre, x' along the SIE major axis,
+    shear components (gamma1p, gamma2p) given in that frame (see rotate_shear). The renderer's inner
+    loop; ray_shoot wraps it for the stamp frame. Keeps the precision of the inputs."""
+    q = _q_capped(q)
+    f = np.sqrt(1 - q * q)
+    b_over_f = theta_e * np.sqrt(q) / f
+    inv_psi = 1 / np.maximum(np.sqrt((q * xp) ** 2 + yp * yp), PSI_FLOOR)
+    bx = xp - b_over_f * np.arctan(f * xp * inv_psi) - (gamma1p * xp + gamma2p * yp)
+    by = yp - b_over_f * np.arctanh(f * yp * inv_psi) - (gamma2p * xp - gamma1p * yp)
+    return bx, by
+
+
 def ray_shoot(x, y, theta_e, q, phi, gamma1, gamma2, x0=0.0, y0=0.0):
-    """Source-plane positions beta = theta - alpha(theta) (same frame as x, y)."""
-    ax, ay = deflection(x, y, theta_e, q, phi, gamma1, gamma2, x0, y0)
-    return x - ax, y - ay
+    """Source-plane positions beta = theta - alpha(theta) (same frame as x, y) for SIE + shear."""
+    xp, yp, c, s = _rotate_in(x, y, phi, x0, y0)
+    g1p, g2p = rotate_shear(gamma1, gamma2, phi)
+    bxp, byp = ray_shoot_lens_frame(xp, yp, theta_e, q, g1p, g2p)
+    return x0 + c * bxp - s * byp, y0 + s * bxp + c * byp
 
 
 def magnification_map(x, y, theta_e, q, phi, gamma1, gamma2, x0=0.0, y0=0.0, step=1e-4):

@@ -25,7 +25,7 @@ import numpy as np
 from darkhaloscope.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 from darkhaloscope.errors import DHSError
 from darkhaloscope.physics import psf as psf_mod
-from darkhaloscope.physics.lens import ray_shoot
+from darkhaloscope.physics.lens import ray_shoot_lens_frame, rotate_shear
 from darkhaloscope.physics.light import R_FLOOR, sersic_b, sersic_norm
 
 LENS_KEYS = ("theta_e", "q", "phi", "gamma1", "gamma2", "x0", "y0")
@@ -88,33 +88,44 @@ CHUNK = 16  # stamps per pass: keeps the float32 temporaries of a pass inside th
 
 
 def _flat_params(lens, src) -> dict[str, np.ndarray]:
-    """(B,) float32 parameters of the trace + source evaluation, precomputed once per batch."""
+    """(B,) float32 per-stamp constants of the trace and the source, computed once per batch."""
     n = src["n"]
     b = sersic_b(n)
-    p = {k: lens[k] for k in LENS_KEYS}
-    p.update(
-        cx=lens["x0"] + src["x"],  # source centre in the stamp frame
-        cy=lens["y0"] + src["y"],
-        cos=np.cos(src["phi"]), sin=np.sin(src["phi"]), sq=np.sqrt(src["q"]),
-        inv_r_eff=1.0 / src["r_eff"], inv_n=1.0 / n, b=b,
-        i_e=sersic_norm(1.0, src["r_eff"], n),
-        # product-average radius where the surface brightness is SB_TOL times its value at r_eff
+    g1p, g2p = rotate_shear(lens["gamma1"], lens["gamma2"], lens["phi"])
+    cl, sl = np.cos(lens["phi"]), np.sin(lens["phi"])
+    dphi = src["phi"] - lens["phi"]  # source axes seen from the lens frame
+    p = dict(
+        x0=lens["x0"], y0=lens["y0"], cos_l=cl, sin_l=sl, theta_e=lens["theta_e"], q=lens["q"], g1p=g1p, g2p=g2p,
+        # source centre in the lens frame (src x, y are relative to the lens centre)
+        cxp=cl * src["x"] + sl * src["y"], cyp=cl * src["y"] - sl * src["x"],
+        cos_s=np.cos(dphi), sin_s=np.sin(dphi), sq=np.sqrt(src["q"]),
+        # Sersic: SB = exp(log_amp - b t), t = (R / r_eff)^(1/n) = exp(half_inv_n ln R^2 + log_t0)
+        half_inv_n=0.5 / n, log_t0=-np.log(src["r_eff"]) / n, b=b,
+        log_amp=np.log(sersic_norm(1.0, src["r_eff"], n)) + b,
+        # product-average radius^2 where the surface brightness is SB_TOL times its value at r_eff
         r_cut=src["r_eff"] * (1.0 - np.log(SB_TOL) / b) ** n,
     )
     return {k: v.astype(np.float32) for k, v in p.items()}
 
 
+R2_FLOOR = np.float32(R_FLOOR**2)
+
+
 def _trace(p, x, y):
-    """Ray-trace image positions and return source-frame coordinates (u, v) (elliptical radius
-    sqrt(u^2 + v^2)) and the unit-flux surface brightness there; p's arrays broadcast against x."""
-    bx, by = ray_shoot(x, y, p["theta_e"], p["q"], p["phi"], p["gamma1"], p["gamma2"], p["x0"], p["y0"])
-    dx = bx - p["cx"]
-    dy = by - p["cy"]
-    u = (p["cos"] * dx + p["sin"] * dy) * p["sq"]
-    v = (p["cos"] * dy - p["sin"] * dx) / p["sq"]
-    r = np.maximum(np.sqrt(u * u + v * v), np.float32(R_FLOOR))
-    sb = p["i_e"] * np.exp(p["b"] * (1 - (r * p["inv_r_eff"]) ** p["inv_n"]))
-    return u, v, r, sb
+    """Ray-trace stamp positions (x, y) -> source-frame coordinates (u, v) (elliptical radius
+    sqrt(u^2 + v^2)), R^2 and the unit-flux surface brightness; p's arrays broadcast against x."""
+    dx = x - p["x0"]
+    dy = y - p["y0"]
+    xp = p["cos_l"] * dx + p["sin_l"] * dy
+    yp = p["cos_l"] * dy - p["sin_l"] * dx
+    bx, by = ray_shoot_lens_frame(xp, yp, p["theta_e"], p["q"], p["g1p"], p["g2p"])
+    bx -= p["cxp"]
+    by -= p["cyp"]
+    u = (p["cos_s"] * bx + p["sin_s"] * by) * p["sq"]
+    v = (p["cos_s"] * by - p["sin_s"] * bx) / p["sq"]
+    r2 = np.maximum(u * u + v * v, R2_FLOOR)
+    sb = np.exp(p["log_amp"] - p["b"] * np.exp(p["half_inv_n"] * np.log(r2) + p["log_t0"]))
+    return u, v, r2, sb
 
 
 def _corner_coords(size, scale):
@@ -125,9 +136,9 @@ def _corner_coords(size, scale):
 
 def _corner_pass(p, xc, yc):
     """Trapezoid pixel values from the traced corners, and the mask of pixels to supersample."""
-    u, v, r, sb = _trace(p, xc, yc)
+    u, v, r2, sb = _trace(p, xc, yc)
     image = 0.25 * (sb[:, :-1, :-1] + sb[:, :-1, 1:] + sb[:, 1:, :-1] + sb[:, 1:, 1:])
-    r_min = np.minimum(np.minimum(r[:, :-1, :-1], r[:, :-1, 1:]), np.minimum(r[:, 1:, :-1], r[:, 1:, 1:]))
+    r_min = np.sqrt(np.minimum(np.minimum(r2[:, :-1, :-1], r2[:, :-1, 1:]), np.minimum(r2[:, 1:, :-1], r2[:, 1:, 1:])))
     diag = np.maximum(
         np.hypot(u[:, 1:, 1:] - u[:, :-1, :-1], v[:, 1:, 1:] - v[:, :-1, :-1]),
         np.hypot(u[:, 1:, :-1] - u[:, :-1, 1:], v[:, 1:, :-1] - v[:, :-1, 1:]),
@@ -185,15 +196,18 @@ def render_arcs(lens, source, psf_fwhm, psf_model, moffat_beta=3.5, supersample=
     fwhm = np.asarray(psf_fwhm, dtype=np.float64)
     if fwhm.shape != (nb, len(FLUX_KEYS)):
         raise DHSError(f"psf_fwhm must have shape ({nb}, 3), got {fwhm.shape}")
-    kernels = psf_mod.make_kernels(fwhm.ravel(), psf_model, beta=moffat_beta)  # validates model, beta, fwhm
-    kernels = kernels.reshape(nb, len(FLUX_KEYS), *kernels.shape[-2:])
+    psf_mod.kernel_quadrants(fwhm[:1, 0], psf_model, beta=moffat_beta)  # validate model and beta up front
+    psf_mod.kernel_quadrants(fwhm.ravel(), "gaussian", size=1)  # validate every FWHM (cheap)
 
+    if nb == 0:
+        return ArcRender(images=np.zeros((0, len(FLUX_KEYS), size, size), np.float32), magnification=np.zeros(0),
+                         lensed_flux=np.zeros((0, len(FLUX_KEYS))), n_supersampled=np.zeros(0, np.int64))
     unit, n_super = lensed_unit_images(lens_p, src_p, supersample, size, scale)
     unit *= np.float32(scale * scale)  # flux per pixel of a unit-flux source
     magnification = unit.sum(axis=(1, 2), dtype=np.float64)
     flux = np.stack([src_p[k] for k in FLUX_KEYS], axis=1)  # (B, 3)
     # the bands share the unlensed shape: convolve the unit-flux image once per band kernel, then scale
-    images = psf_mod.convolve(unit[:, None], kernels.astype(np.float32))
+    images = psf_mod.convolve_psf(unit[:, None], fwhm, psf_model, beta=moffat_beta, scale=scale)
     images *= flux[:, :, None, None].astype(np.float32)
     return ArcRender(images=images, magnification=magnification, lensed_flux=magnification[:, None] * flux,
                      n_supersampled=n_super)
