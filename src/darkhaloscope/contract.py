@@ -118,12 +118,32 @@ def decode_stamp(blob: bytes) -> np.ndarray | None:
 
 
 def decode_stamps(blobs) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a batch of blobs -> (images (N_ok, 3, 64, 64) float32, ok mask (N,) bool)."""
-    decoded = [decode_stamp(b) if b is not None else None for b in blobs]
-    ok = np.array([d is not None for d in decoded], dtype=bool)
-    good = [d for d in decoded if d is not None]
-    images = np.stack(good) if good else np.zeros((0, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
-    return images, ok
+    """Decode a batch of blobs -> (images (N_ok, 3, 64, 64) float32, ok mask (N,) bool).
+
+    Same result as ``decode_stamp`` per blob; plain ``np.savez`` blobs take a fast parser
+    (``stampcodec.read_npz_members``, CRC-checked) and anything else goes through ``np.load``."""
+    from darkhaloscope.stampcodec import read_npz_members
+
+    n = len(blobs)
+    out = np.empty((n, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
+    ok = np.zeros(n, dtype=bool)
+    shape = (STAMP_SIZE, STAMP_SIZE)
+    for i, blob in enumerate(blobs):
+        if blob is None:
+            continue
+        members = read_npz_members(blob, STAMP_KEYS)
+        if members is not None and all(m.shape == shape for m in members):
+            for b, m in enumerate(members):
+                out[i, b] = m
+            ok[i] = True
+        else:
+            image = decode_stamp(blob)
+            if image is not None:
+                out[i] = image
+                ok[i] = True
+    finite = np.isfinite(out.reshape(n, -1)).all(axis=1) if n else ok
+    ok &= finite
+    return out[ok], ok
 
 
 _yy, _xx = np.mgrid[:STAMP_SIZE, :STAMP_SIZE]
@@ -134,14 +154,28 @@ NORM_CLIP = 10.0
 
 def normalize_stamps(images: np.ndarray) -> np.ndarray:
     """Per stamp and band: subtract the median and divide by 1.4826*MAD of the outer annulus (r > 16 px),
-    then clip to +-10. The one normalisation used by training, inference and the audit."""
+    then clip to +-10. The one normalisation used by training, inference and the audit. Values are
+    those of np.median (tests check equality); ``_median_last`` only computes them more cheaply."""
     images = np.asarray(images, dtype=np.float32)
-    outer = images[..., OUTER_ANNULUS]  # (N, 3, K)
-    med = np.median(outer, axis=-1)
-    mad = np.median(np.abs(outer - med[..., None]), axis=-1) * 1.4826
-    mad = np.maximum(mad, 1e-8)
+    outer = images[..., OUTER_ANNULUS]  # (..., 3, K)
+    med = _median_last(outer)
+    mad = _median_last(np.abs(outer - med[..., None])) * np.float32(1.4826)
+    mad = np.maximum(mad, np.float32(1e-8))
     out = (images - med[..., None, None]) / mad[..., None, None]
     return np.clip(out, -NORM_CLIP, NORM_CLIP, out=out).astype(np.float32, copy=False)
+
+
+def _median_last(x: np.ndarray) -> np.ndarray:
+    """np.median(x, axis=-1) for float32 (the same values), about 2x cheaper: one partition at the
+    upper middle index, and the lower middle value of an even count is the max of the left part."""
+    k = x.shape[-1]
+    if k == 0 or x.size == 0:
+        return np.median(x, axis=-1)
+    h = k // 2
+    part = np.partition(x, h, axis=-1)
+    mid = part[..., h] if k % 2 else (part[..., :h].max(axis=-1) + part[..., h]) / np.float32(2)
+    nan = np.isnan(x).any(axis=-1)
+    return np.where(nan, np.float32(np.nan), mid).astype(np.float32) if nan.any() else mid.astype(np.float32)
 
 
 def resolution_psf(psf_fwhm_used_r, psfsize_r) -> np.ndarray:
