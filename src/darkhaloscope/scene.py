@@ -185,6 +185,15 @@ def sky_kernels(fwhm: np.ndarray) -> np.ndarray:
     return k.reshape(fwhm.shape + k.shape[-2:])
 
 
+def sky_psf_sum_sq(fwhm: np.ndarray) -> np.ndarray:
+    """(B, 3) sum(PSF^2) of the unit-sum true-sky kernels, from their quadrants (offsets 0..r): in the
+    full symmetric kernel an offset of 0 on an axis appears once, any other offset twice."""
+    quad = psf.kernel_quadrants(fwhm.ravel(), "moffat", beta=SKY_MOFFAT_BETA)
+    w = np.full(quad.shape[-1], 2.0)
+    w[0] = 1.0
+    return np.einsum("bij,i,j->b", quad**2, w, w).reshape(fwhm.shape)
+
+
 def sky_sigma(psfdepth, psf_sum_sq) -> np.ndarray:
     """Per-pixel sky sigma (nmgy) from the 5-sigma point-source depth (AB mag) and sum(PSF^2) of the
     unit-sum PSF kernel: sigma_pix = 10^(-0.4 (m5 - 22.5)) / 5 * sqrt(sum PSF^2)."""
@@ -282,9 +291,9 @@ def noiseless_background(rows: dict) -> tuple[np.ndarray, np.ndarray]:
     out = np.empty_like(pre)
     sum_sq = np.empty(fwhm.shape)
     for lo in range(0, len(pre), CHUNK):  # small chunks keep kernels and FFT temporaries in cache
-        kernels = sky_kernels(fwhm[lo:lo + CHUNK])
-        sum_sq[lo:lo + CHUNK] = psf.sum_sq(kernels)
-        out[lo:lo + CHUNK] = psf.convolve(pre[lo:lo + CHUNK], kernels.astype(np.float32))
+        part = slice(lo, lo + CHUNK)
+        sum_sq[part] = sky_psf_sum_sq(fwhm[part])
+        out[part] = psf.convolve_psf(pre[part], fwhm[part], "moffat", SKY_MOFFAT_BETA)
     return out, sum_sq
 
 
