@@ -102,7 +102,7 @@ def _flat_params(lens, src) -> dict[str, np.ndarray]:
         # Sersic: SB = exp(log_amp - b t), t = (R / r_eff)^(1/n) = exp(half_inv_n ln R^2 + log_t0)
         half_inv_n=0.5 / n, log_t0=-np.log(src["r_eff"]) / n, b=b,
         log_amp=np.log(sersic_norm(1.0, src["r_eff"], n)) + b,
-        # product-average radius^2 where the surface brightness is SB_TOL times its value at r_eff
+        # product-average radius where the surface brightness is SB_TOL times its value at r_eff
         r_cut=src["r_eff"] * (1.0 - np.log(SB_TOL) / b) ** n,
     )
     return {k: v.astype(np.float32) for k, v in p.items()}
