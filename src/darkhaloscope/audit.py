@@ -27,6 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 from darkhaloscope.contract import BANDS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
 from darkhaloscope.errors import DHSError
@@ -121,8 +122,11 @@ def audit(data, split: str = "train", max_rows: int | None = 20000, core_auc_max
     meta = np.stack([np.asarray(d[c], np.float64) for c in META_COLUMNS], axis=1)
     if not np.isfinite(meta).all():
         raise DHSError(f"split '{split}' has NaN/inf in {', '.join(META_COLUMNS)}")
-    core_auc = core_only_auc(d["images"], y, seed)
-    meta_auc = metadata_only_auc(meta, y, seed)
+    # one BLAS/OpenMP thread: these fits are small, and on a shared machine thread oversubscription made
+    # them 10x slower
+    with threadpool_limits(limits=1):
+        core_auc = core_only_auc(d["images"], y, seed)
+        meta_auc = metadata_only_auc(meta, y, seed)
     gates = {
         "core_only": {"auc": core_auc, "max": core_auc_max, "passed": bool(core_auc <= core_auc_max),
                       "what": f"5-fold CV logistic regression on the central {CORE_PIX}x{CORE_PIX} normalised pixels (g,r,z)"},
