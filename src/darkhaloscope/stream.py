@@ -393,7 +393,9 @@ class StampStream(IterableDataset):
         self.shuffle, self.augment, self.seed = shuffle, augment, int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.lanes = max(1, int(num_workers))
-        self.window = int(window or max(2048, 8 * self.batch_size))
+        # shuffle window (draws): large enough that a row drawn m times gets m well separated slots
+        max_w = float(np.max(weight)) if weight is not None and len(weight) else 1.0
+        self.window = int(window or max(2048, 8 * self.batch_size, 2 * self.batch_size * math.ceil(max_w)))
         self._epoch = tmp.Value("q", 0)
         self._start = tmp.Value("q", 0)
 

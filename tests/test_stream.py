@@ -1,0 +1,241 @@
+"""The training/inference data stream: exactly-once sharding, per-epoch order, shuffling, skips,
+curriculum control matching, hard negatives, and the shared decode + normalise path."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from factory import fake_rows, write_fake_phase4c
+
+from darkhaloscope import contract, stream
+from darkhaloscope.errors import DHSError
+
+
+def _index(root, split="train", cols=("psfsize_r", "psfdepth_r")):
+    fs, files, _ = stream.open_split(str(root), split)
+    return fs, stream.build_index(fs, files, list(cols))
+
+
+def _epoch_ids(index, fs, world, workers, epoch=0, batch_size=24, weight=None, seed=3, persistent=False):
+    """task_ids delivered per rank (in order) and batch counts, one DataLoader per simulated rank."""
+    per_rank, n_batches, sizes = [], [], []
+    for rank in range(world):
+        ds = stream.StampStream(index, fs, ["psfsize_r"], [1.2], [0.2], weight=weight, batch_size=batch_size,
+                                seed=seed, rank=rank, world_size=world, num_workers=workers)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                         persistent_workers=persistent and workers > 0)
+        ds.set_epoch(epoch)
+        batches = list(dl)
+        n_batches.append(len(batches))
+        sizes += [len(b["task_id"]) for b in batches]
+        per_rank.append([t for b in batches for t in b["task_id"].tolist()])
+    return per_rank, n_batches, sizes
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_row_exactly_once_per_epoch(fake_phase4c, world, workers):
+    fs, index = _index(fake_phase4c)
+    per_rank, n_batches, sizes = _epoch_ids(index, fs, world, workers)
+    seen = [t for ids in per_rank for t in ids]
+    assert sorted(seen) == sorted(index.task_id.tolist())  # every row once, none twice, none lost
+    assert len(set(n_batches)) == 1  # every rank the same number of batches (DDP cannot hang)
+    assert max(sizes) <= 24 and max(sizes) - min(sizes) <= 1  # near-equal batches, never above batch_size
+
+
+def test_delivery_order_is_the_plan_order_for_any_worker_count(fake_phase4c):
+    """With lanes = workers, the DataLoader's round-robin yields exactly rank_batches() order."""
+    fs, index = _index(fake_phase4c)
+    ds = stream.StampStream(index, fs, batch_size=16, seed=1, num_workers=2)
+    ds.set_epoch(4)
+    plan = [index.task_id[b].tolist() for b in ds.rank_batches()]
+    got = [b["task_id"].tolist() for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+    assert got == plan
+
+
+def test_order_changes_per_epoch_with_persistent_workers(fake_phase4c):
+    fs, index = _index(fake_phase4c)
+    ds = stream.StampStream(index, fs, batch_size=32, seed=0, num_workers=2)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=True)
+    orders = []
+    for epoch in (0, 1, 0):
+        ds.set_epoch(epoch)  # shared memory: the already-running workers see it
+        orders.append([t for b in dl for t in b["task_id"].tolist()])
+    assert sorted(orders[0]) == sorted(orders[1]) == sorted(index.task_id.tolist())
+    assert orders[0] != orders[1]
+    assert orders[0] == orders[2]  # deterministic given (seed, epoch)
+
+
+def test_shuffle_is_row_level_not_file_order(fake_phase4c):
+    fs, index = _index(fake_phase4c)
+    ds = stream.StampStream(index, fs, batch_size=32, seed=0)
+    ds.set_epoch(0)
+    first = ds.rank_batches()[0]
+    groups = {(int(f), int(g)) for f, g in zip(index.file_id[first], index.row_group[first])}
+    assert len(groups) >= 2  # one batch mixes rows of several row groups
+    ids = index.task_id[first]
+    assert not np.all(np.diff(ids) == 1)  # and is not a run of consecutive rows
+
+
+def test_resume_mid_epoch_skips_exactly_the_consumed_batches(fake_phase4c):
+    fs, index = _index(fake_phase4c)
+    ds = stream.StampStream(index, fs, batch_size=16, seed=2, num_workers=2)
+    ds.set_epoch(1)
+    full = [b["task_id"].tolist() for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+    ds.set_epoch(1, start_batch=5)
+    rest = [b["task_id"].tolist() for b in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+    assert rest == full[5:]
+
+
+def test_skips_cutout_failures_and_counts_bad_stamps(tmp_path):
+    table = fake_rows(40, "train", seed=5)
+    blobs = table.column("stamp_npz").to_pylist()
+    blobs[3] = b"not an npz"
+    blobs[7] = contract.encode_stamp(np.full((3, 64, 64), np.nan, np.float32))
+    buf = io.BytesIO()
+    np.savez(buf, image_g=np.zeros((32, 32)), image_r=np.zeros((32, 32)), image_z=np.zeros((32, 32)))
+    blobs[9] = buf.getvalue()
+    cut = np.ones(40, np.int32)
+    cut[[0, 1]] = 0
+    table = table.set_column(table.schema.get_field_index("stamp_npz"), "stamp_npz", pa.array(blobs, pa.binary()))
+    table = table.set_column(table.schema.get_field_index("cutout_ok"), "cutout_ok", pa.array(cut))
+    (tmp_path / "region_split=train").mkdir()
+    pq.write_table(table.drop(["region_split"]), tmp_path / "region_split=train" / "part-0.parquet")
+    fs, index = _index(tmp_path)
+    assert len(index) == 38 and index.n_cutout_failed == 2
+    ds = stream.StampStream(index, fs, batch_size=8, seed=0)
+    ds.set_epoch(0)
+    batches = list(ds)
+    assert sum(b["n_bad"] for b in batches) == 3
+    assert sum(len(b["task_id"]) for b in batches) == 35
+    assert all(b["images"].shape[1:] == (3, 64, 64) and torch.isfinite(b["images"]).all() for b in batches)
+
+
+def _conditions_table(n, seed, split):
+    """Scalar columns only (the index never reads stamps): the cut theta_E/PSF >= 0.8 keeps positives
+    with small PSF, the cut arc_snr >= 7 keeps those with deep imaging, so the kept positives' conditions
+    differ from the controls'."""
+    rng = np.random.default_rng(seed)
+    ctrl = (rng.random(n) < 0.5).astype(np.int32)
+    psf = rng.uniform(0.9, 1.8, n)
+    depth = rng.uniform(23.5, 25.0, n)
+    theta = np.where(ctrl == 1, np.nan, rng.uniform(0.6, 1.8, n))
+    snr = np.where(ctrl == 1, np.nan, 8.0 * (depth - 23.0) * rng.lognormal(0, 0.4, n) - 4)
+    return pa.table({"task_id": np.arange(n, dtype=np.int64) + seed * 100000, "is_control": ctrl,
+                     "cutout_ok": np.ones(n, np.int32), "stamp_npz": pa.array([b"x"] * n, pa.binary()),
+                     "psfsize_r": psf, "psfdepth_r": depth,
+                     "psf_fwhm_used_r": np.where(ctrl == 1, np.nan, psf), "theta_e_arcsec": theta, "arc_snr": snr})
+
+
+def test_curriculum_control_matching_removes_the_metadata_leak(tmp_path):
+    (tmp_path / "region_split=train").mkdir()
+    pq.write_table(_conditions_table(6000, 1, "train"), tmp_path / "region_split=train" / "part-0.parquet")
+    fs, files, _ = stream.open_split(str(tmp_path), "train")
+    index = stream.build_index(fs, files, list(stream.CUT_COLUMNS) + ["psfdepth_r"])
+    keep = stream.curriculum_mask(index, 0.8, 7.0)
+    kept = index.take(keep)
+    pos = kept.label == 1
+    # the cuts dropped positives only, by their own theta_E / PSF and arc_snr
+    psf = contract.resolution_psf(index.columns["psf_fwhm_used_r"], index.columns["psfsize_r"])
+    dropped = ~keep
+    assert np.all(index.label[dropped] == 1)
+    assert np.all((index.columns["theta_e_arcsec"][dropped] / psf[dropped] < 0.8)
+                  | (index.columns["arc_snr"][dropped] < 7.0))
+    cond = np.column_stack([kept.columns["psfsize_r"], kept.columns["psfdepth_r"]])
+    leak = stream.metadata_auc(cond, kept.label)
+    assert leak > 0.62  # the test data really leak after the cut
+    w_ctrl = stream.control_match_weights(cond[pos], cond[~pos], np.ones((~pos).sum()))
+    weight = np.ones(len(kept))
+    weight[~pos] = w_ctrl
+    assert np.isclose(w_ctrl.mean(), 1.0)
+    assert stream.metadata_auc(cond, kept.label, weight) <= 0.55
+    # and the epoch's actual draws (stochastic rounding of the weights) do not leak either
+    seq = stream.epoch_sequence(kept, weight, seed=0, epoch=0, shuffle=True, window=512)
+    assert stream.metadata_auc(cond[seq], kept.label[seq]) <= 0.55
+
+
+def test_hard_negatives_are_drawn_more_often_and_spread(tmp_path, fake_phase4c):
+    fs, index = _index(fake_phase4c)
+    ctrl_ids = index.task_id[index.label == 0]
+    hard = ctrl_ids[:10]
+    path = tmp_path / "hard.parquet"
+    pq.write_table(pa.table({"task_id": hard, "score": np.ones(len(hard))}), path)
+    ids = stream.read_hard_negatives(str(path))
+    weight = np.ones(len(index))
+    is_hard = np.isin(index.task_id, ids)
+    weight[is_hard] = 5.0
+    ctrl = index.label == 0
+    weight[ctrl] *= ctrl.sum() / weight[ctrl].sum()
+    ds = stream.StampStream(index, fs, weight=weight, batch_size=16, seed=0, window=128)
+    counts = Counter()
+    same_batch = 0
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for rows in ds.rank_batches():
+            c = Counter(index.task_id[rows].tolist())
+            counts.update(c)
+            same_batch += sum(v - 1 for t, v in c.items() if t in set(hard.tolist()))
+    hard_rate = np.mean([counts[t] for t in hard]) / 6
+    easy_rate = np.mean([counts[t] for t in ctrl_ids[10:]]) / 6
+    assert hard_rate / easy_rate == pytest.approx(5.0, rel=0.2)
+    assert same_batch <= 2  # repeated draws of a row land in different batches
+    with pytest.raises(DHSError, match="does not exist"):
+        stream.read_hard_negatives(str(tmp_path / "missing.parquet"))
+
+
+def test_iter_table_batches_and_decode_batch(fake_phase4c):
+    cols = ["task_id", "is_control", "cutout_ok", "stamp_npz", "psfsize_r", "region_split"]
+    batches = list(stream.iter_table_batches(str(fake_phase4c), "val", cols, batch_size=50))
+    assert sum(b.num_rows for b in batches) == 128 and all(b.num_rows <= 50 for b in batches)
+    assert set(batches[0].column("region_split").to_pylist()) == {"val"}
+    images, meta, ok = stream.decode_batch(batches[0], ["psfsize_r"], [1.25], [0.2])
+    assert ok.all() and images.shape == (batches[0].num_rows, 3, 64, 64) and meta.shape == (len(images), 1)
+    raw = np.asarray(batches[0].column("psfsize_r").to_numpy())
+    assert np.allclose(meta[:, 0], (raw - 1.25) / 0.2, atol=1e-5)
+    # the same decode + normalise as the training stream
+    expect = contract.normalize_stamps(contract.decode_stamps(batches[0].column("stamp_npz").to_pylist())[0])
+    assert np.array_equal(images, expect)
+    with pytest.raises(DHSError, match="lacks column"):
+        next(stream.iter_table_batches(str(fake_phase4c), "val", ["task_id", "arc_snr_nope"]))
+    with pytest.raises(DHSError, match="no parquet files for split"):
+        stream.open_split(str(fake_phase4c), "holdout")
+
+
+def test_fast_decode_and_normalise_equal_the_reference(fake_phase4c):
+    blobs = fake_rows(20, "train", seed=9).column("stamp_npz").to_pylist()
+    truncated = blobs[1][:-5]
+    flipped = bytearray(blobs[2])
+    flipped[20000] ^= 0xFF  # a data byte: only the CRC notices
+    buf = io.BytesIO()
+    np.savez_compressed(buf, image_g=np.ones((64, 64)), image_r=np.zeros((64, 64)), image_z=np.zeros((64, 64)))
+    cases = blobs + [truncated, bytes(flipped), buf.getvalue(), b"", None]
+    images, ok = contract.decode_stamps(cases)
+    ref = [contract.decode_stamp(b) if b is not None else None for b in cases]
+    assert ok.tolist() == [r is not None for r in ref]
+    assert np.array_equal(images, np.stack([r for r in ref if r is not None]))
+    # normalisation: identical to the np.median / MAD formula
+    outer = images[..., contract.OUTER_ANNULUS]
+    med = np.median(outer, axis=-1)
+    mad = np.maximum(np.median(np.abs(outer - med[..., None]), axis=-1) * 1.4826, 1e-8)
+    expect = np.clip((images - med[..., None, None]) / mad[..., None, None], -10, 10)
+    assert np.array_equal(contract.normalize_stamps(images), expect.astype(np.float32))
+    odd = images[..., 1:, :]  # an odd pixel count exercises the other median branch
+    assert np.array_equal(contract._median_last(odd.reshape(*odd.shape[:2], -1)),
+                          np.median(odd.reshape(*odd.shape[:2], -1), axis=-1))
+
+
+def test_augment_is_a_symmetry_of_the_square():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(64, 3, 64, 64)).astype(np.float32)
+    out = stream.augment_stamps(images, np.random.default_rng(1))
+    for a, b in zip(images, out):
+        variants = [np.rot90(a, k, axes=(1, 2)) for k in range(4)]
+        variants += [v[..., ::-1] for v in variants]
+        assert any(np.array_equal(b, v) for v in variants)
+    assert not np.array_equal(out, images)
