@@ -38,15 +38,12 @@ class LensClassifier(nn.Module):
 
         if not timm.is_model(arch):
             raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
-        extra = {}
-        if stem_stride != DEFAULT_STEM_STRIDE:
-            if not arch.startswith("convnext"):
-                raise DHSError(f"--stem_stride {stem_stride} is only supported for ConvNeXt models, not '{arch}'")
-            extra["patch_size"] = int(stem_stride)
         self.arch = arch
         self.n_meta = int(n_meta)
         self.backbone = timm.create_model(arch, pretrained=False, in_chans=3, num_classes=0,
-                                          drop_path_rate=float(drop_path), **extra)
+                                          drop_path_rate=float(drop_path))
+        if stem_stride != DEFAULT_STEM_STRIDE:
+            self._set_stem_stride(int(stem_stride))
         n_feat = self.backbone.num_features
         if self.n_meta > 0:
             self.meta_mlp = nn.Sequential(nn.Linear(self.n_meta, meta_hidden), nn.GELU(),
@@ -56,6 +53,16 @@ class LensClassifier(nn.Module):
             self.meta_mlp = None
         self.dropout = nn.Dropout(float(dropout))
         self.head = nn.Linear(n_feat, 1)
+
+    def _set_stem_stride(self, stride: int) -> None:
+        """Replace ConvNeXt's 4x4/4 patch stem by a 4x4/2 convolution (padding 1): every stage then runs
+        at twice the resolution. (timm's ``patch_size=2`` would not do this: it moves the missing
+        stride-2 into the first stage.)"""
+        stem = getattr(self.backbone, "stem", None)
+        conv = stem[0] if isinstance(stem, nn.Sequential) and len(stem) else None
+        if stride != 2 or not isinstance(conv, nn.Conv2d) or conv.stride != (4, 4):
+            raise DHSError(f"stem_stride {stride} is only supported as 2, for ConvNeXt patch stems, not '{self.arch}'")
+        stem[0] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=4, stride=2, padding=1)
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         feats = self.backbone(images)

@@ -1,0 +1,82 @@
+"""The classifier (timm ConvNeXt + meta fusion head) and the checkpoint format."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from darkhaloscope import model as M
+from darkhaloscope.errors import DHSError
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return M.build_model("convnext_atto", n_meta=2, dropout=0.1).eval()
+
+
+def test_forward_gives_float32_logits_also_under_bf16_autocast(net):
+    x = torch.randn(3, 3, 64, 64)
+    meta = torch.randn(3, 2)
+    out = net(x, meta)
+    assert out.shape == (3,) and out.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16 = net(x, meta)
+    assert out16.dtype == torch.float32
+
+
+def test_meta_inputs_reach_the_logit(net):
+    x = torch.randn(2, 3, 64, 64)
+    a = net(x, torch.zeros(2, 2))
+    b = net(x, torch.full((2, 2), 3.0))
+    assert not torch.allclose(a, b)
+    with pytest.raises(DHSError, match="meta inputs"):
+        net(x, None)
+
+
+def test_unknown_arch_and_stem_stride():
+    with pytest.raises(DHSError, match="unknown architecture"):
+        M.build_model("convnext_nonexistent", 0)
+    fine = M.build_model("convnext_atto", 0, stem_stride=2)
+    coarse = M.build_model("convnext_atto", 0)
+    x = torch.randn(1, 3, 64, 64)
+    assert fine.backbone.forward_features(x).shape[-1] == 4  # 64 / 2 / 8
+    assert coarse.backbone.forward_features(x).shape[-1] == 2  # 64 / 4 / 8
+
+
+def test_checkpoint_roundtrip_rebuilds_the_same_network(net, tmp_path):
+    kwargs = M.model_kwargs("convnext_atto", 2, 0.1)
+    path = tmp_path / "best.pt"
+    M.save_checkpoint(path, kind="best", arch="convnext_atto", model_kwargs=kwargs, state_dict=net.state_dict(),
+                      meta_cols=["psfsize_r", "psfdepth_r"], meta_mean=[1.2, 24.0], meta_std=[0.2, 0.5],
+                      variant="v", args={}, epoch=1, metrics={}, finished=True)
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary left behind
+    loaded, ckpt = M.load_model(path)
+    x, meta = torch.randn(2, 3, 64, 64), torch.randn(2, 2)
+    assert torch.equal(loaded(x, meta), net(x, meta))
+    assert ckpt["format"] == M.CKPT_FORMAT and ckpt["meta_cols"] == ["psfsize_r", "psfdepth_r"]
+
+
+def test_unreadable_or_foreign_checkpoints_are_named(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a checkpoint")
+    with pytest.raises(DHSError, match="garbage.pt"):
+        M.load_model(garbage)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(DHSError, match="not a darkhaloscope checkpoint"):
+        M.load_model(foreign)
+    with pytest.raises(DHSError, match="does not exist"):
+        M.load_model(tmp_path / "missing.pt")
+
+
+def test_standardize_meta_shared_rule():
+    ckpt = {"meta_mean": [1.0, 24.0], "meta_std": [0.5, 2.0]}
+    vals = np.array([[2.0, 26.0], [np.nan, 24.0], [1.0, np.inf]])
+    out = M.standardize_meta(vals, ckpt)
+    assert out.dtype == np.float32
+    assert np.allclose(out, [[2.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
+    assert np.array_equal(out, M.standardize_meta(vals, ckpt["meta_mean"], ckpt["meta_std"]))
+    mean, std = M.meta_statistics(np.array([[1.0, 5.0], [3.0, 5.0], [np.nan, 5.0]]))
+    assert mean == [2.0, 5.0] and std == [1.0, 1.0]  # constant column -> std 1
