@@ -203,3 +203,18 @@ def test_alias_spellings(manifest_path):
                       "--moffat_beta", "2.5", "--shard", "1", "--n_shards", "2", "--write_arc"])
     assert (a.out_dir, a.psf_model, a.moffat_beta, a.shard, a.n_shards, a.write_arc) == ("o", "gaussian", 2.5, 1, 2, True)
     assert Path(inject.output_path("o", "val", 7)).as_posix() == "o/region_split=val/part-00007.parquet"
+
+
+def test_noise_texture_same_for_both_classes(one_shard):
+    """Noise is added to the whole scene identically: far from the centre, where arcs do not reach,
+    the pixel scatter relative to the recorded sky sigma is the same for positives and controls."""
+    df = _read(one_shard).to_pandas()
+    images, _ = decode_stamps(df.stamp_npz)
+    yy, xx = np.mgrid[:64, :64] - 31.5
+    outer = images[:, :, np.hypot(xx, yy) > 24]
+    mad = np.median(np.abs(outer - np.median(outer, axis=-1, keepdims=True)), axis=-1) * 1.4826
+    sigma = 1 / np.sqrt(df[[f"sky_ivar_{b}" for b in BANDS]].to_numpy())
+    ratio = np.median(mad / sigma, axis=1)
+    ctrl, pos = ratio[df.is_control == 1], ratio[df.is_control == 0]
+    assert np.median(ctrl) == pytest.approx(np.median(pos), rel=0.05)
+    assert np.median(ctrl) == pytest.approx(1.0, abs=0.1)
