@@ -195,6 +195,9 @@ def test_bad_manifest(manifest_path, tmp_path, capsys):
     pq.write_table(t.drop(["host_reff"]), tmp_path / "m.parquet")
     assert cli.main(["inject", "--manifest", str(tmp_path / "m.parquet"), "--out_dir", str(tmp_path / "d")]) == 2
     assert "host_reff" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    pq.write_table(pa.concat_tables([t, t.slice(0, 1)]), tmp_path / "dup.parquet")
+    assert cli.main(["inject", "--manifest", str(tmp_path / "dup.parquet"), "--out_dir", str(tmp_path / "d")]) == 2
+    assert "repeated task_id" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
 def test_alias_spellings(manifest_path):

@@ -192,7 +192,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
-    manifest = read_manifest(args.manifest)
+    manifest = read_manifest(args.manifest, lambda ids: shard_mask(ids, args.shard, args.n_shards, args.batch_size))
     counts = render_shard(manifest, args.out_dir, args.psf_model, args.moffat_beta, args.shard, args.n_shards,
                           args.batch_size, args.write_arc)
     print(f"inject {args.variant or ''} shard {args.shard}/{args.n_shards} ({args.psf_model}"

@@ -89,12 +89,11 @@ def region_split_of(region_id, split_fracs=(0.7, 0.15, 0.15)) -> np.ndarray:
     fracs = np.asarray(split_fracs, np.float64)
     edges = np.cumsum(fracs / fracs.sum())
     names = np.array(["train", "val", "test"], dtype=object)
-    out = []
-    for rid in np.asarray(region_id, np.int64).ravel():
-        h = hashlib.blake2b(f"dhs-region-{int(rid)}".encode(), digest_size=8).digest()
-        u = int.from_bytes(h, "little") / 2.0**64
-        out.append(names[min(int(np.searchsorted(edges, u, side="right")), 2)])
-    return np.array(out, dtype=object)
+    unique, inverse = np.unique(np.asarray(region_id, np.int64).ravel(), return_inverse=True)
+    u = np.array([int.from_bytes(hashlib.blake2b(f"dhs-region-{int(rid)}".encode(), digest_size=8).digest(),
+                                 "little") / 2.0**64 for rid in unique])
+    split = names[np.minimum(np.searchsorted(edges, u, side="right"), 2)]
+    return split[inverse].astype(object)
 
 
 def brickname_of(ra, dec) -> np.ndarray:
@@ -122,17 +121,16 @@ def _footprint_points(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.
 def draw_positions(rng: np.random.Generator, n: int, n_regions: int):
     """Tasks clustered into ``n_regions`` distinct sky cells of the footprint (like LRGs of real bricks),
     each task uniform inside its cell. Returns ra, dec, region id, and the region index of each task."""
-    cells: list[int] = []
-    for _ in range(100):
+    cells: dict[int, None] = {}  # insertion-ordered set: the order of first draw is reproducible
+    for _ in range(100):  # the footprint holds ~7,500 cells; asking for more returns them all
         ra, dec = _footprint_points(rng, 4 * n_regions)
-        for c in sky_cell(ra, dec):
-            if int(c) not in cells:
-                cells.append(int(c))
+        for c in sky_cell(ra, dec).tolist():
+            cells.setdefault(c, None)
             if len(cells) == n_regions:
                 break
         if len(cells) == n_regions:
             break
-    cells_arr = np.array(cells, np.int64)
+    cells_arr = np.array(list(cells), np.int64)
     idx = rng.integers(0, len(cells_arr), n)
     ra_lo, ra_hi, s_lo, s_hi = cell_bounds(cells_arr[idx])
     f_lo, f_hi = np.sin(np.radians(FOOTPRINT_DEC))
@@ -420,9 +418,12 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     return pa.table(arrays).replace_schema_metadata(meta)
 
 
+MANIFEST_ROW_GROUP = 65536
+
+
 def write_manifest(table: pa.Table, path) -> None:
     with atomic_output(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=MANIFEST_ROW_GROUP)
 
 
 def validate_manifest(table: pa.Table, where: str = "manifest") -> pa.Table:
@@ -441,14 +442,34 @@ def validate_manifest(table: pa.Table, where: str = "manifest") -> pa.Table:
     return table
 
 
-def read_manifest(path) -> pa.Table:
+def read_manifest(path, row_filter=None) -> pa.Table:
+    """Read and validate a manifest; ``row_filter(task_id) -> bool mask`` reads only those rows (a
+    shard reads its own rows of a large manifest instead of all of it)."""
     path = Path(path)
     if not path.exists():
         raise DHSError(f"manifest {path} does not exist")
     try:
-        table = pq.read_table(path)
+        if row_filter is None:
+            table = pq.read_table(path)
+        else:
+            ids = pq.read_table(path, columns=["task_id"]).column("task_id").to_numpy()
+            if len(np.unique(ids)) != len(ids):
+                raise DHSError(f"manifest {path} has repeated task_id values")
+            pieces = []  # one row group at a time: memory stays that of one row group + the kept rows
+            with pq.ParquetFile(path) as pf:
+                for i in range(pf.metadata.num_row_groups):
+                    group = pf.read_row_group(i, use_threads=False)
+                    mask = row_filter(group.column("task_id").to_numpy())
+                    if mask.any():
+                        pieces.append(group.filter(pa.array(mask)))
+                    del group
+                schema = pf.schema_arrow
+            table = pa.concat_tables(pieces) if pieces else schema.empty_table()
+    except DHSError:
+        raise
     except Exception as exc:  # any unreadable file is bad input
-        raise DHSError(f"manifest {path} is not a readable parquet file ({type(exc).__name__})") from None
+        raise DHSError(f"manifest {path} is not a readable parquet file with a task_id column "
+                       f"({type(exc).__name__})") from None
     return validate_manifest(table, f"manifest {path}")
 
 
