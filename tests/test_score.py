@@ -1,0 +1,194 @@
+"""`dhs infer`: logits equal the model's forward pass, float32 under bf16, bad stamps, temp names, memory."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from darkhaloscope import cli
+from darkhaloscope.model import build_model, model_kwargs, save_checkpoint
+from darkhaloscope.score import PASSTHROUGH_COLUMNS, sigmoid32
+from darkhaloscope.stream import decode_batch, iter_table_batches
+
+sys.path.insert(0, str(Path(__file__).parent))
+from factory import fake_rows, write_fake_phase4c  # noqa: E402
+
+META = ["psfsize_r", "psfdepth_r"]
+
+
+def make_checkpoint(path, arch="test_convnext", meta_cols=META, seed=0):
+    torch.manual_seed(seed)
+    kwargs = model_kwargs(arch, len(meta_cols), 0.1)
+    model = build_model(**kwargs)
+    with torch.no_grad():  # a non-trivial head so that logits spread
+        model.head.weight.normal_(0, 1.0)
+    save_checkpoint(path, kind="best", arch=arch, model_kwargs=kwargs, state_dict=model.state_dict(),
+                    meta_cols=list(meta_cols), meta_mean=[1.2, 24.3][: len(meta_cols)],
+                    meta_std=[0.2, 0.4][: len(meta_cols)], variant="test", args={}, epoch=0, metrics={},
+                    finished=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt")
+
+
+def _infer(data, ckpt, out, *extra):
+    return cli.main(["infer", "--data", str(data), "--ckpt", str(ckpt), "--out", str(out), "--split", "test",
+                     "--batch_size", "48", *extra])
+
+
+def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
+    out = tmp_path / "scores.parquet"
+    assert _infer(fake_phase4c, ckpt, out) == 0
+    table = pq.read_table(out)
+    assert table.column_names == ["task_id", *PASSTHROUGH_COLUMNS, "logit", "score"]
+    assert str(table.schema.field("logit").type) == "float" and str(table.schema.field("score").type) == "float"
+    got = table.to_pandas()
+    assert set(got["region_split"]) == {"test"} and len(got) == 128
+
+    from darkhaloscope.model import load_model
+    model, ck = load_model(ckpt)
+    expected, ids = [], []
+    for batch in iter_table_batches(fake_phase4c, "test", ["task_id", "stamp_npz", "cutout_ok", *META], 48):
+        images, meta, ok = decode_batch(batch, META, ck["meta_mean"], ck["meta_std"])
+        with torch.no_grad():
+            expected.append(model(torch.from_numpy(images), torch.from_numpy(meta)).numpy())
+        ids.append(batch.column("task_id").to_numpy()[ok])
+    expected = np.concatenate(expected)
+    assert expected.dtype == np.float32
+    np.testing.assert_array_equal(got["task_id"].to_numpy(), np.concatenate(ids))
+    np.testing.assert_array_equal(got["logit"].to_numpy(), expected)
+    np.testing.assert_array_equal(got["score"].to_numpy(), sigmoid32(expected))
+    assert np.unique(expected).size > 100  # spread, not saturated
+
+    # decoding in a worker process gives the same file content, in the same order
+    out2 = tmp_path / "scores_w.parquet"
+    assert _infer(fake_phase4c, ckpt, out2, "--num_workers", "2") == 0
+    assert pq.read_table(out2).equals(table)
+
+
+def test_bf16_logits_are_float32_not_bf16_rounded(fake_phase4c, ckpt, tmp_path):
+    out = tmp_path / "bf16.parquet"
+    assert _infer(fake_phase4c, ckpt, out, "--use_bf16") == 0
+    logit = pq.read_table(out).column("logit").to_numpy()
+    assert logit.dtype == np.float32
+    as_bf16 = torch.from_numpy(logit).to(torch.bfloat16).float().numpy()
+    assert (as_bf16 != logit).mean() > 0.9  # computed in float32, not rounded through bf16
+    ref = pq.read_table(_infer_path(fake_phase4c, ckpt, tmp_path)).column("logit").to_numpy()
+    np.testing.assert_allclose(logit, ref, atol=0.1 * np.std(ref) + 1e-3)
+
+
+def _infer_path(data, ckpt, tmp_path):
+    out = tmp_path / "fp32.parquet"
+    assert _infer(data, ckpt, out) == 0
+    return out
+
+
+def _dataset_with_bad_stamps(root, n_bad):
+    root = Path(root)
+    d = root / "region_split=test"
+    d.mkdir(parents=True)
+    table = fake_rows(100, "test", seed=5).drop(["region_split"])
+    blobs = table.column("stamp_npz").to_pylist()
+    for i in range(n_bad):
+        blobs[3 + 7 * i] = b"not an npz"
+    import pyarrow as pa
+    table = table.set_column(table.column_names.index("stamp_npz"), "stamp_npz", pa.array(blobs, pa.binary()))
+    pq.write_table(table, d / "part-0000.parquet", row_group_size=20)
+    return root
+
+
+def test_bad_stamps_are_counted_and_stop_above_threshold(tmp_path, ckpt, capsys, caplog):
+    data = _dataset_with_bad_stamps(tmp_path / "d", 3)
+    out = tmp_path / "s.parquet"
+    caplog.set_level(logging.INFO, logger="dhs.infer")
+    assert _infer(data, ckpt, out, "--max_skip_frac", "0.05") == 0
+    assert pq.read_metadata(out).num_rows == 97
+    assert "skipped 3 unscorable" in caplog.text
+    out2 = tmp_path / "s2.parquet"
+    assert _infer(data, ckpt, out2, "--max_skip_frac", "0.02") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dhs infer: error:") and "not scorable" in err
+    assert not out2.exists() and not list(tmp_path.glob(".s2.parquet*"))
+
+
+def test_bad_inputs(tmp_path, ckpt, fake_phase4c, capsys):
+    empty = tmp_path / "empty" / "region_split=test"
+    empty.mkdir(parents=True)
+    pq.write_table(fake_rows(0, "test").drop(["region_split"]), empty / "part-0000.parquet")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    nometa = write_fake_phase4c(tmp_path / "nometa", {"test": 10})
+    for f in nometa.glob("region_split=test/*.parquet"):
+        pq.write_table(pq.read_table(f).drop(["psfdepth_r"]), f)
+    cases = [(tmp_path / "empty", ckpt, "empty split"), (fake_phase4c, junk, "checkpoint"),
+             (nometa, ckpt, "psfdepth_r")]
+    for data, ck, word in cases:
+        out = tmp_path / "o.parquet"
+        assert _infer(data, ck, out) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("dhs infer: error:") and word in err, err
+        assert not out.exists()
+
+
+def test_killed_run_leaves_nothing_that_looks_finished(tmp_path, ckpt):
+    data = write_fake_phase4c(tmp_path / "d", {"test": 600}, files_per_split=3)
+    out = tmp_path / "scores.parquet"
+    proc = subprocess.Popen([sys.executable, "-m", "darkhaloscope", "infer", "--data", str(data), "--ckpt",
+                             str(ckpt), "--out", str(out), "--split", "test", "--batch_size", "4"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(tmp_path.glob(".scores.parquet.tmp-*")):
+            assert proc.poll() is None, "finished before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "d"]
+    assert leftovers and all(n.startswith(".scores.parquet.tmp-") for n in leftovers)
+
+
+_RSS_PROBE = textwrap.dedent("""
+    import json, sys
+    from darkhaloscope import cli
+    rc = cli.main(["infer", "--data", sys.argv[1], "--ckpt", sys.argv[2], "--out", sys.argv[3], "--split",
+                   "test", "--batch_size", "32"])
+    # VmHWM (peak RSS of this process image); getrusage's ru_maxrss would carry the forking parent's peak
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(json.dumps({"rc": rc, "maxrss_kb": hwm}))
+""")
+
+
+def test_memory_is_bounded_on_10x_input(tmp_path, ckpt):
+    # 10x the rows in the same number of files (10x larger files): memory must not follow either.
+    result = {}
+    for scale in (1, 10):
+        data = write_fake_phase4c(tmp_path / f"d{scale}", {"test": 250 * scale}, files_per_split=2)
+        raw = sum(f.stat().st_size for f in data.rglob("*.parquet"))
+        res = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(data), str(ckpt), str(tmp_path / f"s{scale}.pq")],
+                             capture_output=True, text=True, check=True)
+        result[scale] = json.loads(res.stdout.strip().splitlines()[-1]) | {"raw": raw}
+        assert result[scale]["rc"] == 0
+        assert pq.read_metadata(tmp_path / f"s{scale}.pq").num_rows == 250 * scale
+    grown = (result[10]["maxrss_kb"] - result[1]["maxrss_kb"]) * 1024
+    extra = result[10]["raw"] - result[1]["raw"]
+    assert extra > 80e6
+    assert grown < 0.25 * extra, result
