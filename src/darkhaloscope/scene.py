@@ -35,10 +35,11 @@ PIX_AREA = PIXEL_SCALE_ARCSEC**2
 CORE_BOX = 8          # central pixels (per axis) of the host that are sub-sampled
 CORE_SUPERSAMPLE = 4
 CONFUSER_SUPERSAMPLE = 2
-# Stamps per FFT convolution call. PSF kernels of one call share the call's largest kernel size, so a
-# stamp's pixels depend (below 2e-4 of its flux) on its chunk; chunks are fixed within a batch, and
-# batches are fixed blocks of task ids (see inject), which keeps stamps byte-identical across shards.
-CHUNK = 32
+# Stamps per background chunk (profiles + FFT convolution); 16 keeps the temporaries in the CPU cache.
+# PSF kernels of one convolution call share the call's largest kernel size, so a stamp's pixels depend
+# (below 5e-4 of its flux) on its chunk/batch; chunks are fixed within a batch, and batches are fixed
+# blocks of task ids (see inject), which keeps stamps byte-identical across shard counts.
+CHUNK = 16
 
 _X1, _Y1 = light.pixel_grid(STAMP_SIZE, 1)
 _lo = STAMP_SIZE // 2 - CORE_BOX // 2
@@ -241,15 +242,9 @@ def render_arcs(rows: dict, psf_model: str, beta: float) -> dict:
     4x4 sub-pixel sampling wherever the source is not negligible, the variant's PSF of each band's
     FWHM). Magnification = lensed flux inside the stamp before the PSF / unlensed flux."""
     lens_p, src_p = arc_inputs(rows)
-    fwhm = psf_fwhm(rows)
-    arcs, mags = [], []
-    for lo in range(0, len(fwhm), CHUNK):  # small chunks keep the FFT temporaries in cache
-        part = slice(lo, lo + CHUNK)
-        res = render.render_arcs({k: v[part] for k, v in lens_p.items()}, {k: v[part] for k, v in src_p.items()},
-                                 fwhm[part], psf_model, moffat_beta=beta, supersample=ARC_SUPERSAMPLE)
-        arcs.append(res.images)
-        mags.append(res.magnification)
-    return {"arc": np.concatenate(arcs), "magnification": np.concatenate(mags)}
+    res = render.render_arcs(lens_p, src_p, psf_fwhm(rows), psf_model, moffat_beta=beta,
+                             supersample=ARC_SUPERSAMPLE)
+    return {"arc": res.images, "magnification": res.magnification}
 
 
 def arc_snr(arc: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -278,22 +273,31 @@ class SceneBatch:
     magnification: np.ndarray  # (B,) lensed / unlensed source flux (NaN for controls)
 
 
-def noiseless_background(rows: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Everything but the arc, convolved with the true-sky PSF: ((B, 3, 64, 64) nmgy, (B, 3) sum of
-    the squared unit-sum sky kernels, the point-source noise factor of ``sky_sigma``)."""
+def background_light(rows: dict) -> np.ndarray:
+    """(B, 3, 64, 64) pre-PSF host + neighbours + stars + confuser, flux per pixel."""
     host_flux = band_fluxes(rows["host_mag_r"], rows["host_g_minus_r"], rows["host_r_minus_z"])
     pre = host_light(rows)[:, None] * host_flux[:, :, None, None]
     pre += neighbour_light(rows)
     pre += star_light(rows)
     pre += confuser_light(rows)
+    return pre
+
+
+def noiseless_background(rows: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Everything but the arc, convolved with the true-sky PSF: ((B, 3, 64, 64) nmgy, (B, 3) sum of
+    the squared unit-sum sky kernels, the point-source noise factor of ``sky_sigma``).
+
+    Rendered in chunks of CHUNK stamps: the temporaries of the profile evaluation and of the FFTs
+    then stay in the CPU cache (about 2x faster than whole batches)."""
     fwhm = psf_fwhm(rows)
-    pre = pre.astype(np.float32)
-    out = np.empty_like(pre)
+    b = len(fwhm)
+    out = np.empty((b, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
     sum_sq = np.empty(fwhm.shape)
-    for lo in range(0, len(pre), CHUNK):  # small chunks keep kernels and FFT temporaries in cache
+    for lo in range(0, b, CHUNK):
         part = slice(lo, lo + CHUNK)
+        pre = background_light({k: v[part] for k, v in rows.items()}).astype(np.float32)
         sum_sq[part] = sky_psf_sum_sq(fwhm[part])
-        out[part] = psf.convolve_psf(pre[part], fwhm[part], "moffat", SKY_MOFFAT_BETA)
+        out[part] = psf.convolve_psf(pre, fwhm[part], "moffat", SKY_MOFFAT_BETA)
     return out, sum_sq
 
 
