@@ -32,7 +32,7 @@ class LensClassifier(nn.Module):
     standardised meta inputs, then dropout and one linear layer -> one float32 logit per stamp."""
 
     def __init__(self, arch: str, n_meta: int = 0, dropout: float = 0.1, drop_path: float = 0.0,
-                 stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32):
+                 stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32, timm_kwargs: dict | None = None):
         super().__init__()
         import timm
 
@@ -40,8 +40,11 @@ class LensClassifier(nn.Module):
             raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
         self.arch = arch
         self.n_meta = int(n_meta)
-        self.backbone = timm.create_model(arch, pretrained=False, in_chans=3, num_classes=0,
-                                          drop_path_rate=float(drop_path))
+        try:
+            self.backbone = timm.create_model(arch, pretrained=False, in_chans=3, num_classes=0,
+                                              drop_path_rate=float(drop_path), **(timm_kwargs or {}))
+        except TypeError as exc:
+            raise DHSError(f"timm model '{arch}' does not accept {timm_kwargs}: {exc}") from None
         if stem_stride != DEFAULT_STEM_STRIDE:
             self._set_stem_stride(int(stem_stride))
         n_feat = self.backbone.num_features
@@ -80,7 +83,8 @@ class LensClassifier(nn.Module):
 
 def build_model(arch: str, n_meta: int, dropout: float = 0.1, **kwargs) -> LensClassifier:
     """``kwargs``: ``drop_path`` (stochastic depth rate), ``stem_stride`` (4 = timm default, 2 = finer
-    stem for 64x64 stamps), ``meta_hidden``. Everything passed here is stored as ``model_kwargs``."""
+    stem for 64x64 stamps), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
+    e.g. smaller ``depths``/``dims``). Everything passed here is stored as ``model_kwargs``."""
     return LensClassifier(arch, n_meta=n_meta, dropout=dropout, **kwargs)
 
 

@@ -35,7 +35,7 @@ from darkhaloscope.model import (build_model, load_checkpoint, meta_statistics, 
 
 # Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
 # that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.
-RESULT_ARGS = ("arch", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride",
+RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride",
                "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
                "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
                "train_split", "match_controls", "max_skip_frac", "variant")
@@ -53,6 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
     p.add_argument("--stem_stride", type=int, default=4, choices=(2, 4),
                    help="ConvNeXt stem stride: 4 = timm default, 2 = finer features for 64x64 stamps (~4x cost)")
+    p.add_argument("--timm_kwargs", default="",
+                   help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
     p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
     p.add_argument("--augment", action="store_true", help="random rot90 + flips")
     p.add_argument("--loss", choices=LOSSES, default="bce")
@@ -215,6 +217,8 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str]) -> No
     if list(ckpt["meta_cols"]) != meta_cols:
         raise DHSError(f"checkpoint {path} has meta columns {','.join(ckpt['meta_cols']) or '(none)'} but "
                        f"--meta_cols is {','.join(meta_cols) or '(none)'}")
+    if (kw.get("timm_kwargs") or None) != (json.loads(args.timm_kwargs) if args.timm_kwargs else None):
+        raise DHSError(f"checkpoint {path} has timm_kwargs {kw.get('timm_kwargs')}, flags say {args.timm_kwargs!r}")
     if int(kw.get("stem_stride", 4)) != args.stem_stride:
         raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
 
@@ -250,6 +254,11 @@ class Setup:
 
         if not timm.is_model(args.arch):
             raise DHSError(f"unknown architecture '{args.arch}': not a timm model name")
+        try:
+            self.timm_kwargs = json.loads(args.timm_kwargs) if args.timm_kwargs else None
+        except json.JSONDecodeError as exc:
+            raise DHSError(f"--timm_kwargs is not JSON: {exc}") from None
+        build_model(args.arch, 0, timm_kwargs=self.timm_kwargs)  # fails here, not after the data scan
         if args.variant is None:
             args.variant = Path(str(args.data).rstrip("/")).name
         self.cuts = stream.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
@@ -294,7 +303,7 @@ class Setup:
                 if last.get("fingerprint") == self.fingerprint and not last.get("finished"):
                     mode, ckpt, path = "auto", last, str(state_last)
                 elif last.get("finished"):
-                    auto_note = f"--auto_resume: {state_last} is a finished run with this fingerprint or another; "
+                    auto_note = f"--auto_resume: {state_last} is a finished run, not continued; "
                 else:
                     auto_note = (f"--auto_resume: {state_last} has fingerprint {last.get('fingerprint')} != "
                                  f"{self.fingerprint} (arguments or inputs changed); ")
@@ -315,7 +324,7 @@ class Setup:
             self.resume_note = auto_note + (f"{how} ({path}): warm start with a fresh optimizer at lr {args.lr:g} "
                                             f"and a new {args.epochs}-epoch schedule")
         else:
-            self.resume_note = auto_note + "fresh start"
+            self.resume_note = auto_note + "starting fresh"
 
         # meta standardisation: continue/warm start keep the statistics the weights were trained with
         source = self.resume_ckpt or self.init_ckpt
@@ -396,7 +405,7 @@ def _run(args, d: Dist) -> int:
     if args.use_bf16 and not use_bf16:
         log(d, "bf16 autocast requested but off: this device has no native bf16")
     kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
-                          stem_stride=args.stem_stride)
+                          stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs)
     model = build_model(**kwargs)
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])
@@ -406,11 +415,13 @@ def _run(args, d: Dist) -> int:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     start_epoch, start_step, global_step, history, best = 0, 0, 0, [], None
+    partial = [0.0, 0, 0, 0]  # loss_sum, n_seen, n_bad, n_planned of a partly done epoch
     if s.resume_ckpt is not None:
         ck = s.resume_ckpt
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, start_step = ck["sampler"]["epoch"], ck["sampler"]["batches_done"]
+        partial = ck["sampler"].get("partial", [0.0, 0, 0, 0])
         global_step, history, best = ck["global_step"], ck["history"], ck.get("best")
         set_rng_state(ck["rng"])
     net = model
@@ -428,7 +439,7 @@ def _run(args, d: Dist) -> int:
     train_dl = _loader(train_ds, args.num_workers, d)
     val_dl = _loader(val_ds, args.num_workers, d)
 
-    def save_last(epoch: int, batches_done: int, finished: bool) -> None:
+    def save_last(epoch: int, batches_done: int, finished: bool, sums=(0.0, 0, 0, 0)) -> None:
         if not d.main:
             return
         save_checkpoint(state_dir / "last.pt", kind="last", arch=args.arch, model_kwargs=kwargs,
@@ -437,7 +448,8 @@ def _run(args, d: Dist) -> int:
                         metrics=history[-1] if history else {}, finished=finished, optimizer=opt.state_dict(),
                         scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                                    "base_lr": args.lr}, scaler=None, rng=rng_state(),
-                        sampler={"epoch": epoch, "batches_done": batches_done, "seed": args.seed},
+                        sampler={"epoch": epoch, "batches_done": batches_done, "seed": args.seed,
+                                 "partial": [float(x) for x in sums]},
                         fingerprint=s.fingerprint, global_step=global_step, history=history, best=best)
 
     stopped = False
@@ -446,7 +458,7 @@ def _run(args, d: Dist) -> int:
         train_ds.set_epoch(epoch, first)
         n_batches = len(train_ds)
         net.train()
-        loss_sum, n_seen, n_bad, n_planned = 0.0, 0, 0, 0
+        loss_sum, n_seen, n_bad, n_planned = partial if epoch == start_epoch else (0.0, 0, 0, 0)
         bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.main,
                    file=sys.stderr, dynamic_ncols=True, leave=False)
         step_in_epoch = first
@@ -466,7 +478,7 @@ def _run(args, d: Dist) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if args.save_every_steps and step_in_epoch % args.save_every_steps == 0 and step_in_epoch < n_batches:
-                save_last(epoch, step_in_epoch, False)
+                save_last(epoch, step_in_epoch, False, (loss_sum, n_seen, n_bad, n_planned))
             if args.stop_after_steps and global_step >= args.stop_after_steps:
                 stopped = True
                 break

@@ -1,0 +1,225 @@
+"""`dhs train` end to end on tiny generated data (convnext_atto, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from factory import fake_rows, write_fake_phase4c
+
+from darkhaloscope import cli, stream
+from darkhaloscope.losses import bce_loss
+from darkhaloscope.model import build_model, load_checkpoint
+
+TINY = '{"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}'  # a small timm ConvNeXt, for speed
+BASE = ["--arch", "convnext_atto", "--batch_size", "32", "--epochs", "2", "--loss", "focal", "--timm_kwargs", TINY,
+        "--meta_cols", "psfsize_r,psfdepth_r", "--warmup_epochs", "0.5", "--seed", "1"]
+ONE_EPOCH = [*BASE[:5], "1", *BASE[6:]]
+assert BASE[4:6] == ["--epochs", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    return write_fake_phase4c(root, {"train": 64, "val": 48}, seed=4, arc_amp=0.3)
+
+
+def _train(capsys, *argv):
+    rc = cli.main(["train", *map(str, argv)])
+    err = capsys.readouterr().err
+    return rc, err
+
+
+def _history(out: Path) -> dict:
+    return json.loads((out / "history.json").read_text())
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(data, tmp_path, capsys):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    rc, _ = _train(capsys, "--data", data, "--out_dir", full, *BASE, "--augment", "--save_every_steps", 1)
+    assert rc == 0
+    # killed in the middle of epoch 2 (2 batches per epoch): the last state is from step 1 of epoch 2
+    rc, _ = _train(capsys, "--data", data, "--out_dir", cut, *BASE, "--augment", "--save_every_steps", 1,
+                   "--auto_resume", "--stop_after_steps", 3)
+    assert rc == 0
+    last = load_checkpoint(cut / "last.pt")
+    assert (last["sampler"]["epoch"], last["sampler"]["batches_done"]) == (1, 1) and not last["finished"]
+    rc, err = _train(capsys, "--data", data, "--out_dir", cut, *BASE, "--augment", "--save_every_steps", 1,
+                     "--auto_resume")
+    assert rc == 0 and "continuing the interrupted run" in err
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")
+    assert a["finished"] and b["finished"]
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    ha, hb = _history(full)["epochs"], _history(cut)["epochs"]
+    assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
+    assert ha[-1]["val_cut"] == hb[-1]["val_cut"]
+    # a finished state is not continued; a changed argument changes the fingerprint
+    rc, err = _train(capsys, "--data", data, "--out_dir", cut, *BASE[:-2], "--seed", "2", "--epochs", "1",
+                     "--auto_resume", "--stop_after_steps", 1)
+    assert rc == 0 and "starting fresh" in err
+
+
+def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, tmp_path, capsys):
+    a1, a2 = tmp_path / "a1", tmp_path / "a2"
+    rc, _ = _train(capsys, "--data", data, "--out_dir", a1, *ONE_EPOCH, "--lr", "3e-4",
+                   "--min_theta_over_psf", "0.8", "--min_arc_snr", "7")
+    assert rc == 0
+    best = load_checkpoint(a1 / "best.pt")
+    assert best["finished"] and best["kind"] == "best" and best["epoch"] == 1
+    # the seed's A2 command line: --resume A1/best.pt with a new LR and looser cuts
+    rc, err = _train(capsys, "--data", data, "--out_dir", a2, *BASE, "--lr", "1e-4", "--min_theta_over_psf", "0.5",
+                     "--min_arc_snr", "3", "--resume", a1 / "best.pt")
+    assert rc == 0
+    assert "--resume points at a finished stage's best.pt" in err and "fresh optimizer at lr 0.0001" in err
+    hist = _history(a2)["epochs"]
+    assert len(hist) == 2  # a full new schedule, not A1's finished epoch counter
+    assert 0 < max(r["lr"] for r in hist) <= 1e-4
+    last = load_checkpoint(a2 / "last.pt")
+    steps = {float(s["step"]) for s in last["optimizer"]["state"].values()}
+    assert steps == {float(hist[-1]["steps"])}  # optimizer state counts A2's steps only
+    assert last["meta_mean"] == best["meta_mean"]  # the standardisation the weights were trained with
+    # weights really come from A1: with a negligible LR the network stays at A1's best
+    a3 = tmp_path / "a3"
+    rc, _ = _train(capsys, "--data", data, "--out_dir", a3, *ONE_EPOCH, "--lr", "1e-12",
+                   "--init_from", a1 / "best.pt", "--weight_decay", "0")
+    assert rc == 0
+    after = load_checkpoint(a3 / "last.pt")["state_dict"]
+    assert all(torch.allclose(v.float(), after[k].float(), atol=1e-6) for k, v in best["state_dict"].items())
+
+
+def test_outputs_history_and_best_checkpoint(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    fs, files, _ = stream.open_split(str(data), "train")
+    index = stream.build_index(fs, files, [])
+    mined = tmp_path / "hard.parquet"
+    pq.write_table(pa.table({"task_id": index.task_id[index.label == 0][:5]}), mined)
+    rc, err = _train(capsys, "--data", data, "--out_dir", out, *ONE_EPOCH, "--loss", "bce",
+                     "--variant", "v4_sota_moffat", "--state_dir", tmp_path / "state", "--hard_negs", mined)
+    assert rc == 0 and "metadata-only AUC" in err and "tpr@1e-4" in err
+    assert "hard negatives: 5 controls" in err
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.json"]
+    assert (tmp_path / "state" / "last.pt").exists()
+    hist = _history(out)
+    row = hist["epochs"][0]
+    for key in ("tpr@fpr0.01", "tpr@fpr0.001", "tpr@fpr0.0001", "fpr@tpr0.85", "auroc", "n_neg", "n_tied_top"):
+        assert key in row["val_cut"] and key in row["val_all"]
+    assert row["val_all"]["n_neg"] + row["val_all"]["n_pos"] == 48
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["variant"] == "v4_sota_moffat" and ckpt["arch"] == "convnext_atto"
+    assert ckpt["meta_cols"] == ["psfsize_r", "psfdepth_r"] and len(ckpt["meta_std"]) == 2
+    assert "selected_by" in ckpt["metrics"] and ckpt["model_kwargs"]["n_meta"] == 2
+
+
+def test_a_tiny_model_overfits_a_tiny_set(data):
+    fs, files, _ = stream.open_split(str(data), "train")
+    index = stream.build_index(fs, files, [])
+    index = index.take(np.arange(len(index)) < 16)
+    ds = stream.StampStream(index, fs, batch_size=16, seed=0)
+    ds.set_epoch(0)
+    batch = next(iter(ds))
+    torch.manual_seed(0)
+    model = build_model("convnext_atto", 0, dropout=0.0, timm_kwargs={"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    for _ in range(40):
+        loss = bce_loss(model(batch["images"]), batch["label"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        final = bce_loss(model(batch["images"]), batch["label"]).item()
+    assert final < 0.05
+
+
+def _write(root: Path, table: pa.Table, split: str) -> None:
+    d = root / f"region_split={split}"
+    d.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.drop(["region_split"]), d / "part-0.parquet")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("leak", "meta column 'arc_snr' refused"),
+    ("leak_psf_used", "meta column 'psf_fwhm_used_r' refused"),
+    ("arch", "unknown architecture"),
+    ("missing_column", "lacks column(s) psfdepth_r"),
+    ("no_positives", "split 'val' has no positives"),
+    ("garbage_ckpt", "is unreadable"),
+    ("arch_mismatch", "is a 'convnext_atto' but --arch is 'convnext_femto'"),
+    ("meta_mismatch", "has meta columns psfsize_r,psfdepth_r but --meta_cols is psfsize_r"),
+    ("hard_negs", "hard-negative file"),
+])
+def test_bad_input_is_one_line_error_before_training(data, tmp_path, capsys, case, match):
+    out = tmp_path / "out"
+    argv = ["--data", data, "--out_dir", out, *ONE_EPOCH]
+    if case == "leak":
+        argv += ["--meta_cols", "psfsize_r,arc_snr"]
+    elif case == "leak_psf_used":
+        argv += ["--meta_cols", "psf_fwhm_used_r"]
+    elif case == "arch":
+        argv += ["--arch", "convnext_gigantic_nope"]
+    elif case == "missing_column":
+        root = tmp_path / "d"
+        _write(root, fake_rows(20, "train", seed=1).drop(["psfdepth_r"]), "train")
+        _write(root, fake_rows(20, "val", seed=2).drop(["psfdepth_r"]), "val")
+        argv[1] = root
+    elif case == "no_positives":
+        root = tmp_path / "d"
+        _write(root, fake_rows(20, "train", seed=1), "train")
+        _write(root, fake_rows(20, "val", seed=2, pos_frac=0.0), "val")
+        argv[1] = root
+    elif case == "garbage_ckpt":
+        (tmp_path / "x.pt").write_bytes(b"garbage")
+        argv += ["--init_from", tmp_path / "x.pt"]
+    elif case in ("arch_mismatch", "meta_mismatch"):
+        ck = tmp_path / "ck"
+        assert _train(capsys, "--data", data, "--out_dir", ck, *argv[4:], "--epochs", "1")[0] == 0
+        argv += ["--init_from", ck / "best.pt"]
+        argv += ["--arch", "convnext_femto"] if case == "arch_mismatch" else ["--meta_cols", "psfsize_r"]
+    elif case == "hard_negs":
+        argv += ["--hard_negs", tmp_path / "missing.parquet"]
+    rc, err = _train(capsys, *argv)
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("dhs train: error: ") and match in lines[-1]
+    assert not any(ln.startswith("[dhs train] epoch") for ln in lines)
+    assert not out.exists() or not (out / "best.pt").exists()
+
+
+def test_too_many_undecodable_stamps_stop_the_run(tmp_path, capsys):
+    table = fake_rows(40, "train", seed=3)
+    blobs = table.column("stamp_npz").to_pylist()
+    for i in range(0, 40, 8):
+        blobs[i] = b"corrupt"
+    table = table.set_column(table.schema.get_field_index("stamp_npz"), "stamp_npz", pa.array(blobs, pa.binary()))
+    _write(tmp_path / "d", table, "train")
+    _write(tmp_path / "d", fake_rows(20, "val", seed=4), "val")
+    rc, err = _train(capsys, "--data", tmp_path / "d", "--out_dir", tmp_path / "o", "--arch", "convnext_atto",
+                     "--epochs", "1", "--batch_size", "16", "--timm_kwargs", TINY)
+    assert rc == 2 and "5 of 40 stamps did not decode" in err and "--max_skip_frac" in err
+    rc, _ = _train(capsys, "--data", tmp_path / "d", "--out_dir", tmp_path / "o", "--arch", "convnext_atto",
+                   "--epochs", "1", "--batch_size", "16", "--max_skip_frac", "0.2", "--timm_kwargs", TINY)
+    assert rc == 0
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_on_cpu(data, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): the same code path, same number of batches per rank."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "darkhaloscope.cli", "train", "--data", str(data), "--out_dir", str(tmp_path / "ddp"),
+           "--arch", "convnext_atto", "--epochs", "1", "--batch_size", "16", "--meta_cols", "psfsize_r",
+           "--timm_kwargs", TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hist = _history(tmp_path / "ddp")
+    assert hist["epochs"][0]["n_train"] == 64  # both ranks' rows summed, each once
+    assert hist["epochs"][0]["val_all"]["n_pos"] + hist["epochs"][0]["val_all"]["n_neg"] == 48
