@@ -1,0 +1,454 @@
+"""`dhs report` (and `dhs eval --report`): one self-contained HTML page.
+
+Figures are PNGs (matplotlib, Agg backend) embedded as base64 ``data:`` URIs, so the page opens offline
+with no other file. Sections: summary table, ROC curves on a log-FPR axis, tpr@fpr against theta_E and
+against theta_E/PSF with Wilson error bars, the completeness heat map, training curves from
+``history.json`` files, and galleries (grz colour composites, Lupton et al. 2004 asinh stretch via
+astropy) of the top-scoring controls, the mined hard negatives and the missed positives. A missing
+optional input turns its section into a sentence saying what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from darkhaloscope import metrics
+from darkhaloscope.errors import DHSError
+from darkhaloscope.io import atomic_output
+
+log = logging.getLogger("dhs.report")
+
+DEFAULT_GALLERY_N = 16
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+def parse_labelled(items, flag: str) -> list[tuple[str, str]]:
+    """['gen3=path', ...] -> [('gen3', 'path'), ...]; a bare path is labelled by its file stem."""
+    out = []
+    for item in items or []:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = Path(item).stem, item
+        if not label or not path:
+            raise DHSError(f"{flag} '{item}' must be LABEL=PATH")
+        out.append((label, path))
+    labels = [lab for lab, _ in out]
+    if len(set(labels)) != len(labels):
+        raise DHSError(f"{flag} repeats a label: {','.join(labels)}")
+    return out
+
+
+@dataclass
+class ReportInputs:
+    scores: list[tuple[str, str]]
+    histories: list[tuple[str, str]] = field(default_factory=list)
+    hard_negs: str | None = None
+    data: str | None = None
+    fpr_csv: str | None = None
+    theta_bins: str | None = None
+    res_bins: str | None = None
+    gallery_n: int = DEFAULT_GALLERY_N
+
+    @classmethod
+    def from_args(cls, args, primary: tuple[str, str] | None = None, fpr_csv=None) -> "ReportInputs":
+        if primary is not None:
+            scores = [primary, *parse_labelled(getattr(args, "compare_scores", None), "--compare_scores")]
+        else:
+            scores = parse_labelled(args.scores, "--scores")
+        if not scores:
+            raise DHSError("the report needs at least one --scores LABEL=PATH")
+        return cls(scores=scores, histories=parse_labelled(args.history, "--history"), hard_negs=args.hard_negs,
+                   data=args.data, fpr_csv=fpr_csv or getattr(args, "fpr_csv", None),
+                   theta_bins=args.theta_bins, res_bins=args.res_bins, gallery_n=args.gallery_n)
+
+
+def add_report_inputs(parser: argparse.ArgumentParser, with_scores: bool = True) -> None:
+    """Flags shared by `dhs report` and `dhs eval --report`."""
+    if with_scores:
+        parser.add_argument("--scores", action="append", required=True, metavar="LABEL=PATH",
+                            help="score parquet of one model on the test split (repeat: gen3=..., gen2=...)")
+    else:
+        parser.add_argument("--compare_scores", action="append", metavar="LABEL=PATH",
+                            help="(with --report) other models' score parquets shown beside --scores")
+    parser.add_argument("--history", action="append", metavar="LABEL=PATH", help="history.json of a training run")
+    parser.add_argument("--hard_negs", default=None, help="hard-negative parquet from dhs mine (gallery)")
+    parser.add_argument("--data", default=None, help="Phase 4c dataset root, to fetch stamps for the galleries")
+    parser.add_argument("--gallery_n", type=int, default=DEFAULT_GALLERY_N, help="stamps per gallery")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _img(fig, name: str, alt: str) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return (f'<img data-figure="{html.escape(name)}" alt="{html.escape(alt)}" '
+            f'src="data:image/png;base64,{data}">')
+
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">{html.escape(text)}</p>'
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
+
+
+def _operating_fpr(frames) -> float:
+    """1e-4 when every score file has enough controls for it, else the lowest estimable target."""
+    from darkhaloscope.evaluate import DEFAULT_FPR_TARGETS, completeness_target, parse_targets
+
+    n_neg = min(int((df["y"] == 0).sum()) for df in frames.values())
+    return completeness_target(n_neg, parse_targets(DEFAULT_FPR_TARGETS))
+
+
+def roc_figure(frames) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, df in frames.items():
+        pts = metrics.roc_points(df["y"].to_numpy(), df["rank"].to_numpy())
+        if not pts.n_pos or not pts.n_neg:
+            continue
+        keep = pts.fp > 0
+        ax.step(pts.fpr[keep], pts.tpr[keep], where="post", label=f"{label} (AUROC {metrics.auroc(df['y'], df['rank']):.4f}, "
+                f"{pts.n_pos} pos / {pts.n_neg} neg)")
+    ax.axvline(1e-4, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("false-positive rate (controls)")
+    ax.set_ylabel("true-positive rate")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return _img(fig, "roc", "ROC curves, log FPR axis")
+
+
+def stratum_figure(tables, stratum: str, target: float, xlabel: str, name: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (label, table) in enumerate(tables.items()):
+        rows = table[(table["stratum"] == stratum) & (table["metric"] == "tpr@fpr") & np.isclose(table["target"], target)]
+        centre = 0.5 * (rows["bin_lo"] + rows["bin_hi"]) + (i - (len(tables) - 1) / 2) * 0.02
+        value = rows["value"].to_numpy()
+        err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
+        err = np.where(np.isfinite(err), np.maximum(err, 0.0), np.nan)  # Wilson bounds vs float rounding
+        ax.errorbar(centre, value, yerr=err, xerr=0.5 * (rows["bin_hi"] - rows["bin_lo"]), fmt="o", capsize=3,
+                    label=label)
+        for x, v, n in zip(centre, value, rows["n_pos"]):
+            if np.isfinite(v):
+                ax.annotate(str(n), (x, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"tpr @ fpr {target:g}")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _img(fig, name, f"tpr at fpr {target:g} against {xlabel}, 95% Wilson intervals, n_pos annotated")
+
+
+def completeness_figure(comp: pd.DataFrame) -> str:
+    plt = _plt()
+    theta = sorted(set(zip(comp["theta_lo"], comp["theta_hi"])))
+    res = sorted(set(zip(comp["res_lo"], comp["res_hi"])))
+    grid = np.full((len(theta), len(res)), np.nan)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for _, row in comp.iterrows():
+        a, b = theta.index((row.theta_lo, row.theta_hi)), res.index((row.res_lo, row.res_hi))
+        grid[a, b] = row.recall
+        text = f"{row.recall:.2f}\nn={row.n_pos}" if np.isfinite(row.recall) else f"n={row.n_pos}"
+        ax.text(b, a, text, ha="center", va="center", fontsize=7)
+    im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(res)), [f"{lo:g}-{hi:g}" for lo, hi in res], rotation=45, fontsize=8)
+    ax.set_yticks(range(len(theta)), [f"{lo:g}-{hi:g}" for lo, hi in theta], fontsize=8)
+    ax.set_xlabel("theta_E / PSF FWHM")
+    ax.set_ylabel("theta_E (arcsec)")
+    fig.colorbar(im, ax=ax, label="recall")
+    return _img(fig, "completeness", "completeness heat map, recall per theta_E x theta_E/PSF cell")
+
+
+def _history_epochs(path) -> list[dict]:
+    doc = json.loads(Path(path).read_text())
+    epochs = doc.get("epochs", doc) if isinstance(doc, dict) else doc
+    if not isinstance(epochs, list):
+        raise DHSError(f"{path} has no list of epochs")
+    return [e for e in epochs if isinstance(e, dict)]
+
+
+def _metric(epoch: dict, split: str, key: str):
+    block = epoch.get(split)
+    value = block.get(key) if isinstance(block, dict) else epoch.get(f"{split}_{key}")
+    return math.nan if value is None else float(value)
+
+
+def training_figure(histories: dict[str, list[dict]]) -> str:
+    plt = _plt()
+    panels = [("train loss", lambda e: math.nan if e.get("train_loss") is None else float(e["train_loss"])),
+              ("val AUROC", lambda e: _metric(e, "val_all", "auroc")),
+              ("val tpr@fpr1e-3", lambda e: _metric(e, "val_all", "tpr@fpr0.001")),
+              ("val tpr@fpr1e-4", lambda e: _metric(e, "val_all", "tpr@fpr0.0001"))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4))
+    for ax, (title, get) in zip(axes, panels):
+        for label, epochs in histories.items():
+            x = [e.get("epoch", i + 1) for i, e in enumerate(epochs)]
+            ax.plot(x, [get(e) for e in epochs], "o-", label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return _img(fig, "training", "training curves: loss and validation metrics per epoch")
+
+
+def colour_composite(image: np.ndarray) -> np.ndarray:
+    """(3, H, W) g, r, z in nanomaggies -> (H, W, 3) uint8 RGB = (z, r, g), Lupton asinh stretch scaled to
+    the stamp's own sky noise (robust sigma of the outer annulus)."""
+    from astropy.visualization import make_lupton_rgb
+
+    from darkhaloscope.contract import OUTER_ANNULUS
+
+    outer = image[:, OUTER_ANNULUS]
+    sigma = 1.4826 * np.median(np.abs(outer - np.median(outer, axis=1, keepdims=True)), axis=1)
+    sky = np.median(outer, axis=1)
+    scale = float(max(np.median(sigma), 1e-6))
+    g, r, z = ((image[i] - sky[i]) / scale for i in range(3))
+    return make_lupton_rgb(z, r, g, minimum=-1.0, stretch=8.0, Q=6.0)
+
+
+def gallery_figure(images: list[np.ndarray], captions: list[str], name: str, alt: str) -> str:
+    plt = _plt()
+    n = len(images)
+    cols = min(8, n)
+    rows = int(math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.75 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, cap in zip(axes.ravel(), images, captions):
+        ax.imshow(colour_composite(img), origin="lower", interpolation="nearest")
+        ax.set_title(cap, fontsize=6)
+    fig.tight_layout()
+    return _img(fig, name, alt)
+
+
+def fetch_stamps(data: str, task_ids) -> dict[int, np.ndarray]:
+    """task_id -> decoded (3, 64, 64) stamp, scanning the dataset once (all splits) in record batches."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    from darkhaloscope.contract import decode_stamp
+
+    wanted = np.unique(np.asarray(list(task_ids), np.int64))
+    if wanted.size == 0:
+        return {}
+    try:
+        fs, root = pafs.FileSystem.from_uri(data) if "://" in str(data) else (pafs.LocalFileSystem(), str(data))
+        fmt = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
+        dataset = pads.dataset(root, format=fmt, partitioning="hive", filesystem=fs)
+    except Exception as exc:
+        raise DHSError(f"cannot read stamps from {data}: {type(exc).__name__}: {exc}") from None
+    if "task_id" not in dataset.schema.names or "stamp_npz" not in dataset.schema.names:
+        raise DHSError(f"{data} has no task_id/stamp_npz columns")
+    found: dict[int, np.ndarray] = {}
+    flt = pc.field("task_id").isin(pa_array(wanted))
+    for batch in dataset.to_batches(columns=["task_id", "stamp_npz"], filter=flt, batch_size=256,
+                                    batch_readahead=1, fragment_readahead=1):
+        for tid, blob in zip(batch.column("task_id").to_pylist(), batch.column("stamp_npz").to_pylist()):
+            img = decode_stamp(blob) if blob is not None else None
+            if img is not None:
+                found[int(tid)] = img
+    return found
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Page
+# ----------------------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
+.missing{color:#a33;font-style:italic}img{max-width:100%}.note{color:#555;font-size:0.9em}"""
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def _safe(fn, what: str) -> str:
+    try:
+        return fn()
+    except DHSError as exc:
+        return _missing(f"{what}: {exc}")
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("%s failed: %s", what, exc)
+        return _missing(f"{what} could not be drawn: {type(exc).__name__}: {exc}")
+
+
+def build_html(inputs: ReportInputs) -> str:
+    from darkhaloscope import evaluate as ev
+
+    theta_bins = ev.parse_bins(inputs.theta_bins or ev.DEFAULT_THETA_BINS, "--theta_bins")
+    res_bins = ev.parse_bins(inputs.res_bins or ev.DEFAULT_RES_BINS, "--res_bins")
+    fpr_targets = ev.parse_targets(ev.DEFAULT_FPR_TARGETS)
+    tpr_targets = ev.parse_targets(ev.DEFAULT_TPR_TARGETS)
+    frames = {label: ev.load_scores(path) for label, path in inputs.scores}
+    primary_label = inputs.scores[0][0]
+    primary = frames[primary_label]
+    target = _operating_fpr(frames)
+    tables = {label: ev.stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets) for label, df in frames.items()}
+    parts = []
+
+    # Summary
+    rows = []
+    for label, df in frames.items():
+        t = tables[label]
+        allrow = t[(t["stratum"] == ev.STRATUM_ALL)]
+        row = {"model": label, "n_pos": int(df["y"].sum()), "n_neg": int((df["y"] == 0).sum()),
+               "auroc": metrics.auroc(df["y"], df["rank"]), "top score ties": metrics.n_tied_top(df["rank"])}
+        for _, r in allrow.iterrows():
+            row[f"{r.metric}{r.target:g}"] = r.value
+        rows.append(row)
+    splits = {label: sorted(set(df["region_split"])) if "region_split" in df else ["?"] for label, df in frames.items()}
+    note = (f"Operating point for the stratified figures and completeness: fpr {target:g}"
+            + ("" if target == 1e-4 else " (1e-4 is not estimable with this many controls)") + ". Splits: "
+            + "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in splits.items()) + ". Empty cells: not estimable.")
+    body = _table_html(pd.DataFrame(rows)) + f'<p class="note">{html.escape(note)}</p>'
+    if inputs.fpr_csv:
+        body += _safe(lambda: f"<h3>{html.escape(Path(inputs.fpr_csv).name)} (all positives)</h3>"
+                      + _table_html(pd.read_csv(inputs.fpr_csv).query("stratum == 'all'")), "stratified table")
+    parts.append(_section("summary", "Summary", body))
+
+    parts.append(_section("roc", "ROC curves (log FPR)", _safe(lambda: roc_figure(frames), "ROC")))
+    fig_theta = _safe(lambda: stratum_figure(tables, ev.STRATUM_THETA, target, "theta_E (arcsec)", "tpr-vs-theta"),
+                      "tpr vs theta_E") if math.isfinite(target) else _missing("too few controls for any FPR target")
+    fig_res = _safe(lambda: stratum_figure(tables, ev.STRATUM_RES, target, "theta_E / PSF FWHM", "tpr-vs-res"),
+                    "tpr vs theta_E/PSF") if math.isfinite(target) else _missing("too few controls for any FPR target")
+    parts.append(_section("stratified", f"tpr @ fpr {target:g} by Einstein radius and resolution", fig_theta + fig_res))
+    comp = ev.completeness_table(primary, theta_bins, res_bins, fpr_targets)
+    parts.append(_section("completeness", f"Completeness ({primary_label}, recall at fpr {target:g})",
+                          _safe(lambda: completeness_figure(comp), "completeness")))
+
+    # Training curves
+    if inputs.histories:
+        def _training():
+            hist = {}
+            for label, path in inputs.histories:
+                if not Path(path).exists():
+                    raise DHSError(f"history {path} does not exist")
+                hist[label] = _history_epochs(path)
+            return training_figure(hist)
+        body = _safe(_training, "training curves")
+    else:
+        body = _missing("no --history given: training curves are not shown")
+    parts.append(_section("training", "Training curves", body))
+
+    parts.append(_section("galleries", "Galleries", _galleries(inputs, primary, primary_label, target)))
+    title = "darkhaloscope evaluation: " + ", ".join(label for label, _ in inputs.scores)
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
+
+
+def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, target: float) -> str:
+    n = max(1, inputs.gallery_n)
+    picks: dict[str, tuple[str, pd.DataFrame | None, str]] = {}
+    ctrl = primary[primary["y"] == 0].sort_values("rank", ascending=False).head(n)
+    picks["gallery-top-controls"] = (f"Top-scoring controls ({label})", ctrl, "no controls in the score file")
+    if inputs.hard_negs and Path(inputs.hard_negs).exists():
+        hn = pd.read_parquet(inputs.hard_negs).sort_values("rank").head(n)
+        picks["gallery-hard-negatives"] = ("Mined hard negatives", hn, "the hard-negative file has no rows")
+    else:
+        why = "no --hard_negs given" if not inputs.hard_negs else f"{inputs.hard_negs} does not exist"
+        picks["gallery-hard-negatives"] = ("Mined hard negatives", None, why)
+    missed = None
+    why_missed = "no operating point (too few controls)"
+    if math.isfinite(target):
+        pos = primary[primary["y"] == 1]
+        neg_rank = primary.loc[primary["y"] == 0, "rank"].to_numpy()
+        pts = metrics.roc_points(np.r_[np.ones(len(pos)), np.zeros(neg_rank.size)], np.r_[pos["rank"], neg_rank])
+        thr = metrics.tpr_at_fpr(pts, target)[1] if len(pos) else math.nan
+        missed = pos[pos["rank"] < thr].sort_values("theta_over_psf", ascending=False, na_position="last").head(n)
+        why_missed = "no positive was missed" if len(pos) else "no positives in the score file"
+    picks["gallery-missed-positives"] = (f"Missed positives at fpr {target:g}, most resolved first ({label})", missed,
+                                         why_missed)
+    out = []
+    wanted = [df for _, df, _ in picks.values() if df is not None and len(df)]
+    stamps: dict[int, np.ndarray] = {}
+    data_problem = None
+    if not inputs.data:
+        data_problem = "no --data given: stamps cannot be fetched"
+    elif wanted:
+        try:
+            stamps = fetch_stamps(inputs.data, np.concatenate([df["task_id"].to_numpy() for df in wanted]))
+        except DHSError as exc:
+            data_problem = str(exc)
+    for name, (title, df, why) in picks.items():
+        out.append(f"<h3>{html.escape(title)}</h3>")
+        if df is None or not len(df):
+            out.append(_missing(why))
+            continue
+        if data_problem:
+            out.append(_missing(data_problem))
+            continue
+        rows = [r for _, r in df.iterrows() if int(r["task_id"]) in stamps]
+        if not rows:
+            out.append(_missing(f"none of these {len(df)} task_ids were found in {inputs.data}"))
+            continue
+        images = [stamps[int(r["task_id"])] for r in rows]
+        caps = [f"{int(r['task_id'])}\nlogit {float(r['logit'] if 'logit' in r else r['rank']):.2f}"
+                + (f"\nθE {r['theta_e_arcsec']:.2f}\"" if np.isfinite(r.get("theta_e_arcsec", np.nan)) else "")
+                for r in rows]
+        out.append(_safe(lambda: gallery_figure(images, caps, name, title), title))
+        if len(rows) < len(df):
+            out.append(_missing(f"{len(df) - len(rows)} of {len(df)} stamps not found in {inputs.data}"))
+    return "\n".join(out)
+
+
+def render(inputs: ReportInputs, out_path) -> None:
+    page = build_html(inputs)
+    with atomic_output(out_path) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    log.info("wrote %s (%d kB, %d figures)", out_path, len(page) // 1024, page.count("<img "))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_report_inputs(parser, with_scores=True)
+    parser.add_argument("--out", required=True, help="HTML file to write")
+    parser.add_argument("--fpr_csv", default=None, help="stratified table from dhs eval, shown in the summary")
+    parser.add_argument("--theta_bins", default=None, help="theta_E bin edges (default: the seed's)")
+    parser.add_argument("--res_bins", default=None, help="theta_E/PSF bin edges (default: the seed's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    render(ReportInputs.from_args(args), args.out)
+    return 0
