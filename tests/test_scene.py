@@ -90,3 +90,25 @@ def test_arc_snr_definition():
     integrated, peak = scene.arc_snr(arc, sigma)
     assert integrated[0] == pytest.approx(0.01 * 100 / (10 * 0.004), rel=1e-5)
     assert integrated[1] == 0.0 and peak[1] == pytest.approx(0.5, rel=1e-5)
+
+
+def test_arc_truth_mapping_places_arcs_around_the_lens(rows):
+    """Truth columns -> renderer: a source behind the lens centre makes a ring centred on the lens
+    (not on the stamp centre: catches a swapped or absolute/relative source position), and a source
+    offset along +x puts the brighter image on the +x side."""
+    n = 4
+    r = {k: np.asarray(v[:n], np.float64) if np.asarray(v).dtype.kind == "f" else v[:n] for k, v in rows.items()}
+    r.update(theta_e_arcsec=np.full(n, 1.5), lens_q=np.full(n, 0.999), lens_phi=np.zeros(n),
+             lens_x0=np.array([0.5, -0.4, 0.0, 0.3]), lens_y0=np.array([-0.3, 0.2, 0.0, 0.3]),
+             shear_g1=np.zeros(n), shear_g2=np.zeros(n), src_x=np.zeros(n), src_y=np.zeros(n),
+             src_reff=np.full(n, 0.2), src_n=np.ones(n), src_q=np.ones(n), src_phi=np.zeros(n),
+             src_flux_g=np.ones(n), src_flux_r=np.ones(n), src_flux_z=np.ones(n))
+    arc = scene.render_arcs(r, "moffat", 3.5)["arc"][:, 1]
+    yy, xx = (np.mgrid[:64, :64] - 31.5) * 0.262
+    cx, cy = (arc * xx).sum((1, 2)) / arc.sum((1, 2)), (arc * yy).sum((1, 2)) / arc.sum((1, 2))
+    np.testing.assert_allclose(cx, r["lens_x0"], atol=0.03)
+    np.testing.assert_allclose(cy, r["lens_y0"], atol=0.03)
+    r["src_x"] = np.full(n, 0.4)
+    arc = scene.render_arcs(r, "moffat", 3.5)["arc"][:, 1]
+    cx = (arc * xx).sum((1, 2)) / arc.sum((1, 2))
+    assert np.all(cx > r["lens_x0"] + 0.2)
