@@ -1,0 +1,155 @@
+"""`dhs report`: every section and figure is present, missing inputs are said, and Chromium renders it."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from darkhaloscope import cli
+
+FIGURES = ["roc", "tpr-vs-theta", "tpr-vs-res", "completeness", "training", "gallery-top-controls",
+           "gallery-hard-negatives", "gallery-missed-positives"]
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def inputs(fake_phase4c, tmp_path_factory):
+    """Score files of two 'models' on the fake test split (built directly: no network needed), a
+    hard-negative file mined from train-split scores, and two history.json files."""
+    d = tmp_path_factory.mktemp("report")
+    cols = ["task_id", "ra", "dec", "is_control", "theta_e_arcsec", "psf_fwhm_used_r", "psfsize_r", "region_split"]
+    table = pads.dataset(fake_phase4c, partitioning="hive").to_table(columns=cols).to_pandas()
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, sep in (("gen3", 2.0), ("gen2", 1.0)):
+        df = table.copy()
+        pos = (df.is_control == 0).to_numpy()
+        df["logit"] = (rng.normal(size=len(df)) + sep * pos * np.nan_to_num(df.theta_e_arcsec)).astype(np.float32)
+        df["score"] = (1 / (1 + np.exp(-df.logit.astype(np.float64)))).astype(np.float32)
+        df[df.region_split == "train"].to_parquet(d / f"{name}_train.parquet")
+        df[df.region_split == "test"].to_parquet(d / f"{name}_test.parquet")
+        paths[name] = d / f"{name}_test.parquet"
+    paths["hard_negs"] = d / "hard_negs.parquet"
+    assert cli.main(["mine", "--scores", str(d / "gen3_train.parquet"), "--out", str(paths["hard_negs"]),
+                     "--topk", "12", "--min_score", "0.5", "--exclude_radius_arcsec", "0"]) == 0
+    assert pq.read_metadata(paths["hard_negs"]).num_rows == 12
+    for stage in ("A1", "A2"):
+        epochs = [{"epoch": e, "train_loss": 0.5 / e, "lr": 1e-4,
+                   "val_all": {"auroc": 0.9 + 0.01 * e, "tpr@fpr0.001": 0.2 * e, "tpr@fpr0.0001": None},
+                   "val_cut": {"auroc": 0.95}} for e in (1, 2, 3)]
+        paths[stage] = d / f"{stage}.json"
+        paths[stage].write_text(json.dumps({"epochs": epochs, "best": {"epoch": 3}}))
+    paths["dir"] = d
+    paths["data"] = fake_phase4c
+    return paths
+
+
+def _figures(page):
+    return dict(re.findall(r'data-figure="([^"]+)"[^>]*src="data:image/png;base64,([^"]+)"', page))
+
+
+def _full_report(inputs, out):
+    return cli.main(["report", "--scores", f"gen3={inputs['gen3']}", "--scores", f"gen2={inputs['gen2']}",
+                     "--history", f"A1={inputs['A1']}", "--history", f"A2={inputs['A2']}",
+                     "--hard_negs", str(inputs["hard_negs"]), "--data", str(inputs["data"]), "--out", str(out),
+                     "--gallery_n", "8"])
+
+
+def test_every_section_and_figure_is_present(inputs, tmp_path):
+    import matplotlib.image as mpimg
+
+    out = tmp_path / "report.html"
+    assert _full_report(inputs, out) == 0
+    page = out.read_text()
+    for sid in ("summary", "roc", "stratified", "completeness", "training", "galleries"):
+        assert f'<section id="{sid}">' in page
+    figures = _figures(page)
+    assert sorted(figures) == sorted(FIGURES)
+    for name, data in figures.items():
+        png = base64.b64decode(data)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n", name
+        img = mpimg.imread(io.BytesIO(png), format="png")
+        assert img.shape[0] > 100 and img.shape[1] > 100 and img[..., :3].std() > 0.01, name
+    assert 'class="missing"' not in page
+    # self-contained: no external resource of any kind
+    assert not re.search(r'(src|href)="(?!data:)', page) and "<link" not in page and "<script" not in page
+    assert "gen2" in page and "gen3" in page
+
+
+def test_missing_optional_inputs_are_said_not_crashed(inputs, tmp_path):
+    out = tmp_path / "report.html"
+    assert cli.main(["report", "--scores", f"gen3={inputs['gen3']}", "--history", f"A1={tmp_path / 'none.json'}",
+                     "--out", str(out)]) == 0
+    page = out.read_text()
+    figures = _figures(page)
+    assert {"roc", "tpr-vs-theta", "tpr-vs-res", "completeness"} <= set(figures)
+    assert not any(name.startswith("gallery") for name in figures) and "training" not in figures
+    missing = re.findall(r'<p class="missing">([^<]+)</p>', page)
+    assert any("none.json" in m for m in missing)
+    assert any("no --hard_negs given" in m for m in missing)
+    assert any("no --data given" in m for m in missing)
+
+
+def test_bad_scores_is_an_error(inputs, tmp_path, capsys):
+    out = tmp_path / "r.html"
+    assert cli.main(["report", "--scores", f"gen3={tmp_path / 'nope.parquet'}", "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["report", "--scores", f"a={inputs['gen3']}", "--scores", f"a={inputs['gen2']}",
+                     "--out", str(out)]) == 2
+    assert not out.exists()
+
+
+def test_eval_renders_the_report_in_the_same_call(inputs, tmp_path):
+    out_csv = tmp_path / "gen3_stratified_fpr.csv"
+    report = tmp_path / "report.html"
+    assert cli.main(["eval", "--scores", str(inputs["gen3"]), "--out_csv", str(out_csv), "--report", str(report),
+                     "--compare_scores", f"gen2={inputs['gen2']}", "--history", f"A1={inputs['A1']}",
+                     "--hard_negs", str(inputs["hard_negs"]), "--data", str(inputs["data"]), "--gallery_n", "4"]) == 0
+    assert out_csv.exists() and (tmp_path / "gen3_stratified_fpr_auroc.csv").exists()
+    assert (tmp_path / "gen3_stratified_fpr_completeness.csv").exists()
+    page = report.read_text()
+    assert sorted(_figures(page)) == sorted(FIGURES)
+    assert "gen3_stratified_fpr.csv" in page  # the table itself is shown in the summary
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None and not __import__("os").path.exists(CHROMIUM),
+                    reason="Debian chromium not installed")
+def test_report_renders_in_headless_chromium(inputs, tmp_path):
+    out = tmp_path / "report.html"
+    assert _full_report(inputs, out) == 0
+    # A copy with a probe script that records every image's decoded size once the page has loaded.
+    probe = tmp_path / "probe.html"
+    script = ("<script>window.addEventListener('load',function(){var r=[];for(const i of document.images)"
+              "{r.push(i.dataset.figure+':'+i.naturalWidth+'x'+i.naturalHeight+':'+i.complete)}"
+              "var p=document.createElement('pre');p.id='probe';p.textContent=r.join(';');"
+              "document.body.appendChild(p)});</script>")
+    probe.write_text(out.read_text().replace("</body>", script + "</body>"))
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+           probe.as_uri()]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    found = re.search(r'<pre id="probe">([^<]*)</pre>', res.stdout)
+    assert found, res.stdout[-2000:]
+    rendered = {}
+    for item in found.group(1).split(";"):
+        name, size, complete = item.split(":")
+        w, h = map(int, size.split("x"))
+        rendered[name] = (w, h, complete)
+    assert sorted(rendered) == sorted(FIGURES)
+    for name, (w, h, complete) in rendered.items():
+        assert w > 100 and h > 100 and complete == "true", (name, w, h)
+    # and a screenshot of the page is produced
+    shot = tmp_path / "shot.png"
+    res = subprocess.run(cmd[:-3] + [f"--screenshot={shot}", "--window-size=1200,3000", out.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and shot.stat().st_size > 10_000
