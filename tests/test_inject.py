@@ -204,7 +204,10 @@ def test_alias_spellings(manifest_path):
     p = cli.build_parser("inject")
     a = p.parse_args(["inject", "--manifest", "m", "--output-dir", "o", "--psf_model", "gaussian",
                       "--moffat_beta", "2.5", "--shard", "1", "--n_shards", "2", "--write_arc"])
-    assert (a.out_dir, a.psf_model, a.moffat_beta, a.shard, a.n_shards, a.write_arc) == ("o", "gaussian", 2.5, 1, 2, True)
+    got = (a.out_dir, a.psf_model, a.moffat_beta, a.shard, a.n_shards, a.write_arc)
+    assert got == ("o", "gaussian", 2.5, 1, 2, True)
+    with pytest.raises(DHSError, match="batch_size"):
+        inject.check_args("moffat", 3.5, 0, 1, 0)
     assert Path(inject.output_path("o", "val", 7)).as_posix() == "o/region_split=val/part-00007.parquet"
 
 

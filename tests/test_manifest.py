@@ -63,7 +63,8 @@ def test_controls_conditions_match_positives(big):
     ctrl = big[big.is_control == 1]
     pos = big[big.is_control == 0]
     assert len(ctrl) == 1500
-    for col in ("psfsize_g", "psfsize_r", "psfsize_z", "psfdepth_g", "psfdepth_r", "psfdepth_z", "host_mag_r", "host_reff"):
+    for col in ("psfsize_g", "psfsize_r", "psfsize_z", "psfdepth_g", "psfdepth_r", "psfdepth_z",
+                "host_mag_r", "host_reff"):
         assert ks_2samp(ctrl[col], pos[col]).pvalue > 0.01, col
 
 

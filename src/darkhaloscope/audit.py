@@ -94,6 +94,10 @@ def metadata_only_auc(meta: np.ndarray, y: np.ndarray, seed: int = 0) -> float:
     return _cv_auc(model, meta, y, seed)
 
 
+def _summary(v: np.ndarray) -> dict:
+    return {"mean": float(np.mean(v)), "q10_q50_q90": [float(q) for q in np.quantile(v, [0.1, 0.5, 0.9])]}
+
+
 def class_balance(data: dict, y: np.ndarray) -> dict:
     """Per condition column: mean and 10/50/90% quantiles per class, and the two-sample KS p-value."""
     out = {}
@@ -103,8 +107,8 @@ def class_balance(data: dict, y: np.ndarray) -> dict:
         v = np.asarray(data[c], np.float64)
         pos, neg = v[y == 1], v[y == 0]
         out[c] = {
-            "positives": {"mean": float(np.mean(pos)), "q10_q50_q90": [float(q) for q in np.quantile(pos, [.1, .5, .9])]},
-            "controls": {"mean": float(np.mean(neg)), "q10_q50_q90": [float(q) for q in np.quantile(neg, [.1, .5, .9])]},
+            "positives": _summary(pos),
+            "controls": _summary(neg),
             "ks_pvalue": float(ks_2samp(pos, neg).pvalue),
         }
     return out
@@ -129,7 +133,8 @@ def audit(data, split: str = "train", max_rows: int | None = 20000, core_auc_max
         meta_auc = metadata_only_auc(meta, y, seed)
     gates = {
         "core_only": {"auc": core_auc, "max": core_auc_max, "passed": bool(core_auc <= core_auc_max),
-                      "what": f"5-fold CV logistic regression on the central {CORE_PIX}x{CORE_PIX} normalised pixels (g,r,z)"},
+                      "what": f"5-fold CV logistic regression on the central {CORE_PIX}x{CORE_PIX} "
+                              "normalised pixels (g,r,z)"},
         "metadata_only": {"auc": meta_auc, "max": meta_auc_max, "passed": bool(meta_auc <= meta_auc_max),
                           "what": f"5-fold CV gradient boosting on {', '.join(META_COLUMNS)}"},
     }

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from darkhaloscope.contract import BANDS, SPLITS, STAMP_SIZE, encode_stamp
+from darkhaloscope.contract import BANDS, SPLITS, encode_stamp
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 from darkhaloscope.manifest import read_manifest

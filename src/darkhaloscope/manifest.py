@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from scipy.special import ndtr
 
-from darkhaloscope.contract import BANDS, STAMP_SIZE, PIXEL_SCALE_ARCSEC, load_conditions
+from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, load_conditions
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 
@@ -43,7 +43,6 @@ FOOTPRINT_RA = ((0.0, 50.0), (110.0, 270.0), (315.0, 360.0))
 CELL_N_RA = 280
 CELL_N_SINDEC = 90
 
-HALF_STAMP_ARCSEC = STAMP_SIZE * PIXEL_SCALE_ARCSEC / 2.0
 
 # Columns ``dhs inject`` needs; a manifest lacking any of them is refused.
 CONDITION_COLUMNS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)

@@ -146,7 +146,8 @@ def confuser_shape(kind: str, x, y, p: dict) -> np.ndarray:
     if kind == "ring":  # a complete, lopsided star-forming ring
         return np.exp(-0.5 * ((r - r0) / w) ** 2) * (1.0 + 0.5 * np.cos(dt))
     if kind == "spiral_arm":  # a logarithmic arm r = r0 exp(pitch * angle)
-        return np.exp(-0.5 * ((r - r0 * np.exp(p["conf_pitch"] * dt)) / w) ** 2 - 0.5 * (dt / (2 * p["conf_span"])) ** 2)
+        r_arm = r0 * np.exp(p["conf_pitch"] * dt)
+        return np.exp(-0.5 * ((r - r_arm) / w) ** 2 - 0.5 * (dt / (2 * p["conf_span"])) ** 2)
     if kind == "blue_companion":  # a compact exponential blob at radius r0
         cx, cy = r0 * np.cos(p["conf_phi"]), r0 * np.sin(p["conf_phi"])
         return np.exp(-np.hypot(dx - cx, dy - cy) / (0.6 * w))
