@@ -31,6 +31,8 @@ from darkhaloscope.physics.psf import PSF_MODELS
 from darkhaloscope.scene import column_arrays, render_scenes
 
 ROW_GROUP = 256
+# Dictionary-encode only the repetitive strings: trying it on the stamp blobs costs time for nothing.
+DICTIONARY_COLUMNS = ["brickname", "lens_model", "control_kind", "confuser_kind", "psf_model"]
 _F = pa.float64()
 TRUTH_COLUMNS = ("lens_q", "lens_phi", "lens_x0", "lens_y0", "shear_g1", "shear_g2", "src_x", "src_y",
                  "src_reff", "src_n", "src_q", "src_phi", "src_mag_r") + tuple(f"src_flux_{b}" for b in BANDS)
@@ -135,7 +137,8 @@ def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard
         writers, buffers = {}, {s: [] for s in SPLITS}
         for split in SPLITS:
             tmp = stack.enter_context(atomic_output(output_path(out_dir, split, shard)))
-            writers[split] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd"))
+            writers[split] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd",
+                                                                  use_dictionary=DICTIONARY_COLUMNS))
 
         def flush(split, final=False):
             buf = buffers[split]
