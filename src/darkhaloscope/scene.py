@@ -181,12 +181,6 @@ def psf_fwhm(rows: dict) -> np.ndarray:
     return np.stack([np.asarray(rows[f"psfsize_{b}"], np.float64) for b in BANDS], axis=-1)
 
 
-def sky_kernels(fwhm: np.ndarray) -> np.ndarray:
-    """(B, 3, K, K) true-sky Moffat kernels (beta SKY_MOFFAT_BETA) for (B, 3) FWHMs."""
-    k = psf.moffat_kernel(fwhm.ravel(), beta=SKY_MOFFAT_BETA)
-    return k.reshape(fwhm.shape + k.shape[-2:])
-
-
 def sky_psf_sum_sq(fwhm: np.ndarray) -> np.ndarray:
     """(B, 3) sum(PSF^2) of the unit-sum true-sky kernels, from their quadrants (offsets 0..r): in the
     full symmetric kernel an offset of 0 on an axis appears once, any other offset twice."""
@@ -302,9 +296,9 @@ def noiseless_background(rows: dict) -> tuple[np.ndarray, np.ndarray]:
     return out, sum_sq
 
 
-def render_scenes(rows: dict, psf_model: str, beta: float, arcs=None) -> SceneBatch:
-    """Render a batch of manifest rows. ``arcs`` (injected, for tests) or the physics renderer supply
-    the noiseless arcs of positive rows."""
+def render_scenes(rows: dict, psf_model: str, beta: float) -> SceneBatch:
+    """Render a batch of manifest rows (dict of arrays, see ``column_arrays``): background, the arcs of
+    the positive rows with the variant's PSF (``psf_model``, ``beta``), and noise."""
     b = len(rows["task_id"])
     background, psf_sum_sq = noiseless_background(rows)
     sigma = sky_sigma(np.stack([rows[f"psfdepth_{x}"] for x in BANDS], axis=-1), psf_sum_sq)
@@ -316,7 +310,7 @@ def render_scenes(rows: dict, psf_model: str, beta: float, arcs=None) -> SceneBa
     if positive.any():
         idx = np.nonzero(positive)[0]
         sub = {k: v[idx] for k, v in rows.items()}
-        res = render_arcs(sub, psf_model, beta) if arcs is None else arcs
+        res = render_arcs(sub, psf_model, beta)
         arc[idx] = res["arc"]
         fwhm_used[idx] = psf_fwhm(sub)
         magnification[idx] = res["magnification"]
