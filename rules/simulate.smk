@@ -17,7 +17,7 @@ rule manifest:
         "benchmarks/manifest.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=4000,
         runtime=30,
     conda:
         "../envs/simulate.yaml"
