@@ -1,0 +1,120 @@
+"""Training images/s through the full pipeline vs a bare timm forward/backward loop.
+
+Pipeline: parquet -> StampStream (decode + normalise + augment, DataLoader workers) -> LensClassifier
+(timm backbone + meta fusion head) -> focal loss -> AdamW step, i.e. the code ``dhs train`` runs.
+Bare: ``timm.create_model(arch, num_classes=1)`` on a fixed random tensor of the same shape, BCE, AdamW.
+Both in the same process, interleaved, best of ``--repeat``; the ratio is pipeline / bare.
+Writes benchmarks/out/bench_train.json.
+
+    python benchmarks/bench_train.py [--archs convnext_atto,convnext_tiny] [--batch 64] [--steps 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from factory import write_fake_phase4c  # noqa: E402
+
+from darkhaloscope import stream, train  # noqa: E402
+from darkhaloscope.losses import bce_loss, make_loss  # noqa: E402
+from darkhaloscope.model import build_model  # noqa: E402
+
+
+def bare_loop(arch, batch, steps, device, bf16):
+    import timm
+
+    model = timm.create_model(arch, pretrained=False, num_classes=1).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, 64, 64, device=device)
+    y = (torch.rand(batch, device=device) < 0.5).float()
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x).squeeze(-1)
+        loss = bce_loss(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    step()  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def pipeline_loop(arch, batch, steps, device, bf16, data, workers):
+    fs, files, _ = stream.open_split(str(data), "train")
+    index = stream.build_index(fs, files, ["psfsize_r", "psfdepth_r"])
+    ds = stream.StampStream(index, fs, ["psfsize_r", "psfdepth_r"], [1.25, 24.3], [0.2, 0.4], batch_size=batch,
+                            shuffle=True, augment=True, seed=0, num_workers=workers)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                     pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    model = build_model(arch, 2, 0.1).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = make_loss("focal")
+    done, t, epoch = -1, None, 0
+    while done < steps:
+        ds.set_epoch(epoch)
+        for b in dl:
+            train._train_step(model, model, opt, loss_fn, b, device, bf16, 1.0)
+            done += 1
+            if done == 0:  # the first step is the warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+            if done == steps:
+                break
+        epoch += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="convnext_atto,convnext_tiny")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1024)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}",
+               "batch": args.batch, "steps": args.steps, "bf16": args.bf16, "workers": args.workers, "archs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_fake_phase4c(tmp, {"train": args.rows}, files_per_split=4)
+        for arch in args.archs.split(","):
+            bare, pipe = [], []
+            for _ in range(args.repeat):
+                bare.append(bare_loop(arch, args.batch, args.steps, device, args.bf16))
+                pipe.append(pipeline_loop(arch, args.batch, args.steps, device, args.bf16, data, args.workers))
+            results["archs"][arch] = {"bare_images_per_s": max(bare), "pipeline_images_per_s": max(pipe),
+                                      "ratio": max(pipe) / max(bare)}
+            print(arch, json.dumps(results["archs"][arch]), flush=True)
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / "bench_train.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
