@@ -110,7 +110,7 @@ def test_eval_renders_the_report_in_the_same_call(inputs, tmp_path):
     out_csv = tmp_path / "gen3_stratified_fpr.csv"
     report = tmp_path / "report.html"
     assert cli.main(["eval", "--scores", str(inputs["gen3"]), "--out_csv", str(out_csv), "--report", str(report),
-                     "--compare_scores", f"gen2={inputs['gen2']}", "--history", f"A1={inputs['A1']}",
+                     "--compare", f"gen2={inputs['gen2']}", "--history", f"A1={inputs['A1']}",
                      "--hard_negs", str(inputs["hard_negs"]), "--data", str(inputs["data"]), "--gallery_n", "4"]) == 0
     assert out_csv.exists() and (tmp_path / "gen3_stratified_fpr_auroc.csv").exists()
     assert (tmp_path / "gen3_stratified_fpr_completeness.csv").exists()

@@ -177,18 +177,19 @@ _RSS_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # ~20-40 s on the shared 2-core machine: two fresh interpreters with torch
 def test_memory_is_bounded_on_10x_input(tmp_path, ckpt):
     # 10x the rows in the same number of files (10x larger files): memory must not follow either.
     result = {}
     for scale in (1, 10):
-        data = write_fake_phase4c(tmp_path / f"d{scale}", {"test": 250 * scale}, files_per_split=2)
+        data = write_fake_phase4c(tmp_path / f"d{scale}", {"test": 160 * scale}, files_per_split=2)
         raw = sum(f.stat().st_size for f in data.rglob("*.parquet"))
         res = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(data), str(ckpt), str(tmp_path / f"s{scale}.pq")],
                              capture_output=True, text=True, check=True)
         result[scale] = json.loads(res.stdout.strip().splitlines()[-1]) | {"raw": raw}
         assert result[scale]["rc"] == 0
-        assert pq.read_metadata(tmp_path / f"s{scale}.pq").num_rows == 250 * scale
+        assert pq.read_metadata(tmp_path / f"s{scale}.pq").num_rows == 160 * scale
     grown = (result[10]["maxrss_kb"] - result[1]["maxrss_kb"]) * 1024
     extra = result[10]["raw"] - result[1]["raw"]
-    assert extra > 80e6
+    assert extra > 60e6
     assert grown < 0.25 * extra, result

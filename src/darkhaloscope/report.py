@@ -82,7 +82,7 @@ def add_report_inputs(parser: argparse.ArgumentParser, with_scores: bool = True)
         parser.add_argument("--scores", action="append", required=True, metavar="LABEL=PATH",
                             help="score parquet of one model on the test split (repeat: gen3=..., gen2=...)")
     else:
-        parser.add_argument("--compare_scores", action="append", metavar="LABEL=PATH",
+        parser.add_argument("--compare_scores", "--compare", dest="compare_scores", action="append", metavar="LABEL=PATH",
                             help="(with --report) other models' score parquets shown beside --scores")
     parser.add_argument("--history", action="append", metavar="LABEL=PATH", help="history.json of a training run")
     parser.add_argument("--hard_negs", default=None, help="hard-negative parquet from dhs mine (gallery)")
@@ -260,6 +260,7 @@ def gallery_figure(images: list[np.ndarray], captions: list[str], name: str, alt
 
 def fetch_stamps(data: str, task_ids) -> dict[int, np.ndarray]:
     """task_id -> decoded (3, 64, 64) stamp, scanning the dataset once (all splits) in record batches."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -278,7 +279,7 @@ def fetch_stamps(data: str, task_ids) -> dict[int, np.ndarray]:
     if "task_id" not in dataset.schema.names or "stamp_npz" not in dataset.schema.names:
         raise DHSError(f"{data} has no task_id/stamp_npz columns")
     found: dict[int, np.ndarray] = {}
-    flt = pc.field("task_id").isin(pa_array(wanted))
+    flt = pc.field("task_id").isin(pa.array(wanted))
     for batch in dataset.to_batches(columns=["task_id", "stamp_npz"], filter=flt, batch_size=256,
                                     batch_readahead=1, fragment_readahead=1):
         for tid, blob in zip(batch.column("task_id").to_pylist(), batch.column("stamp_npz").to_pylist()):
@@ -286,12 +287,6 @@ def fetch_stamps(data: str, task_ids) -> dict[int, np.ndarray]:
             if img is not None:
                 found[int(tid)] = img
     return found
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values)
 
 
 # ----------------------------------------------------------------------------------------------------
