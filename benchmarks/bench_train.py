@@ -7,6 +7,7 @@ Both in the same process, interleaved, best of ``--repeat``; the ratio is pipeli
 Writes benchmarks/out/bench_train.json.
 
     python benchmarks/bench_train.py [--archs convnext_atto,convnext_tiny] [--batch 64] [--steps 4]
+        [--threads 1] [--workers 0] [--bf16]
 """
 
 from __future__ import annotations
@@ -93,13 +94,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--rows", type=int, default=1024)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 = a per-core figure, robust to a shared machine's load)")
     ap.add_argument("--bf16", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}",
-               "batch": args.batch, "steps": args.steps, "bf16": args.bf16, "workers": args.workers, "archs": {}}
+               "batch": args.batch, "steps": args.steps, "bf16": args.bf16, "workers": args.workers,
+               "threads": torch.get_num_threads(), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_fake_phase4c(tmp, {"train": args.rows}, files_per_split=4)
         for arch in args.archs.split(","):

