@@ -68,32 +68,39 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(data, tmp_path, capsys)
     assert rc == 0 and "starting fresh" in err
 
 
-def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, tmp_path, capsys):
-    a1, a2 = tmp_path / "a1", tmp_path / "a2"
-    rc, _ = _train(capsys, "--data", data, "--out_dir", a1, *ONE_EPOCH, "--lr", "3e-4",
-                   "--min_theta_over_psf", "0.8", "--min_arc_snr", "7")
-    assert rc == 0
-    best = load_checkpoint(a1 / "best.pt")
+@pytest.fixture(scope="module")
+def a1_best(data, tmp_path_factory):
+    """A finished stage A1 (1 epoch, strict cuts): its best.pt."""
+    out = tmp_path_factory.mktemp("a1")
+    assert cli.main(["train", "--data", str(data), "--out_dir", str(out), *ONE_EPOCH, "--lr", "3e-4",
+                     "--min_theta_over_psf", "0.8", "--min_arc_snr", "7"]) == 0
+    return out / "best.pt"
+
+
+def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, a1_best, tmp_path, capsys):
+    best = load_checkpoint(a1_best)
     assert best["finished"] and best["kind"] == "best" and best["epoch"] == 1
-    # the seed's A2 command line: --resume A1/best.pt with a new LR and looser cuts
-    rc, err = _train(capsys, "--data", data, "--out_dir", a2, *BASE, "--lr", "1e-4", "--min_theta_over_psf", "0.5",
-                     "--min_arc_snr", "3", "--resume", a1 / "best.pt")
+    # the seed's A2 command line: --resume A1/best.pt with a new LR and looser cuts. A negligible LR
+    # makes the weights' origin visible: after A2 they must still be A1's.
+    a2 = tmp_path / "a2"
+    rc, err = _train(capsys, "--data", data, "--out_dir", a2, *ONE_EPOCH, "--lr", "1e-12",
+                     "--weight_decay", "0", "--min_theta_over_psf", "0.5", "--min_arc_snr", "3",
+                     "--resume", a1_best)
     assert rc == 0
-    assert "--resume points at a finished stage's best.pt" in err and "fresh optimizer at lr 0.0001" in err
+    assert "--resume points at a finished stage's best.pt" in err and "fresh optimizer at lr 1e-12" in err
     hist = _history(a2)["epochs"]
-    assert len(hist) == 2  # a full new schedule, not A1's finished epoch counter
-    assert 0 < max(r["lr"] for r in hist) <= 1e-4
+    assert len(hist) == 1  # a new schedule: A1's finished epoch counter would have trained 0 epochs
+    assert 0 < max(r["lr"] for r in hist) <= 1e-12  # the new LR, not A1's 3e-4
     last = load_checkpoint(a2 / "last.pt")
     steps = {float(s["step"]) for s in last["optimizer"]["state"].values()}
     assert steps == {float(hist[-1]["steps"])}  # optimizer state counts A2's steps only
     assert last["meta_mean"] == best["meta_mean"]  # the standardisation the weights were trained with
-    # weights really come from A1: with a negligible LR the network stays at A1's best
-    a3 = tmp_path / "a3"
-    rc, _ = _train(capsys, "--data", data, "--out_dir", a3, *ONE_EPOCH, "--lr", "1e-12",
-                   "--init_from", a1 / "best.pt", "--weight_decay", "0")
-    assert rc == 0
-    after = load_checkpoint(a3 / "last.pt")["state_dict"]
+    after = last["state_dict"]
     assert all(torch.allclose(v.float(), after[k].float(), atol=1e-6) for k, v in best["state_dict"].items())
+    # --init_from is the same warm start
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "a3", *ONE_EPOCH, "--lr", "1e-4",
+                     "--init_from", a1_best, "--stop_after_steps", "1")
+    assert rc == 0 and "--init_from" in err and "fresh optimizer at lr 0.0001" in err
 
 
 def test_outputs_history_and_best_checkpoint(data, tmp_path, capsys):
@@ -157,7 +164,7 @@ def _write(root: Path, table: pa.Table, split: str) -> None:
     ("meta_mismatch", "has meta columns psfsize_r,psfdepth_r but --meta_cols is psfsize_r"),
     ("hard_negs", "hard-negative file"),
 ])
-def test_bad_input_is_one_line_error_before_training(data, tmp_path, capsys, case, match):
+def test_bad_input_is_one_line_error_before_training(data, a1_best, tmp_path, capsys, case, match):
     out = tmp_path / "out"
     argv = ["--data", data, "--out_dir", out, *ONE_EPOCH]
     if case == "leak":
@@ -180,9 +187,7 @@ def test_bad_input_is_one_line_error_before_training(data, tmp_path, capsys, cas
         (tmp_path / "x.pt").write_bytes(b"garbage")
         argv += ["--init_from", tmp_path / "x.pt"]
     elif case in ("arch_mismatch", "meta_mismatch"):
-        ck = tmp_path / "ck"
-        assert _train(capsys, "--data", data, "--out_dir", ck, *argv[4:], "--epochs", "1")[0] == 0
-        argv += ["--init_from", ck / "best.pt"]
+        argv += ["--init_from", a1_best]
         argv += ["--arch", "convnext_femto"] if case == "arch_mismatch" else ["--meta_cols", "psfsize_r"]
     elif case == "hard_negs":
         argv += ["--hard_negs", tmp_path / "missing.parquet"]
