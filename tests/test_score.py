@@ -133,8 +133,12 @@ def test_bad_inputs(tmp_path, ckpt, fake_phase4c, capsys):
     nometa = write_fake_phase4c(tmp_path / "nometa", {"test": 10})
     for f in nometa.glob("region_split=test/*.parquet"):
         pq.write_table(pq.read_table(f).drop(["psfdepth_r"]), f)
+    broken = make_checkpoint(tmp_path / "nan.pt")
+    ck = torch.load(broken, weights_only=True)
+    ck["state_dict"]["head.bias"].fill_(float("nan"))
+    save_checkpoint(broken, **{k: v for k, v in ck.items() if k != "format"})
     cases = [(tmp_path / "empty", ckpt, "empty split"), (fake_phase4c, junk, "checkpoint"),
-             (nometa, ckpt, "psfdepth_r")]
+             (nometa, ckpt, "psfdepth_r"), (fake_phase4c, broken, "non-finite logits")]
     for data, ck, word in cases:
         out = tmp_path / "o.parquet"
         assert _infer(data, ck, out) == 2
@@ -192,4 +196,6 @@ def test_memory_is_bounded_on_10x_input(tmp_path, ckpt):
     grown = (result[10]["maxrss_kb"] - result[1]["maxrss_kb"]) * 1024
     extra = result[10]["raw"] - result[1]["raw"]
     assert extra > 60e6
-    assert grown < 0.25 * extra, result
+    # Holding the stamps (or the decoded images) would grow by >= 1x the extra input; a streaming run
+    # grows by a few MB of allocator fragmentation (measured 6-12 MB here).
+    assert grown < 0.4 * extra, result

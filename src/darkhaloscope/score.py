@@ -169,7 +169,10 @@ def forward_logits(model, images: np.ndarray, meta: np.ndarray, device, use_bf16
         logits = model(x, m)
     if logits.dtype != torch.float32:
         raise DHSError(f"model returned {logits.dtype} logits; expected float32")
-    return logits.cpu().numpy()
+    out = logits.cpu().numpy()
+    if not np.isfinite(out).all():
+        raise DHSError(f"model produced {int((~np.isfinite(out)).sum())} non-finite logits in one batch (broken checkpoint?)")
+    return out
 
 
 def sigmoid32(logits: np.ndarray) -> np.ndarray:
