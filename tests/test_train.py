@@ -80,6 +80,10 @@ def a1_best(data, tmp_path_factory):
 def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, a1_best, tmp_path, capsys):
     best = load_checkpoint(a1_best)
     assert best["finished"] and best["kind"] == "best" and best["epoch"] == 1
+    a1_hist = _history(a1_best.parent)
+    val_cut, val_all = a1_hist["epochs"][0]["val_cut"], a1_hist["epochs"][0]["val_all"]
+    assert val_cut["n_neg"] == val_all["n_neg"] and val_cut["n_pos"] < val_all["n_pos"]  # cuts drop positives only
+    assert a1_hist["curriculum"]["match_controls"] and a1_hist["curriculum"]["meta_auc_sampled"] is not None
     # the seed's A2 command line: --resume A1/best.pt with a new LR and looser cuts. A negligible LR
     # makes the weights' origin visible: after A2 they must still be A1's.
     a2 = tmp_path / "a2"
