@@ -225,6 +225,9 @@ def test_fast_decode_and_normalise_equal_the_reference(fake_phase4c):
     mad = np.maximum(np.median(np.abs(outer - med[..., None]), axis=-1) * 1.4826, 1e-8)
     expect = np.clip((images - med[..., None, None]) / mad[..., None, None], -10, 10)
     assert np.array_equal(contract.normalize_stamps(images), expect.astype(np.float32))
+    single, empty = images[0], images[:0]
+    assert np.array_equal(contract.normalize_stamps(single), expect[0].astype(np.float32))
+    assert contract.normalize_stamps(empty).shape == (0, 3, 64, 64)
     odd = images[..., 1:, :]  # an odd pixel count exercises the other median branch
     assert np.array_equal(contract._median_last(odd.reshape(*odd.shape[:2], -1)),
                           np.median(odd.reshape(*odd.shape[:2], -1), axis=-1))

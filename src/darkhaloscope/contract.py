@@ -163,7 +163,7 @@ def normalize_stamps(images: np.ndarray) -> np.ndarray:
         return np.concatenate([normalize_stamps(images[i:i + _NORM_CHUNK])
                                for i in range(0, len(images), _NORM_CHUNK)])
     # (..., 3, K); take() with flat indices gathers ~5x faster than boolean-mask indexing
-    outer = images.reshape(*images.shape[:-2], -1).take(_OUTER_INDEX, axis=-1)
+    outer = images.reshape(*images.shape[:-2], STAMP_SIZE * STAMP_SIZE).take(_OUTER_INDEX, axis=-1)
     med = _median_last(outer)
     mad = _median_last(np.abs(outer - med[..., None])) * np.float32(1.4826)
     mad = np.maximum(mad, np.float32(1e-8))
