@@ -420,7 +420,8 @@ def _run(args, d: Dist) -> int:
         model.load_state_dict(ck["state_dict"])
         opt.load_state_dict(ck["optimizer"])
         start_epoch, start_step = ck["sampler"]["epoch"], ck["sampler"]["batches_done"]
-        partial = ck["sampler"].get("partial", [0.0, 0, 0, 0])
+        # the partial-epoch sums are over all ranks: rank 0 carries them, the others restart from 0
+        partial = ck["sampler"].get("partial", [0.0, 0, 0, 0]) if d.main else [0.0, 0, 0, 0]
         global_step, history, best = ck["global_step"], ck["history"], ck.get("best")
         set_rng_state(ck["rng"])
     net = model
@@ -439,6 +440,7 @@ def _run(args, d: Dist) -> int:
     val_dl = _loader(val_ds, args.num_workers, d)
 
     def save_last(epoch: int, batches_done: int, finished: bool, sums=(0.0, 0, 0, 0)) -> None:
+        sums = d.sum([float(x) for x in sums])  # every rank calls this at the same step (collective)
         if not d.main:
             return
         save_checkpoint(state_dir / "last.pt", kind="last", arch=args.arch, model_kwargs=kwargs,
