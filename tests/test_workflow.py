@@ -48,8 +48,9 @@ def test_dry_run_plans_without_running(tmp_path):
     planned = jobs_planned(result)
     assert planned["inject"] == 4 and planned["train"] == 3 and planned["score"] == 3
     assert planned["manifest"] == planned["mine"] == planned["evaluate"] == 1
-    produced = [p for p in (tmp_path / "results").rglob("*") if p.is_file()] if (tmp_path / "results").exists() else []
-    assert produced == []
+    run_dir = tmp_path / "results"
+    produced = [p for p in run_dir.rglob("*") if p.is_file() and ".snakemake" not in p.parts] if run_dir.exists() else []
+    assert produced == []  # only Snakemake's own bookkeeping (.snakemake/) may appear
 
 
 def test_lint_is_clean():
@@ -134,3 +135,20 @@ def test_interrupted_training_rule_resumes(run):
     log = (run_dir / "logs/train/gen3_stageA2.log").read_text().lower()
     assert "resum" in log and "step 3" in log
     assert (run_dir / "runs/gen3_stageA2/best.pt").exists()
+
+
+def test_existing_real_data_skips_simulation(tmp_path):
+    from factory import write_fake_phase4c
+
+    real = write_fake_phase4c(tmp_path / "phase4c_v4_sota", {"train": 16, "val": 8, "test": 8})
+    cfg = write_config(tmp_path / "real.yaml", tmp_path / "results",
+                       {"variants": {"v4_sota": {"existing": str(real)}}})
+    result = snakemake(TARGET, "-n", "--configfile", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = jobs_planned(result)
+    assert planned["inject"] == 2 and planned["audit"] == 1  # only v4_sota_moffat is simulated
+    assert f"--data {real}" in result.stdout  # Gen2 trains on the existing directory
+    missing = write_config(tmp_path / "missing.yaml", tmp_path / "results",
+                           {"variants": {"v4_sota": {"existing": str(tmp_path / "nowhere")}}})
+    result = snakemake(TARGET, "-n", "--configfile", str(missing))
+    assert result.returncode != 0 and "variants.v4_sota.existing" in result.stdout + result.stderr
