@@ -96,7 +96,7 @@ def flag(name, value):
 def train_args(stage):
     """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
     t, s = config["train"], config[STAGES[stage]["section"]]
-    keys = ["arch", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed"]
+    keys = ["arch", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps"]
     args = [flag(k, t[k]) for k in keys]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
                                           "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]

@@ -17,7 +17,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 TINY = {
     "simulation": {"n_tasks": 720, "n_shards": 2, "batch_size": 128},
     "audit": {"max_rows": 400, "on_fail": "warn"},
-    "train": {"arch": "convnext_atto", "batch_size": 32},
+    "train": {"arch": "convnext_atto", "batch_size": 32, "save_every_steps": 2},
     "gen2": {"epochs": 1},
     "gen3_a1": {"epochs": 1},
     "gen3_a2": {"epochs": 1},

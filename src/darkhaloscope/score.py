@@ -4,7 +4,7 @@ The network, its meta columns and their standardisation come from the checkpoint
 (``model.load_model``); stamps go through the training stream's decode + normalise + meta path
 (``stream.decode_batch``), so training and inference cannot disagree on normalisation.
 
-Memory is bounded: the split is streamed in record batches (``iter_split_batches``), decoded one
+Memory is bounded: the split is streamed in record batches (``stream.iter_table_batches``), decoded one
 batch at a time (a background thread or ``--num_workers`` processes prepare the next batches while the
 network runs), and each scored batch is appended to a ``ParquetWriter`` on a temporary name that is
 renamed only when the whole split is done. ``logit`` is float32 and computed in float32 even under
@@ -48,32 +48,6 @@ def _prepare(batch: pa.RecordBatch, passthrough, meta_cols, meta_mean, meta_std)
             "n_skipped": int((~ok).sum())}
 
 
-def iter_split_batches(data, split, columns, batch_size):
-    """RecordBatches (<= batch_size rows) of ``columns`` of one split, file by file, in file order.
-
-    Why not ``stream.iter_table_batches``: pyarrow's dataset scanner pre-buffers whole files and reads
-    16 batches x 4 files ahead, i.e. ~3 GB at the seed's batch 1024 (measured: 119 MB at batch 32 on
-    2.5 MB files). ``ParquetFile.iter_batches(pre_buffer=False)`` holds one row group at a time. File
-    listing, schema checks and the partition column follow ``stream.open_split`` exactly."""
-    from darkhaloscope.stream import PARTITION, check_columns, open_split
-
-    fs, files, schema = open_split(data, split)
-    columns = list(dict.fromkeys(columns))
-    check_columns(schema, columns, f"{data} split '{split}'")
-    file_columns = [c for c in columns if c != PARTITION]
-    for path in files:
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh, pre_buffer=False)
-            missing = [c for c in file_columns if c not in pf.schema_arrow.names]
-            if missing:
-                raise DHSError(f"{path} lacks column(s) {','.join(missing)}")
-            for batch in pf.iter_batches(batch_size=batch_size, columns=file_columns, use_threads=False):
-                if PARTITION in columns:
-                    batch = batch.append_column(PARTITION, pa.array([split] * batch.num_rows, pa.string()))
-                if batch.num_rows:
-                    yield batch
-
-
 def _prepared_batches_class():
     """The iterable dataset class (built lazily so that importing this module does not import torch)."""
     from torch.utils.data import IterableDataset
@@ -97,9 +71,11 @@ class _PreparedBatches:
     def __iter__(self):
         from torch.utils.data import get_worker_info
 
+        from darkhaloscope.stream import iter_table_batches
+
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, batch in enumerate(iter_split_batches(*self.args)):
+        for i, batch in enumerate(iter_table_batches(*self.args)):
             if i % n_workers == worker:
                 yield _prepare(batch, self.passthrough, *self.meta)
 

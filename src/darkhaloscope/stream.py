@@ -83,19 +83,27 @@ def check_columns(schema: pa.Schema, columns, where: str) -> None:
 
 
 def iter_table_batches(data: str, split: str, columns, batch_size: int = 1024):
-    """Yield pyarrow RecordBatches (at most ``batch_size`` rows) of ``columns`` of one split, in file
-    order, streaming. Missing columns -> DHSError."""
+    """Yield pyarrow RecordBatches (at most ``batch_size`` rows) of ``columns`` of one split, file by file
+    in file order, with bounded memory. Missing columns -> DHSError.
+
+    Why not ``Dataset.to_batches``: pyarrow's dataset scanner pre-buffers whole files and reads 16 batches
+    x 4 files ahead, i.e. ~3 GB at the seed's batch 1024 (measured: 119 MB at batch 32 on 2.5 MB files).
+    ``ParquetFile.iter_batches(pre_buffer=False)`` holds one row group at a time."""
     fs, files, schema = open_split(data, split)
     columns = list(dict.fromkeys(columns))
     check_columns(schema, columns, f"{data} split '{split}'")
-    dataset = pads.dataset(files, format="parquet", filesystem=fs,
-                           schema=pa.schema([f for f in schema if f.name != PARTITION]))
     file_columns = [c for c in columns if c != PARTITION]
-    for batch in dataset.to_batches(columns=file_columns, batch_size=batch_size):
-        if PARTITION in columns:
-            batch = batch.append_column(PARTITION, pa.array([split] * batch.num_rows, pa.string()))
-        if batch.num_rows:
-            yield batch
+    for path in files:
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh, pre_buffer=False)
+            missing = [c for c in file_columns if c not in pf.schema_arrow.names]
+            if missing:
+                raise DHSError(f"{path} lacks column(s) {','.join(missing)}")
+            for batch in pf.iter_batches(batch_size=batch_size, columns=file_columns, use_threads=False):
+                if PARTITION in columns:
+                    batch = batch.append_column(PARTITION, pa.array([split] * batch.num_rows, pa.string()))
+                if batch.num_rows:
+                    yield batch
 
 
 # ----------------------------------------------------------------------------------------------------

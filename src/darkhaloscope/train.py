@@ -40,6 +40,9 @@ RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_deca
                "train_split", "match_controls", "max_skip_frac", "variant")
 
 
+KILL_ENV = "DHS_TRAIN_STOP_AFTER_STEPS"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="Phase 4c parquet root (Hive region_split=); local or s3://")
     p.add_argument("--out_dir", required=True, help="writes best.pt and history.json here")
@@ -81,7 +84,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto_resume", action="store_true",
                    help="continue state_dir/last.pt if it is an unfinished run with the same fingerprint")
     p.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps")
-    p.add_argument("--stop_after_steps", type=int, default=0, help=argparse.SUPPRESS)  # test hook: simulated kill
+    # test hooks: stop after N optimiser steps. The flag ends the run cleanly (rc 0); the environment variable
+    # DHS_TRAIN_STOP_AFTER_STEPS simulates a kill inside a workflow job (non-zero exit, no final save).
+    p.add_argument("--stop_after_steps", type=int, default=int(os.environ.get(KILL_ENV, 0) or 0),
+                   help=argparse.SUPPRESS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -486,6 +492,8 @@ def _run(args, d: Dist) -> int:
         bar.close()
         if stopped:
             log(d, f"stopping after {global_step} steps (--stop_after_steps)")
+            if os.environ.get(KILL_ENV):
+                raise DHSError(f"interrupted after {global_step} steps ({KILL_ENV}: a simulated kill)")
             break
         loss_sum, n_seen, n_bad, n_planned = d.sum([loss_sum, n_seen, n_bad, n_planned])
         _check_skips(n_bad, n_planned, args.max_skip_frac, final=True)
