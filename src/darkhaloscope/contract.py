@@ -99,9 +99,9 @@ def encode_stamp(image: np.ndarray) -> bytes:
     image = np.asarray(image, dtype=np.float32)
     if image.shape != (len(BANDS), STAMP_SIZE, STAMP_SIZE):
         raise DHSError(f"stamp has shape {image.shape}, expected (3, {STAMP_SIZE}, {STAMP_SIZE})")
-    buf = io.BytesIO()
-    np.savez(buf, **{key: image[i] for i, key in enumerate(STAMP_KEYS)})
-    return buf.getvalue()
+    from darkhaloscope.stampcodec import write_npz  # same archive as np.savez, ~10x cheaper, deterministic
+
+    return write_npz({key: image[i] for i, key in enumerate(STAMP_KEYS)})
 
 
 def decode_stamp(blob: bytes) -> np.ndarray | None:

@@ -15,6 +15,7 @@ are in seeded random order: blocks in a random order per shard, rows permuted wi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -155,13 +156,19 @@ def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard
             sel = sel[np.argsort(task_id[sel])]
             rows = column_arrays(manifest.take(pa.array(sel)))
             batch = render_scenes(rows, psf_model, beta)
+            # Rows in seeded random order, grouped by split (stable, so each split keeps that order):
+            # reordering the arrays before building the table leaves zero-copy slices per split.
+            perm = np.random.default_rng([int(block), 0x52]).permutation(len(sel))
+            splits = np.asarray(rows["region_split"]).astype(str)
+            order = perm[np.argsort(splits[perm], kind="stable")]
+            rows = {k: v[order] for k, v in rows.items()}
+            batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[order]
+                                                  for f in dataclasses.fields(batch)})
             table, splits = batch_table(rows, batch, psf_model, beta, write_arc)
-            perm = np.random.default_rng([int(block), 0x52]).permutation(table.num_rows)
-            table, splits = table.take(pa.array(perm)), splits[perm]
             for split in SPLITS:
                 keep = np.nonzero(splits == split)[0]
                 if len(keep):
-                    buffers[split].append(table.take(pa.array(keep)))
+                    buffers[split].append(table.slice(keep[0], len(keep)))
                     counts[split] += len(keep)
                     flush(split)
         for split in SPLITS:
