@@ -112,3 +112,19 @@ def test_arc_truth_mapping_places_arcs_around_the_lens(rows):
     arc = scene.render_arcs(r, "moffat", 3.5)["arc"][:, 1]
     cx = (arc * xx).sum((1, 2)) / arc.sum((1, 2))
     assert np.all(cx > r["lens_x0"] + 0.2)
+
+
+def test_sersic_on_grid_matches_sersic():
+    """The float32 fast path of the background profiles equals light.sersic to float32 precision."""
+    rng = np.random.default_rng(4)
+    m = 30
+    p = dict(flux=rng.uniform(0.1, 10, m), r_eff=rng.uniform(0.1, 4, m), n=rng.uniform(0.5, 8, m),
+             q=rng.uniform(0.1, 1, m), phi=rng.uniform(-np.pi, np.pi, m), x0=rng.uniform(-6, 6, m),
+             y0=rng.uniform(-6, 6, m))
+    x, y = light.pixel_grid(64, 2)
+    ref = light.sersic(x, y, *[p[k][:, None, None] for k in p])
+    got = light.sersic_on_grid(x[0], y[:, 0], **p)
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6 * ref.max())
+    with pytest.raises(Exception, match="r_eff > 0"):
+        light.sersic_on_grid(x[0], y[:, 0], **{**p, "q": np.full(m, 1.5)})

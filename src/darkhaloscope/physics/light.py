@@ -70,6 +70,42 @@ def sersic(x, y, flux, r_eff, n, q, phi, x0, y0):
     return i_e * np.exp(-b * ((radius / np.maximum(r_eff, R_FLOOR)) ** (1.0 / n) - 1.0))
 
 
+def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32) -> np.ndarray:
+    """``sersic`` for M profiles on the regular grid x = xs[None, :], y = ys[:, None] (1-D arcsec
+    coordinates): parameters (M,) -> (M, len(ys), len(xs)) in ``dtype`` (float32 by default).
+
+    Same formula as ``sersic``, evaluated with few full-size passes: the rotated, q-scaled coordinates
+    are sums of a per-column and a per-row term (built on the 1-D axes), and
+    I_e exp(-b ((R / r_eff)^(1/n) - 1)) becomes exp(b - b exp((ln R^2 / 2 - ln r_eff) / n)) I_e, all
+    in place. The background of a scene uses it (about 4x cheaper than ``sersic`` on full grids)."""
+    col = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1, 1)  # noqa: E731
+    r_eff, n, q = col(r_eff), col(n), col(q)
+    if np.any(~(r_eff > 0)) or np.any(~(n > 0)) or np.any(~((q > 0) & (q <= 1))):
+        raise DHSError("sersic needs r_eff > 0, n > 0 and 0 < q <= 1")
+    phi, x0, y0 = col(phi), col(x0), col(y0)
+    xs = np.asarray(xs, dtype=np.float64)[None, None, :]
+    ys = np.asarray(ys, dtype=np.float64)[None, :, None]
+    c, s, sq = np.cos(phi), np.sin(phi), np.sqrt(q)
+    # sqrt(q) x' = sqrt(q) (c (x - x0) + s (y - y0)); y' / sqrt(q) = (-s (x - x0) + c (y - y0)) / sqrt(q)
+    u = (sq * (c * (xs - x0))).astype(dtype) + (sq * s * (ys - y0)).astype(dtype)
+    v = (-s * (xs - x0) / sq).astype(dtype) + (c * (ys - y0) / sq).astype(dtype)
+    np.square(u, out=u)
+    np.square(v, out=v)
+    u += v
+    np.maximum(u, dtype(R_FLOOR**2), out=u)
+    np.log(u, out=u)
+    b = sersic_b(n)
+    r_e = np.maximum(r_eff, R_FLOOR)
+    u *= (0.5 / n).astype(dtype)
+    u -= (np.log(r_e) / n).astype(dtype)
+    np.exp(u, out=u)
+    u *= (-b).astype(dtype)
+    u += b.astype(dtype)
+    np.exp(u, out=u)
+    u *= sersic_norm(col(flux), r_eff, n).astype(dtype)
+    return u
+
+
 def pixel_grid(size: int = STAMP_SIZE, supersample: int = 1, scale: float = PIXEL_SCALE_ARCSEC):
     """(x, y) arcsec coordinates of the (sub-)pixel centres of a size x size stamp, each of shape
     (size * supersample, size * supersample), indexed [row, column]; the stamp centre is 0.

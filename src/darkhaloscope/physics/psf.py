@@ -191,6 +191,14 @@ def convolve_psf(images, fwhm_arcsec, model: str, beta: float = 3.5, scale=PIXEL
     fwhm = np.asarray(fwhm_arcsec, dtype=np.float64)
     dtype = np.float32 if images.dtype == np.float32 else np.float64
     quadrants = kernel_quadrants(fwhm.ravel(), model, beta, scale=scale).astype(dtype)
-    quadrants = quadrants.reshape(fwhm.shape + quadrants.shape[-2:])
+    return convolve_quadrants(images, quadrants.reshape(fwhm.shape + quadrants.shape[-2:]))
+
+
+def convolve_quadrants(images, quadrants):
+    """Convolve images (..., H, W) with the symmetric kernels whose quadrants (offsets 0..r, as from
+    ``kernel_quadrants``) are given, (..., r+1, r+1) broadcasting with images.shape[:-2]."""
+    images = np.asarray(images)
+    dtype = np.float32 if images.dtype == np.float32 else np.float64
+    quadrants = np.asarray(quadrants, dtype)
     c = quadrants.shape[-1] - 1
     return _convolve_spectrum(images, lambda nh, nw: _symmetric_spectrum(quadrants, nh, nw, dtype), c, dtype)
