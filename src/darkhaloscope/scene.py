@@ -94,10 +94,17 @@ def host_light(rows: dict) -> np.ndarray:
     return img
 
 
-def neighbour_light(rows: dict) -> np.ndarray:
-    """(B, 3, 64, 64) float32 neighbour galaxies in g, r, z (only occupied slots are evaluated)."""
-    b = len(rows["task_id"])
-    out = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
+def _output(rows: dict, out, dtype) -> np.ndarray:
+    """The (B, 3, 64, 64) array a component adds into: ``out`` if given, else new zeros."""
+    if out is None:
+        out = np.zeros((len(rows["task_id"]), len(BANDS), STAMP_SIZE, STAMP_SIZE), dtype)
+    return out
+
+
+def neighbour_light(rows: dict, out=None) -> np.ndarray:
+    """(B, 3, 64, 64) float32 neighbour galaxies in g, r, z (only occupied slots are evaluated), added
+    into ``out`` when given."""
+    out = _output(rows, out, np.float32)
     stamp, slot = np.nonzero(np.isfinite(rows["nb_mag_r"]))
     if len(stamp) == 0:
         return out
@@ -112,10 +119,10 @@ def neighbour_light(rows: dict) -> np.ndarray:
     return out
 
 
-def star_light(rows: dict) -> np.ndarray:
-    """(B, 3, 64, 64) point sources, each split bilinearly over the four pixels around it."""
-    b = len(rows["task_id"])
-    out = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE))
+def star_light(rows: dict, out=None) -> np.ndarray:
+    """(B, 3, 64, 64) point sources, each split bilinearly over the four pixels around it (float64, or
+    added into ``out`` when given)."""
+    out = _output(rows, out, np.float64)
     stamp, slot = np.nonzero(np.isfinite(rows["star_mag_r"]))
     if len(stamp) == 0:
         return out
@@ -159,10 +166,10 @@ def confuser_shape(kind: str, x, y, p: dict) -> np.ndarray:
     raise ValueError(f"unknown confuser kind {kind}")
 
 
-def confuser_light(rows: dict) -> np.ndarray:
-    """(B, 3, 64, 64) float32 lens-like confusers, each normalised to its total flux inside the stamp."""
-    b = len(rows["task_id"])
-    out = np.zeros((b, len(BANDS), STAMP_SIZE, STAMP_SIZE), np.float32)
+def confuser_light(rows: dict, out=None) -> np.ndarray:
+    """(B, 3, 64, 64) float32 lens-like confusers, each normalised to its total flux inside the stamp,
+    added into ``out`` when given."""
+    out = _output(rows, out, np.float32)
     kinds = np.asarray(rows["confuser_kind"]).astype(str)
     for kind in np.unique(kinds):
         if kind in ("none", "", "None"):
@@ -209,12 +216,14 @@ def sky_sigma(psfdepth, psf_sum_sq) -> np.ndarray:
 def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.ndarray:
     """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``."""
     noiseless = np.asarray(noiseless, np.float32)
-    var = np.maximum(noiseless, np.float32(0.0)) * np.float32(1.0 / GAIN_E_PER_NMGY)
+    var = np.maximum(noiseless, np.float32(0.0))
+    var *= np.float32(1.0 / GAIN_E_PER_NMGY)
     var += (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)[:, :, None, None]
+    np.sqrt(var, out=var)
     out = np.empty(noiseless.shape, np.float32)
     for i, seed in enumerate(np.asarray(noise_seeds, np.int64)):
-        out[i] = np.random.default_rng(int(seed)).standard_normal(noiseless.shape[1:], dtype=np.float32)
-    out *= np.sqrt(var)
+        np.random.default_rng(int(seed)).standard_normal(dtype=np.float32, out=out[i])
+    out *= var
     out += noiseless
     return out
 
@@ -282,9 +291,9 @@ def background_light(rows: dict) -> np.ndarray:
     """(B, 3, 64, 64) float32 pre-PSF host + neighbours + stars + confuser, flux per pixel."""
     host_flux = band_fluxes(rows["host_mag_r"], rows["host_g_minus_r"], rows["host_r_minus_z"]).astype(np.float32)
     pre = host_light(rows)[:, None] * host_flux[:, :, None, None]
-    pre += neighbour_light(rows)
-    pre += star_light(rows)
-    pre += confuser_light(rows)
+    neighbour_light(rows, out=pre)
+    star_light(rows, out=pre)
+    confuser_light(rows, out=pre)
     return pre
 
 
@@ -329,6 +338,6 @@ def render_scenes(rows: dict, psf_model: str, beta: float) -> SceneBatch:
         fwhm_used[idx] = psf_fwhm(sub)
         magnification[idx] = res["magnification"]
         snr[idx], snr_peak[idx] = arc_snr(res["arc"], sigma[idx])
-    noiseless = background + arc
-    image = add_noise(noiseless, sigma, rows["noise_seed"])
+    background += arc  # the noiseless scene
+    image = add_noise(background, sigma, rows["noise_seed"])
     return SceneBatch(image, arc, sigma, fwhm_used, snr, snr_peak, magnification)

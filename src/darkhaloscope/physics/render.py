@@ -238,6 +238,14 @@ def arc_snr(arc_images, sigma_pix=None, threshold=1.0, variance=None):
     arc = np.asarray(arc_images, dtype=np.float64)
     if arc.ndim != 3:
         raise DHSError(f"arc_snr expects (B, H, W) images of one band, got shape {arc.shape}")
+    if variance is None:  # one sigma per stamp: no per-pixel variance arrays needed
+        sigma = np.asarray(sigma_pix, dtype=np.float64).reshape(-1)
+        if np.any(~(sigma**2 > 0)):
+            raise DHSError("arc_snr needs a positive, finite noise variance")
+        mask = arc > (threshold * np.sqrt(sigma**2))[:, None, None]
+        signal = np.where(mask, arc, 0.0).sum(axis=(1, 2))
+        noise = np.sqrt(np.count_nonzero(mask, axis=(1, 2)) * sigma**2)
+        return np.divide(signal, noise, out=np.zeros_like(signal), where=noise > 0)
     var = _variance(arc, sigma_pix, variance)
     if np.any(~(var > 0)):
         raise DHSError("arc_snr needs a positive, finite noise variance")
