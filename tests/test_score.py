@@ -201,28 +201,8 @@ def test_memory_is_bounded_on_10x_input(tmp_path, ckpt):
     assert grown < 0.4 * extra, result
 
 
-def test_scores_s3_data_like_local(fake_phase4c, ckpt, tmp_path, monkeypatch):
+def test_scores_s3_data_like_local(fake_phase4c, s3_phase4c, ckpt, tmp_path):
     """s3:// data through pyarrow's S3 filesystem, against a local moto server (no network)."""
-    import socket
-
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        s3.create_bucket(Bucket="dhs")
-        for path in fake_phase4c.rglob("*.parquet"):
-            s3.upload_file(str(path), "dhs", f"phase4c/{path.relative_to(fake_phase4c).as_posix()}")
-        uri = f"s3://dhs/phase4c?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        assert _infer(uri, ckpt, tmp_path / "s3.parquet") == 0
-    finally:
-        server.stop()
+    assert _infer(s3_phase4c, ckpt, tmp_path / "s3.parquet") == 0
     assert _infer(fake_phase4c, ckpt, tmp_path / "local.parquet") == 0
     assert pq.read_table(tmp_path / "s3.parquet").equals(pq.read_table(tmp_path / "local.parquet"))

@@ -244,36 +244,16 @@ def test_augment_is_a_symmetry_of_the_square():
     assert not np.array_equal(out, images)
 
 
-def test_reads_from_s3(fake_phase4c, monkeypatch):
+def test_reads_from_s3(fake_phase4c, s3_phase4c):
     """s3:// data through pyarrow's S3 filesystem, against a local moto server (no network)."""
-    import socket
-
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        s3.create_bucket(Bucket="dhs")
-        for path in fake_phase4c.rglob("*.parquet"):
-            s3.upload_file(str(path), "dhs", f"phase4c/{path.relative_to(fake_phase4c).as_posix()}")
-        uri = f"s3://dhs/phase4c?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, index = _index(uri, "val")
-        local_fs, local = _index(fake_phase4c, "val")
-        assert sorted(index.task_id.tolist()) == sorted(local.task_id.tolist())
-        ds = stream.StampStream(index, fs, batch_size=64, shuffle=False)
-        ds.set_epoch(0)
-        got = {t: img for b in ds for t, img in zip(b["task_id"].tolist(), b["images"])}
-        ref = stream.StampStream(local, local_fs, batch_size=64, shuffle=False)
-        ref.set_epoch(0)
-        for b in ref:
-            for t, img in zip(b["task_id"].tolist(), b["images"]):
-                assert torch.equal(got[t], img)
-    finally:
-        server.stop()
+    fs, index = _index(s3_phase4c, "val")
+    local_fs, local = _index(fake_phase4c, "val")
+    assert sorted(index.task_id.tolist()) == sorted(local.task_id.tolist())
+    ds = stream.StampStream(index, fs, batch_size=64, shuffle=False)
+    ds.set_epoch(0)
+    got = {t: img for b in ds for t, img in zip(b["task_id"].tolist(), b["images"])}
+    ref = stream.StampStream(local, local_fs, batch_size=64, shuffle=False)
+    ref.set_epoch(0)
+    for b in ref:
+        for t, img in zip(b["task_id"].tolist(), b["images"]):
+            assert torch.equal(got[t], img)
