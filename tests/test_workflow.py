@@ -156,3 +156,13 @@ def test_existing_real_data_skips_simulation(tmp_path):
                            {"variants": {"v4_sota": {"existing": str(tmp_path / "nowhere")}}})
     result = snakemake(TARGET, "-n", "--configfile", str(missing))
     assert result.returncode != 0 and "variants.v4_sota.existing" in result.stdout + result.stderr
+
+
+def test_existing_gen2_checkpoint_skips_gen2_training(tmp_path):
+    ckpt = tmp_path / "gen2_best.pt"
+    ckpt.write_bytes(b"placeholder: a dry run only checks the plan")
+    cfg = write_config(tmp_path / "gen2.yaml", tmp_path / "results", {"gen2": {"checkpoint": str(ckpt)}})
+    result = snakemake(TARGET, "-n", "--configfile", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    planned = jobs_planned(result)
+    assert planned["train"] == 2 and planned["use_existing_gen2"] == 1
