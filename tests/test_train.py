@@ -232,3 +232,14 @@ def test_ddp_two_ranks_on_cpu(data, tmp_path):
     hist = _history(tmp_path / "ddp")
     assert hist["epochs"][0]["n_train"] == 64  # both ranks' rows summed, each once
     assert hist["epochs"][0]["val_all"]["n_pos"] + hist["epochs"][0]["val_all"]["n_neg"] == 48
+
+
+def test_best_epoch_selection_uses_only_estimable_fpr_targets():
+    from darkhaloscope.train import selection_key
+
+    big = {"n_neg": 20000, "tpr@fpr0.0001": 0.5, "tpr@fpr0.001": 0.6, "tpr@fpr0.01": 0.7, "auroc": 0.9}
+    assert selection_key(big) == (0.5, 0.6, 0.9)  # the seed's rule: tpr@fpr1e-4, ties by 1e-3
+    lucky = {"n_neg": 918, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.08, "tpr@fpr0.01": 0.10, "auroc": 0.75}
+    better = {"n_neg": 918, "tpr@fpr0.0001": 0.02, "tpr@fpr0.001": 0.02, "tpr@fpr0.01": 0.12, "auroc": 0.79}
+    assert selection_key(better) > selection_key(lucky)  # 918 controls cannot estimate 1e-4 or 1e-3
+    assert selection_key({"n_neg": 50, "tpr@fpr0.01": 0.9, "auroc": 0.6}) == (0.6,)

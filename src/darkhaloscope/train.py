@@ -189,10 +189,18 @@ def bf16_enabled(requested: bool, device: torch.device) -> bool:
         return False
 
 
+SELECTION_FPRS = (1e-4, 1e-3, 1e-2)
+
+
 def selection_key(m: dict) -> tuple:
-    """best.pt: highest val tpr@fpr1e-4, then tpr@fpr1e-3, then AUROC (NaN counts as worst)."""
-    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k]
-                 for k in ("tpr@fpr0.0001", "tpr@fpr0.001", "auroc"))
+    """best.pt: highest val tpr@fpr1e-4, ties by tpr@fpr1e-3, then AUROC (NaN counts as worst).
+
+    Only FPR targets the validation controls can estimate count (metrics.fpr_target_estimable): with fewer
+    than 1/t controls, tpr@fpr t is merely the TPR at zero false positives, a noisy pick. The two lowest
+    estimable targets of 1e-4, 1e-3, 1e-2 lead, so small validation sets select on tpr@fpr1e-2 and AUROC."""
+    fprs = [t for t in SELECTION_FPRS if metrics.fpr_target_estimable(int(m.get("n_neg", 0)), t)][:2]
+    keys = [f"tpr@fpr{t:g}" for t in fprs] + ["auroc"]
+    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k] for k in keys)
 
 
 # ----------------------------------------------------------------------------------------------------
