@@ -216,14 +216,22 @@ def _annulus_positions(rng, shape, r_min, r_max):
     return r * np.cos(t), r * np.sin(t)
 
 
+def _draw_population(rng, n, max_count, rate, radius, mag_range):
+    """Poisson(rate) objects per stamp (at most max_count slots) in an annulus radius=(r_min, r_max) arcsec,
+    uniform r magnitudes in mag_range; unused slots get a NaN magnitude. Returns (x, y, mag_r)."""
+    shape = (n, max_count)
+    count = np.minimum(rng.poisson(rate, n), max_count)
+    x, y = _annulus_positions(rng, shape, *radius)
+    mag = rng.uniform(*mag_range, shape)
+    mag[np.arange(max_count)[None, :] >= count[:, None]] = np.nan
+    return x, y, mag
+
+
 def draw_neighbours(rng: np.random.Generator, n: int) -> dict:
     """Field galaxies: Poisson(1.2) per stamp (at most MAX_NEIGHBOURS), 2.5-12 arcsec from the centre,
     r = 20-24.5, Sersic n 0.7-4."""
     shape = (n, MAX_NEIGHBOURS)
-    count = np.minimum(rng.poisson(1.2, n), MAX_NEIGHBOURS)
-    x, y = _annulus_positions(rng, shape, 2.5, 12.0)
-    mag = rng.uniform(20.0, 24.5, shape)
-    mag[np.arange(MAX_NEIGHBOURS)[None, :] >= count[:, None]] = np.nan
+    x, y, mag = _draw_population(rng, n, MAX_NEIGHBOURS, 1.2, (2.5, 12.0), (20.0, 24.5))
     return {
         "nb_x": x, "nb_y": y, "nb_mag_r": mag,
         "nb_g_minus_r": np.clip(0.9 + 0.4 * rng.standard_normal(shape), -0.2, 2.2),
@@ -238,10 +246,7 @@ def draw_neighbours(rng: np.random.Generator, n: int) -> dict:
 def draw_stars(rng: np.random.Generator, n: int) -> dict:
     """Point sources: Poisson(0.4) per stamp, 3-8.2 arcsec from the centre (inside the stamp), r = 17-23."""
     shape = (n, MAX_STARS)
-    count = np.minimum(rng.poisson(0.4, n), MAX_STARS)
-    x, y = _annulus_positions(rng, shape, 3.0, 8.2)
-    mag = rng.uniform(17.0, 23.0, shape)
-    mag[np.arange(MAX_STARS)[None, :] >= count[:, None]] = np.nan
+    x, y, mag = _draw_population(rng, n, MAX_STARS, 0.4, (3.0, 8.2), (17.0, 23.0))
     return {
         "star_x": x, "star_y": y, "star_mag_r": mag,
         "star_g_minus_r": rng.uniform(0.3, 1.5, shape),
