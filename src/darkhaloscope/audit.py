@@ -64,7 +64,7 @@ def load_split(data, split: str, max_rows: int | None, seed: int = 0) -> dict[st
     if max_rows and table.num_rows > max_rows:
         pick = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_rows, replace=False))
         table = table.take(pick)
-    images, ok = decode_stamps(table.column("stamp_npz").to_pylist())
+    images, ok = decode_stamps(table.column("stamp_npz"))
     out = {c: table.column(c).to_numpy(zero_copy_only=False)[ok] for c in cols if c != "stamp_npz"}
     out["images"] = images
     out["n_undecodable"] = int((~ok).sum())
