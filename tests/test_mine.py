@@ -201,4 +201,6 @@ def test_memory_is_bounded_on_10x_input(tmp_path):
     grown = (peaks[10]["numpy_peak"] + peaks[10]["arrow_peak"]) - (peaks[1]["numpy_peak"] + peaks[1]["arrow_peak"])
     extra_input = peaks[10]["raw_bytes"] - peaks[1]["raw_bytes"]
     assert extra_input > 20e6
-    assert grown < 0.05 * extra_input, peaks
+    # Arrow's pool peak moves by ~1 MB between files (footer size, row-group boundaries), so allow 10% of
+    # the extra input: an implementation that kept even one float32 column of every row would exceed it.
+    assert grown < 0.10 * extra_input, peaks
