@@ -116,8 +116,8 @@ def lenstronomy_arcs(lens, src, fwhm, model, beta):
                     lens_model_class=LensModel(["SIE", "SHEAR"]), source_model_class=LightModel(["SERSIC_ELLIPSE"]),
                     kwargs_numerics=dict(supersampling_factor=4))
     out = np.zeros((n, 3, 64, 64))
-    t0 = time.perf_counter()
-    for i in range(n):
+
+    def render(i):
         e1, e2 = param_util.phi_q2_ellipticity(lens["phi"][i], lens["q"][i])
         kl = [dict(theta_E=lens["theta_e"][i], e1=e1, e2=e2, center_x=lens["x0"][i], center_y=lens["y0"][i]),
               dict(gamma1=lens["gamma1"][i], gamma2=lens["gamma2"][i], ra_0=lens["x0"][i], dec_0=lens["y0"][i])]
@@ -128,6 +128,11 @@ def lenstronomy_arcs(lens, src, fwhm, model, beta):
                        R_sersic=src["r_eff"][i], n_sersic=src["n"][i], e1=se1, e2=se2,
                        center_x=lens["x0"][i] + src["x"][i], center_y=lens["y0"][i] + src["y"][i])]
             out[i, b] = im.image(kl, ks)
+
+    render(0)  # warm-up: with numba installed lenstronomy compiles (or loads) its kernels on first use
+    t0 = time.perf_counter()
+    for i in range(n):
+        render(i)
     return out, time.perf_counter() - t0
 
 

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.fft
 import scipy.signal
 
 from darkhaloscope.errors import DHSError
@@ -109,6 +110,19 @@ def test_convolve_general_kernels_and_convolve_psf():
     want = psf.convolve(np.repeat(imgs[:, None], 3, axis=1), psf.make_kernels(fwhm.ravel(), "moffat", 2.5).reshape(2, 3, 127, 127))
     assert got.shape == (2, 3, 64, 64)
     np.testing.assert_allclose(got, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", (np.float64, np.float32))
+def test_symmetric_spectrum_equals_rfft2_of_the_wrapped_kernel(dtype):
+    """The cosine-matrix spectrum of symmetric kernels equals the rfft2 of the full wrapped kernels (its
+    previous formulation, a DCT-I of the zero-padded quadrant, is the same transform)."""
+    quad = psf.kernel_quadrants(np.array([0.9, 1.4, 2.2]), "moffat", beta=3.5).astype(dtype)
+    for nh, nw in ((96, 96), (100, 90)):
+        got = psf._symmetric_spectrum(quad, nh, nw, dtype)
+        want = scipy.fft.rfft2(psf._wrapped_kernels(psf._mirror(quad), nh, nw, np.float64))
+        assert got.dtype == dtype and got.shape == want.shape
+        np.testing.assert_allclose(got, want.real, atol=1e-12 if dtype == np.float64 else 1e-6)
+        assert np.abs(want.imag).max() < 1e-12
 
 
 def test_point_source_at_edge_does_not_wrap_around():

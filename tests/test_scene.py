@@ -82,6 +82,58 @@ def test_noise_adds_source_poisson_term():
     np.testing.assert_array_equal(again, out[:5])  # per-task seeds: independent of the batch
 
 
+def test_compiled_background_adds_equal_the_numpy_formulation(rows):
+    """Neighbours and stars are added into the scene by compiled loops: bit for bit what the previous
+    numpy formulation (fancy-indexed adds per neighbour slot, np.add.at per star corner) gave, with
+    several neighbours and stars per stamp and stars on and beyond the stamp edge."""
+    r = {k: v.copy() for k, v in rows.items()}
+    r["star_mag_r"][:, :2] = 19.0
+    r["star_x"][:3, 0] = [-8.3, 8.3, 20.0]  # (63 - 31.5) * 0.262 = 8.25: partly and wholly off the stamp
+    pre = np.random.default_rng(2).random((len(r["task_id"]), 3, 64, 64)).astype(np.float32)
+
+    want = pre.copy()
+    stamp, slot = np.nonzero(np.isfinite(r["nb_mag_r"]))
+    get = {k: r[k][stamp, slot] for k in ("nb_x", "nb_y", "nb_mag_r", "nb_g_minus_r", "nb_r_minus_z", "nb_reff",
+                                          "nb_n", "nb_q", "nb_phi")}
+    shape = light.sersic_on_grid(scene._AX1, scene._AX1, np.full(len(stamp), scene.PIX_AREA), get["nb_reff"],
+                                 get["nb_n"], get["nb_q"], get["nb_phi"], get["nb_x"], get["nb_y"])
+    flux = scene.band_fluxes(get["nb_mag_r"], get["nb_g_minus_r"], get["nb_r_minus_z"]).astype(np.float32)
+    assert np.bincount(stamp).max() > 1
+    for k in np.unique(slot):
+        m = slot == k
+        want[stamp[m]] += shape[m][:, None] * flux[m][:, :, None, None]
+    stamp, slot = np.nonzero(np.isfinite(r["star_mag_r"]))
+    px, py = (r[c][stamp, slot] / 0.262 + 31.5 for c in ("star_x", "star_y"))
+    flux = scene.band_fluxes(r["star_mag_r"][stamp, slot], r["star_g_minus_r"][stamp, slot],
+                             r["star_r_minus_z"][stamp, slot])
+    i0, j0 = np.floor(py).astype(int), np.floor(px).astype(int)
+    fy, fx = py - i0, px - j0
+    for di, dj, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+        i, j = i0 + di, j0 + dj
+        ok = (i >= 0) & (i < 64) & (j >= 0) & (j < 64)
+        for band in range(3):
+            np.add.at(want, (stamp[ok], band, i[ok], j[ok]), (w * flux[:, band])[ok])
+
+    got = scene.star_light(r, out=scene.neighbour_light(r, out=pre.copy()))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_compiled_noise_equals_the_numpy_formulation():
+    """add_noise's compiled scaling gives the previous numpy formulation bit for bit (same float32
+    operations in the same order), NaN and negative noiseless pixels included."""
+    rng = np.random.default_rng(5)
+    noiseless = rng.normal(0.02, 0.05, (6, 3, 64, 64)).astype(np.float32)
+    noiseless[0, 1, 3, 4] = np.nan
+    sigma = rng.uniform(0.002, 0.01, (6, 3))
+    seeds = rng.integers(0, 2**62, 6)
+    var = np.maximum(noiseless, np.float32(0.0)) * np.float32(1.0 / scene.GAIN_E_PER_NMGY)
+    var += (sigma**2).astype(np.float32)[:, :, None, None]
+    normals = np.stack([np.random.default_rng(int(s)).standard_normal((3, 64, 64), dtype=np.float32) for s in seeds])
+    want = normals * np.sqrt(var) + noiseless
+    np.testing.assert_array_equal(scene.add_noise(noiseless, sigma, seeds), want)
+    np.testing.assert_array_equal(scene.add_noise(noiseless.astype(np.float64), sigma, seeds), want)
+
+
 def test_arc_snr_definition():
     arc = np.zeros((2, 3, 64, 64), np.float32)
     arc[0, 1, 10:20, 10:20] = 0.01  # 100 pixels at 2.5 sigma
@@ -126,5 +178,9 @@ def test_sersic_on_grid_matches_sersic():
     got = light.sersic_on_grid(x[0], y[:, 0], **p)
     assert got.dtype == np.float32 and got.shape == ref.shape
     np.testing.assert_allclose(got, ref, rtol=2e-5, atol=1e-6 * ref.max())
+    one = {k: v[:1] for k, v in p.items()}  # parameters of length 1 broadcast against longer ones
+    moved = light.sersic_on_grid(x[0], y[:, 0], **{**one, "x0": p["x0"]})
+    assert moved.shape == (m,) + ref.shape[1:]
+    np.testing.assert_array_equal(moved[3], light.sersic_on_grid(x[0], y[:, 0], **{**one, "x0": p["x0"][3:4]})[0])
     with pytest.raises(Exception, match="r_eff > 0"):
         light.sersic_on_grid(x[0], y[:, 0], **{**p, "q": np.full(m, 1.5)})

@@ -34,6 +34,10 @@ from darkhaloscope.scene import column_arrays, render_scenes
 ROW_GROUP = 256
 # Dictionary-encode only the repetitive strings: trying it on the stamp blobs costs time for nothing.
 DICTIONARY_COLUMNS = ["brickname", "lens_model", "control_kind", "confuser_kind", "psf_model"]
+# zstd level of the stamp blobs (the other columns keep the default level): noise-dominated float32 that
+# the default level shrinks by only ~7% at ~90 us per row; level -1 writes them in about half the time
+# and files ~7.5% larger (measured on 512 realistic rows, docs/benchmarks.md).
+STAMP_ZSTD_LEVEL = -1
 _F = pa.float64()
 TRUTH_COLUMNS = ("lens_q", "lens_phi", "lens_x0", "lens_y0", "shear_g1", "shear_g2", "src_x", "src_y",
                  "src_reff", "src_n", "src_q", "src_phi", "src_mag_r") + tuple(f"src_flux_{b}" for b in BANDS)
@@ -138,8 +142,9 @@ def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard
         writers, buffers = {}, {s: [] for s in SPLITS}
         for split in SPLITS:
             tmp = stack.enter_context(atomic_output(output_path(out_dir, split, shard)))
-            writers[split] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd",
-                                                                  use_dictionary=DICTIONARY_COLUMNS))
+            writers[split] = stack.enter_context(pq.ParquetWriter(
+                tmp, schema, compression="zstd", compression_level={"stamp_npz": STAMP_ZSTD_LEVEL},
+                use_dictionary=DICTIONARY_COLUMNS))
 
         def flush(split, final=False):
             buf = buffers[split]
@@ -162,8 +167,9 @@ def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard
             splits = np.asarray(rows["region_split"]).astype(str)
             order = perm[np.argsort(splits[perm], kind="stable")]
             rows = {k: v[order] for k, v in rows.items()}
+            # (the noiseless arcs are reordered only when they are written: a 12 MB copy per batch otherwise)
             batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[order]
-                                                  for f in dataclasses.fields(batch)})
+                                                  for f in dataclasses.fields(batch) if write_arc or f.name != "arc"})
             table, splits = batch_table(rows, batch, psf_model, beta, write_arc)
             for split in SPLITS:
                 keep = np.nonzero(splits == split)[0]

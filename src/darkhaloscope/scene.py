@@ -18,8 +18,10 @@ Positions and angles follow the manifest's conventions (see ``darkhaloscope.mani
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pyarrow as pa
 
@@ -113,10 +115,20 @@ def neighbour_light(rows: dict, out=None) -> np.ndarray:
     shape = light.sersic_on_grid(_AX1, _AX1, np.full(len(stamp), PIX_AREA), get["nb_reff"], get["nb_n"],
                                  get["nb_q"], get["nb_phi"], get["nb_x"], get["nb_y"])
     flux = band_fluxes(get["nb_mag_r"], get["nb_g_minus_r"], get["nb_r_minus_z"]).astype(np.float32)
-    for k in np.unique(slot):  # within one slot every stamp appears once, so plain fancy-index adds
-        m = slot == k
-        out[stamp[m]] += shape[m][:, None] * flux[m][:, :, None, None]
+    _add_profiles(out, stamp, shape, flux)  # each stamp's neighbours in slot order, as np.nonzero lists them
     return out
+
+
+@numba.njit(cache=True)
+def _add_profiles(out, stamp, shape, flux):
+    """out[stamp[i], band] += shape[i] * flux[i, band] for each profile i, in order (a stamp may repeat).
+    Compiled: numpy needs an (M, 3, H, W) product temporary and one fancy-indexed add per repeat."""
+    for i in range(shape.shape[0]):
+        for band in range(flux.shape[1]):
+            target, f = out[stamp[i], band], flux[i, band]
+            for y in range(shape.shape[1]):
+                for x in range(shape.shape[2]):
+                    target[y, x] += shape[i, y, x] * f
 
 
 def star_light(rows: dict, out=None) -> np.ndarray:
@@ -131,18 +143,25 @@ def star_light(rows: dict, out=None) -> np.ndarray:
     py = rows["star_y"][stamp, slot] / PIXEL_SCALE_ARCSEC + centre
     flux = band_fluxes(rows["star_mag_r"][stamp, slot], rows["star_g_minus_r"][stamp, slot],
                        rows["star_r_minus_z"][stamp, slot])
-    i0, j0 = np.floor(py).astype(int), np.floor(px).astype(int)
-    fy, fx = py - i0, px - j0
-    for di, dj, w in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        i, j = i0 + di, j0 + dj
-        ok = (i >= 0) & (i < STAMP_SIZE) & (j >= 0) & (j < STAMP_SIZE)
-        for band in range(len(BANDS)):
-            np.add.at(out, (stamp[ok], band, i[ok], j[ok]), (w * flux[:, band])[ok])
+    i0, j0 = np.floor(py).astype(np.int64), np.floor(px).astype(np.int64)
+    _add_bilinear(out, stamp, i0, j0, py - i0, px - j0, flux)
     return out
 
 
-def _wrap(angle):
-    return np.mod(angle + np.pi, 2 * np.pi) - np.pi
+@numba.njit(cache=True)
+def _add_bilinear(out, stamp, i0, j0, fy, fx, flux):
+    """Adds flux[k, band] of each point source k to the four pixels (i0 + 0/1, j0 + 0/1) of its stamp with
+    bilinear weights (pixels off the stamp are dropped), corner by corner, band by band, source by source.
+    Compiled: numpy needs twelve np.add.at calls (slow per element) plus masks for this."""
+    for corner in range(4):
+        di, dj = corner // 2, corner % 2
+        for band in range(flux.shape[1]):
+            for k in range(stamp.size):
+                i, j = i0[k] + di, j0[k] + dj
+                if 0 <= i < out.shape[2] and 0 <= j < out.shape[3]:
+                    wy = fy[k] if di else 1.0 - fy[k]
+                    wx = fx[k] if dj else 1.0 - fx[k]
+                    out[stamp[k], band, i, j] += wy * wx * flux[k, band]
 
 
 def confuser_shape(kind: str, x, y, p: dict) -> np.ndarray:
@@ -150,8 +169,10 @@ def confuser_shape(kind: str, x, y, p: dict) -> np.ndarray:
     about the host centre. Geometry: radius ``conf_r``, central angle ``conf_phi``, angular
     half-extent ``conf_span``, radial Gaussian sigma ``conf_width``, spiral growth ``conf_pitch``."""
     dx, dy = x - p["host_x"], y - p["host_y"]
-    r = np.hypot(dx, dy)
-    dt = _wrap(np.arctan2(dy, dx) - p["conf_phi"])
+    r = np.sqrt(dx * dx + dy * dy)  # (np.hypot is a scalar loop for float32, 6x slower)
+    # angle from conf_phi in (-pi, pi]: arctan2 of the coordinates rotated by -conf_phi (no wrapping needed)
+    c, s = np.cos(p["conf_phi"]), np.sin(p["conf_phi"])
+    dt = np.arctan2(c * dy - s * dx, c * dx + s * dy)
     w, r0 = p["conf_width"], p["conf_r"]
     if kind == "tidal_arc":  # a tangential streak of debris, tapered in angle
         return np.exp(-0.5 * ((r - r0) / w) ** 2 - 0.5 * (dt / p["conf_span"]) ** 2)
@@ -162,7 +183,7 @@ def confuser_shape(kind: str, x, y, p: dict) -> np.ndarray:
         return np.exp(-0.5 * ((r - r_arm) / w) ** 2 - 0.5 * (dt / (2 * p["conf_span"])) ** 2)
     if kind == "blue_companion":  # a compact exponential blob at radius r0
         cx, cy = r0 * np.cos(p["conf_phi"]), r0 * np.sin(p["conf_phi"])
-        return np.exp(-np.hypot(dx - cx, dy - cy) / (0.6 * w))
+        return np.exp(-np.sqrt((dx - cx) ** 2 + (dy - cy) ** 2) / (0.6 * w))
     raise ValueError(f"unknown confuser kind {kind}")
 
 
@@ -215,17 +236,27 @@ def sky_sigma(psfdepth, psf_sum_sq) -> np.ndarray:
 
 def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.ndarray:
     """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``."""
-    noiseless = np.asarray(noiseless, np.float32)
-    var = np.maximum(noiseless, np.float32(0.0))
-    var *= np.float32(1.0 / GAIN_E_PER_NMGY)
-    var += (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)[:, :, None, None]
-    np.sqrt(var, out=var)
+    noiseless = np.ascontiguousarray(noiseless, np.float32)
+    sky_var = (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)[:, :, None, None]
+    # (B, 3) per band and stamp, broadcast against the images as the per-pixel variance used to be
+    sky_var = np.ascontiguousarray(np.broadcast_to(sky_var, noiseless.shape)[:, :, 0, 0])
     out = np.empty(noiseless.shape, np.float32)
     for i, seed in enumerate(np.asarray(noise_seeds, np.int64)):
         np.random.default_rng(int(seed)).standard_normal(dtype=np.float32, out=out[i])
-    out *= var
-    out += noiseless
+        _scale_noise(out[i], noiseless[i], sky_var[i])  # while the stamp's normals are in cache
     return out
+
+
+@numba.njit(cache=True)
+def _scale_noise(normals, noiseless, sky_var):
+    """In place normals -> noiseless + normals * sqrt(sky_var[band] + max(noiseless, 0) / gain) for one
+    (3, H, W) stamp, in float32. Compiled: numpy needs six full-size passes and a variance array."""
+    inv_gain = np.float32(1.0 / GAIN_E_PER_NMGY)
+    for band in range(normals.shape[0]):
+        z, x = normals[band].ravel(), noiseless[band].ravel()
+        for i in range(z.size):
+            source = np.float32(0.0) if x[i] < 0 else x[i]  # NaN stays NaN, as with np.maximum
+            z[i] = z[i] * math.sqrt(source * inv_gain + sky_var[band]) + x[i]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -338,6 +369,6 @@ def render_scenes(rows: dict, psf_model: str, beta: float) -> SceneBatch:
         fwhm_used[idx] = psf_fwhm(sub)
         magnification[idx] = res["magnification"]
         snr[idx], snr_peak[idx] = arc_snr(res["arc"], sigma[idx])
-    background += arc  # the noiseless scene
+        background[idx] += res["arc"]  # the noiseless scene
     image = add_noise(background, sigma, rows["noise_seed"])
     return SceneBatch(image, arc, sigma, fwhm_used, snr, snr_peak, magnification)

@@ -79,8 +79,9 @@ def rotate_shear(gamma1, gamma2, phi):
 
 def ray_shoot_lens_frame(xp, yp, theta_e, q, gamma1p, gamma2p):
     """beta = theta - alpha in the lens frame: origin at the lens centre, x' along the SIE major axis,
-    shear components (gamma1p, gamma2p) given in that frame (see rotate_shear). The renderer's inner
-    loop; ray_shoot wraps it for the stamp frame. Keeps the precision of the inputs."""
+    shear components (gamma1p, gamma2p) given in that frame (see rotate_shear). ray_shoot wraps it for
+    the stamp frame; the renderer's compiled trace computes the same expression (tests compare them).
+    Keeps the precision of the inputs."""
     q = _q_capped(q)
     f = np.sqrt(1 - q * q)
     b_over_f = theta_e * np.sqrt(q) / f

@@ -9,6 +9,7 @@ sqrt(a * b) of the half-light ellipse, the same convention as lenstronomy's ``SE
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from scipy.special import gammainc, gammaincinv, gammaln
 
@@ -70,6 +71,22 @@ def sersic(x, y, flux, r_eff, n, q, phi, x0, y0):
     return i_e * np.exp(-b * ((radius / np.maximum(r_eff, R_FLOOR)) ** (1.0 / n) - 1.0))
 
 
+@numba.njit(cache=True)
+def _grid_r2(ux, uy, vx, vy, floor):
+    """(M, H, W) floored R^2 = max((ux[m, j] + uy[m, i])^2 + (vx[m, j] + vy[m, i])^2, floor) from the
+    per-column (M, W) and per-row (M, H) terms of the rotated, q-scaled coordinates. Compiled: numpy
+    needs two broadcast sums, two squares, an add and a maximum, six full-size passes."""
+    out = np.empty((ux.shape[0], uy.shape[1], ux.shape[1]), ux.dtype)
+    for m in range(ux.shape[0]):
+        for i in range(uy.shape[1]):
+            for j in range(ux.shape[1]):
+                u = ux[m, j] + uy[m, i]
+                v = vx[m, j] + vy[m, i]
+                r2 = u * u + v * v
+                out[m, i, j] = floor if r2 < floor else r2  # NaN stays NaN, as with np.maximum
+    return out
+
+
 def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32) -> np.ndarray:
     """``sersic`` for M profiles on the regular grid x = xs[None, :], y = ys[:, None] (1-D arcsec
     coordinates): parameters (M,) -> (M, len(ys), len(xs)) in ``dtype`` (float32 by default).
@@ -87,12 +104,11 @@ def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32) -> 
     ys = np.asarray(ys, dtype=np.float64)[None, :, None]
     c, s, sq = np.cos(phi), np.sin(phi), np.sqrt(q)
     # sqrt(q) x' = sqrt(q) (c (x - x0) + s (y - y0)); y' / sqrt(q) = (-s (x - x0) + c (y - y0)) / sqrt(q)
-    u = (sq * (c * (xs - x0))).astype(dtype) + (sq * s * (ys - y0)).astype(dtype)
-    v = (-s * (xs - x0) / sq).astype(dtype) + (c * (ys - y0) / sq).astype(dtype)
-    np.square(u, out=u)
-    np.square(v, out=v)
-    u += v
-    np.maximum(u, dtype(R_FLOOR**2), out=u)
+    terms = ((sq * (c * (xs - x0))).astype(dtype), (sq * s * (ys - y0)).astype(dtype),  # (M, 1, W), (M, H, 1)
+             (-s * (xs - x0) / sq).astype(dtype), (c * (ys - y0) / sq).astype(dtype))
+    m = np.broadcast_shapes(*(a.shape[:1] for a in terms))  # parameters of length 1 broadcast, as before
+    ux, uy, vx, vy = (np.ascontiguousarray(np.broadcast_to(a, m + a.shape[1:]).reshape(m[0], -1)) for a in terms)
+    u = _grid_r2(ux, uy, vx, vy, dtype(R_FLOOR**2))
     np.log(u, out=u)
     b = sersic_b(n)
     r_e = np.maximum(r_eff, R_FLOOR)
