@@ -116,10 +116,16 @@ def main() -> int:
     ap.add_argument("--psf_model", default="moffat", choices=("gaussian", "moffat"))
     ap.add_argument("--batch_size", type=int, default=256)
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--lenstronomy_child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip_rss", action="store_true")
     args = ap.parse_args()
     if args.child is not None:
         child_rss(args.child, args.psf_model, args.batch_size)
+        return 0
+    if args.lenstronomy_child:  # run with NUMBA_DISABLE_JIT=1: lenstronomy as installed without numba
+        from darkhaloscope.manifest import build_manifest
+
+        print(json.dumps(lenstronomy_arcs(build_manifest(args.n, seed=123), args.n_lenstronomy, args.psf_model)))
         return 0
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -127,6 +133,13 @@ def main() -> int:
     try:
         full = full_scenes(args.n, args.psf_model, args.batch_size, work)
         lt = lenstronomy_arcs(full.pop("manifest"), args.n_lenstronomy, args.psf_model)
+        # lenstronomy's numba kernels are optional (numba is not among its requirements); the issue's
+        # "about 35 arcs/s" reference is lenstronomy without them, so measure that too, in a child
+        # process (NUMBA_DISABLE_JIT would also switch off our kernels in this one)
+        out = subprocess.run([sys.executable, __file__, "--lenstronomy_child", "--n", str(args.n),
+                              "--n_lenstronomy", str(args.n_lenstronomy), "--psf_model", args.psf_model],
+                             check=True, capture_output=True, text=True, env={**os.environ, "NUMBA_DISABLE_JIT": "1"})
+        lt_plain = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
@@ -135,6 +148,8 @@ def main() -> int:
         "batch_size": args.batch_size, "full_scene": full, "lenstronomy_arc_only": lt,
         "ratio_full_scene_over_lenstronomy_arc": full["stamps_per_s"] / lt["arcs_per_s"],
         "ratio_per_cpu_s": full["stamps_per_cpu_s"] / lt["arcs_per_cpu_s"],
+        "lenstronomy_arc_only_without_numba": lt_plain,
+        "ratio_over_lenstronomy_without_numba": full["stamps_per_s"] / lt_plain["arcs_per_s"],
         "goal_stamps_per_s": 1000.0,
     }
     if not args.skip_rss:
@@ -150,6 +165,8 @@ def main() -> int:
     print(f"lenstronomy arc only: {lt['arcs_per_s']:.1f} 3-band arcs/s/core "
           f"(flux ratio ours/lenstronomy {lt['median_flux_ratio_ours_over_lenstronomy']:.4f})")
     print(f"ratio: {result['ratio_full_scene_over_lenstronomy_arc']:.1f}x (goal 1000 stamps/s, 25x)")
+    print(f"lenstronomy without numba: {lt_plain['arcs_per_s']:.1f} arcs/s/core -> ratio "
+          f"{result['ratio_over_lenstronomy_without_numba']:.1f}x")
     print(f"per CPU-second: {full['stamps_per_cpu_s']:.0f} stamps vs {lt['arcs_per_cpu_s']:.1f} lenstronomy arcs, "
           f"ratio {result['ratio_per_cpu_s']:.1f}x")
     for r in result.get("peak_rss", []):

@@ -81,8 +81,11 @@ def median_inplace(a, cand, sample):  # pragma: no cover - compiled
             sample[i] = a[(i * n) // SAMPLE]
         i_lo = (k_low * SAMPLE) // n - BRACKET
         i_hi = (h * SAMPLE) // n + BRACKET
-        lo_v = select_inplace(sample, i_lo) if i_lo >= 0 else -np.inf
-        hi_v = select_inplace(sample, i_hi) if i_hi < SAMPLE else np.inf
+        lo_v, hi_v, first = np.float32(-np.inf), np.float32(np.inf), 0
+        if i_lo >= 0:
+            lo_v, first = select_inplace(sample, i_lo), i_lo  # sample[i_lo:] >= lo_v from here on
+        if i_hi < SAMPLE:
+            hi_v = select_inplace(sample[first:], i_hi - first)
         for i in range(n):
             v = a[i]
             below += v < lo_v
