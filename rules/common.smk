@@ -27,6 +27,14 @@ def validate_config(cfg, schema_path):
             raise WorkflowError(f"invalid config key '{section}.{key}': bins must be strictly increasing")
     if abs(sum(cfg["simulation"]["split_fracs"]) - 1.0) > 1e-6:
         raise WorkflowError("invalid config key 'simulation.split_fracs': fractions must sum to 1")
+    clumps = cfg["simulation"].get("source_clumps")
+    if clumps:
+        for key in ("flux_frac", "sigma_arcsec"):
+            if clumps[key][0] > clumps[key][1]:
+                raise WorkflowError(f"invalid config key 'simulation.source_clumps.{key}': must be [lo, hi] with lo <= hi")
+        if clumps["max"] * clumps["flux_frac"][1] > 1 + 1e-9:
+            raise WorkflowError("invalid config key 'simulation.source_clumps.flux_frac': max x the upper fraction "
+                                f"({clumps['max']} x {clumps['flux_frac'][1]}) exceeds 1, the whole source")
 
 
 validate_config(config, REPO / "schemas" / "config.schema.yaml")
@@ -91,6 +99,14 @@ def flag(name, value):
     if isinstance(value, (list, tuple)):
         return f"--{name} {','.join(str(v) for v in value)}" if value else ""
     return f"--{name} {value}"
+
+
+def clump_args(sim):
+    """`dhs manifest` flags of simulation.source_clumps; none when it is absent or off (max 0)."""
+    c = sim.get("source_clumps") or {}
+    if not c.get("max"):
+        return []
+    return [flag(f"source_clumps_{k}", c[k]) for k in ("max", "flux_frac", "sigma_arcsec", "radius_reff")]
 
 
 def train_args(stage):

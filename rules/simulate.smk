@@ -10,6 +10,7 @@ rule manifest:
         args=" ".join(
             [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "confuser_frac")]
             + [flag("seed", config["seed"])]
+            + clump_args(config["simulation"])
         ),
     log:
         "logs/manifest.log",

@@ -16,6 +16,10 @@ from workflow_helpers import REPO, snakemake, write_config
         ({"eval": {"theta_bins": [1.0, 0.5, 2.0]}}, "eval.theta_bins"),
         ({"simulation": {"split_fracs": [0.5, 0.3, 0.3]}}, "simulation.split_fracs"),
         ({"mine": {"top_k": 5}}, "mine"),
+        ({"simulation": {"source_clumps": {"max": -1}}}, "simulation.source_clumps.max"),
+        ({"simulation": {"source_clumps": {"max": 4, "flux_frac": [0.1, 0.4]}}}, "simulation.source_clumps.flux_frac"),
+        ({"simulation": {"source_clumps": {"sigma_arcsec": [0.1, 0.05]}}}, "simulation.source_clumps.sigma_arcsec"),
+        ({"simulation": {"source_clumps": {"sigma_arcsec": [0.01, 0.05]}}}, "simulation.source_clumps.sigma_arcsec.0"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):

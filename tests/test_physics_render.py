@@ -97,17 +97,24 @@ def _lens_kwargs(L, i):
     ]
 
 
-def _lenstronomy_arc(L, S, i, band, kernel, supersample):
-    """lenstronomy's full render: supersampling_factor everywhere, PSF 'PIXEL' with our kernel."""
+def _lenstronomy_arc(L, S, i, band, kernel, supersample, clumps=None):
+    """lenstronomy's full render: supersampling_factor everywhere, PSF 'PIXEL' with our kernel. With
+    ``clumps`` ((B, K) arrays x, y, sigma, frac; NaN frac = empty slot) each clump is one more source
+    component, a 'GAUSSIAN' (amp = its total flux), and the Sersic keeps 1 - sum(frac) of the flux."""
     data = ImageData(image_data=np.zeros((N_PIX, N_PIX)), ra_at_xy_0=-(N_PIX - 1) / 2 * SCALE,
                      dec_at_xy_0=-(N_PIX - 1) / 2 * SCALE, transform_pix2angle=np.eye(2) * SCALE)
+    flux, cx, cy = S[f"flux_{band}"][i], L["x0"][i] + S["x"][i], L["y0"][i] + S["y"][i]
+    used = [] if clumps is None else [j for j, f in enumerate(clumps["frac"][i]) if np.isfinite(f) and f != 0]
+    smooth = 1.0 - sum(clumps["frac"][i][j] for j in used) if used else 1.0
     model = ImageModel(data, PSF(psf_type="PIXEL", kernel_point_source=kernel),
-                       lens_model_class=LensModel(["SIE", "SHEAR"]), source_model_class=LightModel(["SERSIC_ELLIPSE"]),
+                       lens_model_class=LensModel(["SIE", "SHEAR"]),
+                       source_model_class=LightModel(["SERSIC_ELLIPSE"] + ["GAUSSIAN"] * len(used)),
                        kwargs_numerics=dict(supersampling_factor=supersample))
     e1, e2 = param_util.phi_q2_ellipticity(S["phi"][i], S["q"][i])
-    kw_src = [dict(amp=light.sersic_norm(S[f"flux_{band}"][i], S["r_eff"][i], S["n"][i]), R_sersic=S["r_eff"][i],
-                   n_sersic=S["n"][i], e1=e1, e2=e2, center_x=L["x0"][i] + S["x"][i],
-                   center_y=L["y0"][i] + S["y"][i])]
+    kw_src = [dict(amp=light.sersic_norm(smooth * flux, S["r_eff"][i], S["n"][i]), R_sersic=S["r_eff"][i],
+                   n_sersic=S["n"][i], e1=e1, e2=e2, center_x=cx, center_y=cy)]
+    kw_src += [dict(amp=clumps["frac"][i][j] * flux, sigma=clumps["sigma"][i][j], center_x=cx + clumps["x"][i][j],
+                    center_y=cy + clumps["y"][i][j]) for j in used]
     return model.image(_lens_kwargs(L, i), kw_src)
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from darkhaloscope.contract import BANDS, SPLITS, encode_stamp
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
-from darkhaloscope.manifest import read_manifest
+from darkhaloscope.manifest import CLUMP_COLUMNS, read_manifest
 from darkhaloscope.physics.psf import PSF_MODELS
 from darkhaloscope.scene import column_arrays, render_scenes
 
@@ -45,7 +45,9 @@ PASS_COLUMNS = (tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for
                 + ("host_mag_r", "host_reff"))
 
 
-def output_schema(write_arc: bool = False) -> pa.Schema:
+def output_schema(write_arc: bool = False, n_clumps: int = 0) -> pa.Schema:
+    """The Phase 4c schema; with ``n_clumps`` K > 0 (a manifest with source clumps) also the
+    ``src_clump_*`` truth columns, fixed-size lists of K float64 (null for controls)."""
     fields = [
         ("task_id", pa.int64()), ("ra", _F), ("dec", _F), ("brickname", pa.string()), ("region_id", pa.int64()),
         ("is_control", pa.int32()), ("cutout_ok", pa.int32()), ("stamp_npz", pa.binary()),
@@ -56,6 +58,7 @@ def output_schema(write_arc: bool = False) -> pa.Schema:
         ("lens_model", pa.string()), ("control_kind", pa.string()), ("confuser_kind", pa.string()),
         ("psf_model", pa.string()), ("moffat_beta", _F),
         *[(c, _F) for c in TRUTH_COLUMNS],
+        *[(c, pa.list_(_F, n_clumps)) for c in (CLUMP_COLUMNS if n_clumps else ())],
     ]
     if write_arc:
         fields.append(("arc_npz", pa.binary()))
@@ -113,10 +116,20 @@ def batch_table(rows: dict, batch, psf_model: str, beta: float, write_arc: bool)
     cols["moffat_beta"] = pa.array(np.full(n, beta), _F, mask=np.full(n, psf_model != "moffat"))
     for c in TRUTH_COLUMNS:
         cols[c] = _nullable(rows[c], positive)
+    n_clumps = rows[CLUMP_COLUMNS[0]].shape[1] if CLUMP_COLUMNS[0] in rows else 0
+    for c in CLUMP_COLUMNS if n_clumps else ():
+        cols[c] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rows[c], np.float64).ravel(), _F), n_clumps,
+                                                    mask=pa.array(~positive))
     if write_arc:
         cols["arc_npz"] = pa.array([encode_stamp(a) if p else None for a, p in zip(batch.arc, positive)],
                                    pa.binary())
-    return pa.table(cols, schema=output_schema(write_arc)), np.asarray(rows["region_split"]).astype(str)
+    return pa.table(cols, schema=output_schema(write_arc, n_clumps)), np.asarray(rows["region_split"]).astype(str)
+
+
+def clump_slots(schema: pa.Schema) -> int:
+    """K of a manifest's ``src_clump_*`` columns (0 when it has none)."""
+    name = CLUMP_COLUMNS[0]
+    return schema.field(name).type.list_size if name in schema.names else 0
 
 
 def output_path(out_dir, split: str, shard: int) -> Path:
@@ -136,7 +149,7 @@ def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard
     order_rng = np.random.default_rng([int(shard), 0x4C])
     block_ids = np.unique(blocks)
     block_ids = block_ids[order_rng.permutation(len(block_ids))]
-    schema = output_schema(write_arc)
+    schema = output_schema(write_arc, clump_slots(manifest.schema))
     counts = {s: 0 for s in SPLITS}
     with contextlib.ExitStack() as stack:
         writers, buffers = {}, {s: [] for s in SPLITS}

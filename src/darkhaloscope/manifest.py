@@ -12,11 +12,16 @@ Conventions (also in docs/simulator.md):
 Neighbours and stars sit in fixed-size list columns (``nb_*`` with ``MAX_NEIGHBOURS`` slots, ``star_*``
 with ``MAX_STARS`` slots); an unused slot has a NaN magnitude. Lens and source columns are null for
 controls. ``noise_seed`` seeds the one per-task generator used for the pixel noise.
+
+Optional source clumps (``--source_clumps_max`` K > 0): fixed-size list columns ``src_clump_*`` with K
+slots (NaN in every field of an empty slot, null for controls); the manifest has no such column when
+K = 0, and is then the same, byte for byte, as without the option.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +61,8 @@ CONFUSER_COLUMNS = ("confuser_kind", "conf_r", "conf_phi", "conf_span", "conf_wi
 LENS_COLUMNS = ("theta_e_arcsec", "lens_q", "lens_phi", "lens_x0", "lens_y0", "shear_g1", "shear_g2",
                 "src_x", "src_y", "src_reff", "src_n", "src_q", "src_phi", "src_mag_r",
                 "src_g_minus_r", "src_r_minus_z") + tuple(f"src_flux_{b}" for b in BANDS)
+# Optional (present when the manifest was built with source clumps): (N, K) fixed-size lists.
+CLUMP_COLUMNS = ("src_clump_x", "src_clump_y", "src_clump_sigma", "src_clump_frac")
 REQUIRED_COLUMNS = (("task_id", "ra", "dec", "brickname", "region_id", "region_split", "is_control",
                      "noise_seed") + CONDITION_COLUMNS + HOST_COLUMNS + NEIGHBOUR_COLUMNS + STAR_COLUMNS
                     + CONFUSER_COLUMNS + LENS_COLUMNS)
@@ -344,6 +351,61 @@ def draw_lenses(rng: np.random.Generator, hosts: dict, priors: str) -> dict:
     return {k: out[k] for k in LENS_COLUMNS}
 
 
+@dataclass(frozen=True)
+class ClumpPrior:
+    """Source clumps: per positive U{0..max} circular Gaussians, each with a share U(flux_frac) of the
+    unlensed source flux (the Sersic keeps the rest, so ``src_flux_*`` stays the total), sigma
+    U(sigma_arcsec) in the source plane, centres uniform in area inside the source's own ellipse of
+    (product-average) radius ``radius_reff`` x ``src_reff``. ``max`` = 0 is off."""
+
+    max: int = 0
+    flux_frac: tuple[float, float] = (0.05, 0.25)
+    sigma_arcsec: tuple[float, float] = (0.04, 0.10)
+    radius_reff: float = 1.5
+
+    def check(self) -> ClumpPrior:
+        """The prior itself, or a one-line DHSError naming the ``dhs manifest`` flag."""
+        lo, hi = self.flux_frac
+        s_lo, s_hi = self.sigma_arcsec
+        finite = lambda *v: bool(np.all(np.isfinite(v)))  # noqa: E731
+        checks = (
+            (self.max >= 0, f"--source_clumps_max must be >= 0, got {self.max}"),
+            (finite(lo, hi) and 0 < lo <= hi <= 1,
+             f"--source_clumps_flux_frac must be lo,hi with 0 < lo <= hi <= 1, got {lo},{hi}"),
+            (self.max * hi <= 1 + 1e-9, f"--source_clumps_flux_frac: {self.max} clumps of up to {hi} of the flux "
+                                        "can sum to more than the whole source (need max x hi <= 1)"),
+            (finite(s_lo, s_hi) and 0 < s_lo <= s_hi,
+             f"--source_clumps_sigma_arcsec must be lo,hi with 0 < lo <= hi, got {s_lo},{s_hi}"),
+            (finite(self.radius_reff) and self.radius_reff > 0,
+             f"--source_clumps_radius_reff must be > 0, got {self.radius_reff}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise DHSError(message)
+        return self
+
+
+def draw_clumps(rng: np.random.Generator, lenses: dict, prior: ClumpPrior) -> dict:
+    """(N, prior.max) clump columns for every row (the caller blanks controls): offsets ``src_clump_x/y``
+    from the source centre in the source plane (arcsec, the stamp's axes), Gaussian ``src_clump_sigma``
+    (arcsec) and ``src_clump_frac`` (share of the unlensed flux, the same in every band); empty slots NaN."""
+    n, k = len(lenses["src_reff"]), int(prior.max)
+    shape = (n, k)
+    count = rng.integers(0, k + 1, n)
+    radius = prior.radius_reff * lenses["src_reff"][:, None] * np.sqrt(rng.random(shape))
+    angle = rng.random(shape) * 2 * np.pi
+    sq = np.sqrt(lenses["src_q"])[:, None]
+    major, minor = radius * np.cos(angle) / sq, radius * np.sin(angle) * sq  # R^2 = q major^2 + minor^2 / q
+    c, s = np.cos(lenses["src_phi"])[:, None], np.sin(lenses["src_phi"])[:, None]
+    out = {"src_clump_x": c * major - s * minor, "src_clump_y": s * major + c * minor,
+           "src_clump_sigma": rng.uniform(*prior.sigma_arcsec, shape),
+           "src_clump_frac": rng.uniform(*prior.flux_frac, shape)}
+    empty = np.arange(k)[None, :] >= count[:, None]
+    for v in out.values():
+        v[empty] = np.nan
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------
 # The manifest
 # ----------------------------------------------------------------------------------------------------
@@ -352,6 +414,16 @@ def _stream(seed: int, name: str) -> np.random.Generator:
     """One independent generator per component, so adding a component never changes the others."""
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
     return np.random.default_rng(np.random.SeedSequence([int(seed), key]))
+
+
+def parse_pair(text, flag: str) -> tuple[float, float]:
+    try:
+        pair = tuple(float(x) for x in str(text).split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise DHSError(f"{flag} '{text}' is not two comma-separated numbers lo,hi")
+    return pair
 
 
 def parse_split_fracs(text) -> tuple[float, float, float]:
@@ -366,8 +438,9 @@ def parse_split_fracs(text) -> tuple[float, float, float]:
 
 def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fracs=(0.7, 0.15, 0.15),
                    source_priors: str = "realistic", confuser_frac: float = 0.1,
-                   n_regions: int | None = None) -> pa.Table:
+                   n_regions: int | None = None, clumps: ClumpPrior = ClumpPrior()) -> pa.Table:
     """The Phase 4a table as a pyarrow Table (see the module docstring for conventions)."""
+    clumps.check()
     if n_tasks < 1:
         raise DHSError(f"--n_tasks must be >= 1, got {n_tasks}")
     if not 0.0 <= control_frac <= 1.0:
@@ -406,6 +479,10 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     positive = is_control == 0
     for k, v in lenses.items():
         cols[k] = pa.array(v, pa.float64(), mask=~positive)
+    if clumps.max > 0:  # own stream: the other draws are the same with and without clumps
+        for k, v in draw_clumps(_stream(seed, "clumps"), lenses, clumps).items():
+            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float64()), clumps.max,
+                                                        mask=pa.array(~positive))
     arrays = {}
     for k, v in cols.items():
         if isinstance(v, pa.Array):
@@ -416,9 +493,13 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
             arrays[k] = pa.array(list(v), pa.string())
         else:
             arrays[k] = pa.array(v)
-    meta = {b"dhs_manifest": f"seed={seed};source_priors={source_priors};n_regions={n_regions};"
+    text = (f"seed={seed};source_priors={source_priors};n_regions={n_regions};"
             f"control_frac={control_frac};confuser_frac={confuser_frac};"
-            f"split_fracs={','.join(map(str, split_fracs))}".encode()}
+            f"split_fracs={','.join(map(str, split_fracs))}")
+    if clumps.max > 0:
+        text += (f";source_clumps=max:{clumps.max},flux_frac:{clumps.flux_frac[0]}-{clumps.flux_frac[1]},"
+                 f"sigma_arcsec:{clumps.sigma_arcsec[0]}-{clumps.sigma_arcsec[1]},radius_reff:{clumps.radius_reff}")
+    meta = {b"dhs_manifest": text.encode()}
     return pa.table(arrays).replace_schema_metadata(meta)
 
 
@@ -488,11 +569,26 @@ def add_arguments(parser) -> None:
                         help="fraction of stamps (both classes) with a lens-like confuser")
     parser.add_argument("--n_regions", type=int, default=None,
                         help="number of distinct sky cells the tasks are drawn from (default n_tasks/40, at least 24)")
+    d = ClumpPrior()
+    parser.add_argument("--source_clumps_max", type=int, default=d.max,
+                        help="Gaussian clumps per lensed source, uniform in 0..max (0 = smooth Sersic sources)")
+    parser.add_argument("--source_clumps_flux_frac", default=",".join(map(str, d.flux_frac)),
+                        help="lo,hi: each clump's share of the unlensed source flux (max x hi <= 1)")
+    parser.add_argument("--source_clumps_sigma_arcsec", default=",".join(map(str, d.sigma_arcsec)),
+                        help="lo,hi: Gaussian sigma of a clump in the source plane, arcsec")
+    parser.add_argument("--source_clumps_radius_reff", type=float, default=d.radius_reff,
+                        help="clump centres within this many src_reff of the source centre")
+
+
+def clump_prior(args) -> ClumpPrior:
+    return ClumpPrior(args.source_clumps_max, parse_pair(args.source_clumps_flux_frac, "--source_clumps_flux_frac"),
+                      parse_pair(args.source_clumps_sigma_arcsec, "--source_clumps_sigma_arcsec"),
+                      args.source_clumps_radius_reff).check()
 
 
 def run(args) -> int:
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
-                           args.source_priors, args.confuser_frac, args.n_regions)
+                           args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args))
     write_manifest(table, args.out)
     splits = table.column("region_split").to_pylist()
     print(f"manifest: {table.num_rows} tasks ({int(table.column('is_control').to_numpy().sum())} controls), "

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
+from darkhaloscope.manifest import CLUMP_COLUMNS
 from darkhaloscope.physics import light, psf, render
 
 SKY_MOFFAT_BETA = 3.5
@@ -63,6 +65,8 @@ def column_arrays(table: pa.Table) -> dict[str, np.ndarray]:
         col = table.column(name).combine_chunks()
         if pa.types.is_fixed_size_list(col.type):
             k = col.type.list_size
+            if col.null_count:  # a null list (the clumps of a control) -> K NaN
+                col = pc.fill_null(col, pa.scalar([np.nan] * k, col.type))
             out[name] = col.flatten().to_numpy(zero_copy_only=False).astype(np.float64).reshape(-1, k)
         elif pa.types.is_floating(col.type):
             out[name] = col.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -280,15 +284,33 @@ def arc_inputs(rows: dict) -> tuple[dict, dict]:
     return lens_p, src_p
 
 
+def arc_clumps(rows: dict) -> dict | None:
+    """The source clumps of ``physics.render.render_arcs`` ((B, K) arrays x, y, sigma, frac) from the
+    ``src_clump_*`` columns, or None when the rows have none (a manifest built without clumps)."""
+    if CLUMP_COLUMNS[0] not in rows:
+        return None
+    return {k: _slots(rows[c]) for k, c in zip(render.CLUMP_KEYS, CLUMP_COLUMNS)}
+
+
+def _slots(values) -> np.ndarray:
+    """(B, K) float64 from an (B, K) array or, as pandas gives list columns, B lists (None -> NaN)."""
+    values = np.asarray(values)
+    if values.dtype != object:
+        return values.astype(np.float64)
+    k = max((len(v) for v in values if v is not None), default=0)
+    return np.array([np.full(k, np.nan) if v is None else np.asarray(v, np.float64) for v in values]).reshape(-1, k)
+
+
 def render_arcs(rows: dict, psf_model: str, beta: float) -> dict:
     """Noiseless arcs of positive rows: {'arc': (B, 3, 64, 64) float32 nmgy, 'magnification': (B,)}.
 
-    Delegates to ``physics.render.render_arcs`` (SIE + shear, Sersic source of fixed unlensed flux,
-    4x4 sub-pixel sampling wherever the source is not negligible, the variant's PSF of each band's
-    FWHM). Magnification = lensed flux inside the stamp before the PSF / unlensed flux."""
+    Delegates to ``physics.render.render_arcs`` (SIE + shear, Sersic source of fixed unlensed flux with
+    its optional ``src_clump_*`` Gaussian clumps, 4x4 sub-pixel sampling wherever the source is not
+    negligible, the variant's PSF of each band's FWHM). Magnification = lensed flux inside the stamp
+    before the PSF / unlensed flux."""
     lens_p, src_p = arc_inputs(rows)
     res = render.render_arcs(lens_p, src_p, psf_fwhm(rows), psf_model, moffat_beta=beta,
-                             supersample=ARC_SUPERSAMPLE)
+                             supersample=ARC_SUPERSAMPLE, clumps=arc_clumps(rows))
     return {"arc": res.images, "magnification": res.magnification}
 
 

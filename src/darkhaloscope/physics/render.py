@@ -1,4 +1,5 @@
-"""Noiseless lensed-arc renderer (SIE + shear, Sersic source, PSF per band) and arc S/N.
+"""Noiseless lensed-arc renderer (SIE + shear, Sersic source with optional Gaussian clumps, PSF per
+band) and arc S/N.
 
 The source's unlensed total flux is fixed in the source plane and ray-traced: the lensed image carries
 the magnification and is never renormalised.
@@ -19,6 +20,11 @@ Speed: the per-point arithmetic of the trace (rotations, the lens equation, the 
 corner tests, the sub-pixel positions and averages) runs in small numba kernels, one fused pass each;
 the transcendentals (arctan, arctanh, log, exp) stay whole-array numpy calls in between, because
 numpy's SIMD versions are ~10x faster than the scalar libm calls of compiled code here.
+
+Clumps (optional): circular Gaussians in the source plane, each with a fraction of the unlensed source
+flux (the Sersic keeps the rest), evaluated at the same traced corners and sub-pixel centres as the
+Sersic; a pixel is supersampled also where its traced footprint may reach CLUMP_SIGMAS sigmas of a
+clump. Stamps without clumps take exactly the path of a smooth source.
 """
 
 from __future__ import annotations
@@ -38,7 +44,12 @@ from darkhaloscope.physics.light import R_FLOOR, sersic_b, sersic_norm
 LENS_KEYS = ("theta_e", "q", "phi", "gamma1", "gamma2", "x0", "y0")
 SOURCE_KEYS = ("x", "y", "r_eff", "n", "q", "phi", "flux_g", "flux_r", "flux_z")
 FLUX_KEYS = ("flux_g", "flux_r", "flux_z")
+CLUMP_KEYS = ("x", "y", "sigma", "frac")
 SB_TOL = 1e-2
+# A clump's reach for the supersampling test, in Gaussian sigmas: its surface brightness there is
+# exp(-8) = 3e-4 of its peak. Beyond CLUMP_EXP_MAX (e^-30) the exponential is not evaluated.
+CLUMP_SIGMAS = 4.0
+CLUMP_EXP_MAX = np.float32(30.0)
 CORNER_MARGIN = 1.0
 CORNER_MARGIN32 = np.float32(CORNER_MARGIN)
 
@@ -261,13 +272,94 @@ def _fill_supersampled(image, near, sb, n_sub):
                     n += n_sub
 
 
-def lensed_unit_images(lens, src, supersample=4, size=STAMP_SIZE, scale=PIXEL_SCALE_ARCSEC):
-    """(B, H, W) float32 lensed surface brightness of a unit-flux source averaged over each pixel
-    (flux per arcsec^2), plus the (B,) count of supersampled pixels. See the module docstring."""
+def _clump_table(clumps, src, nb):
+    """Clump mapping of (B, K) arrays x, y (source-plane offset from the source centre, arcsec, the
+    stamp's axes), sigma (Gaussian sigma, arcsec), frac (share of the unlensed source flux; NaN or 0 =
+    empty slot) -> None when no stamp has a clump, else (table (B, K, 4) float32 of the used clumps
+    first: offset along the source's major and minor axes, 1 / (2 sigma^2), frac / (2 pi sigma^2); (B,)
+    int64 clump counts; (B,) float32 share of the smooth Sersic; (B,) source radius R that covers
+    CLUMP_SIGMAS sigmas of every clump)."""
+    if clumps is None:
+        return None
+    missing = [k for k in CLUMP_KEYS if k not in clumps]
+    if missing:
+        raise DHSError(f"clump parameters missing: {', '.join(missing)}")
+    c = {k: np.asarray(clumps[k], dtype=np.float64) for k in CLUMP_KEYS}
+    shapes = {v.shape for v in c.values()}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2 or next(iter(shapes))[0] != nb:
+        raise DHSError(f"clump parameters must be ({nb}, K) arrays, got shapes {sorted(shapes)}")
+    frac = c["frac"]
+    used = np.isfinite(frac) & (frac != 0)
+    if not used.any():
+        return None
+    if np.any(frac[used] < 0):
+        raise DHSError("clump frac must be >= 0")
+    bad = [k for k in ("x", "y", "sigma") if not np.all(np.isfinite(c[k][used]))]
+    if bad:
+        raise DHSError(f"clump parameters not finite: {', '.join(bad)}")
+    if np.any(c["sigma"][used] <= 0):
+        raise DHSError("clump sigma must be > 0")
+    total = np.where(used, frac, 0.0).sum(axis=1)
+    if np.any(total > 1.0 + 1e-9):
+        raise DHSError(f"clump fractions of a source sum to more than 1 (max {total.max():.6g})")
+    order = np.argsort(~used, axis=1, kind="stable")  # used slots first, in slot order
+    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    used, fr = take(used), np.where(take(used), take(frac), 0.0)
+    x, y, sig = (np.where(used, take(c[k]), 0.0) for k in ("x", "y", "sigma"))
+    sig = np.where(used, sig, 1.0)
+    phi = np.asarray(src["phi"], np.float64)[:, None]
+    cs, ss = np.cos(phi), np.sin(phi)
+    major, minor = cs * x + ss * y, cs * y - ss * x  # the source's own axes
+    sq = np.sqrt(np.asarray(src["q"], np.float64))[:, None]
+    reach = np.hypot(major * sq, minor / sq) + CLUMP_SIGMAS * sig / sq  # R moves <= d / sqrt(q) for a shift d
+    table = np.stack([major, minor, 0.5 / sig**2, fr / (2 * np.pi * sig**2)], axis=-1).astype(np.float32)
+    return (table, used.sum(axis=1).astype(np.int64), np.maximum(1.0 - total, 0.0).astype(np.float32),
+            np.where(used, reach, 0.0).max(axis=1))
+
+
+@numba.njit(cache=True)
+def _add_clumps(p, table, count, smooth, lo, u, v, sb):
+    """In place sb = smooth * sb + the clumps' unit-flux surface brightness at the traced source-frame
+    points (u, v) of each stamp k (lo[k]:lo[k + 1]); (u / sqrt(q), v sqrt(q)) is the point's offset from
+    the source centre along the source's axes. Compiled, one clump at a time over the stamp's points;
+    no exponential is evaluated for points farther than sqrt(2 CLUMP_EXP_MAX) sigmas from a clump."""
+    for k in range(p.shape[0]):
+        if count[k] == 0:  # smooth[k] is then exactly 1
+            continue
+        sq = p[k, SQ]
+        inv_sq = np.float32(1.0) / sq
+        w = smooth[k]
+        for i in range(lo[k], lo[k + 1]):
+            sb[i] *= w
+        for j in range(count[k]):
+            cx, cy, inv_two_s2, amp = table[k, j, 0], table[k, j, 1], table[k, j, 2], table[k, j, 3]
+            for i in range(lo[k], lo[k + 1]):
+                dx = u[i] * inv_sq - cx
+                dy = v[i] * sq - cy
+                arg = (dx * dx + dy * dy) * inv_two_s2
+                if arg < CLUMP_EXP_MAX:
+                    sb[i] += amp * math.exp(-arg)
+
+
+def _trace_light(p, x, y, lo, clumps):
+    """_trace, with the clumps (a chunk of _clump_table's output, or None) added to the surface brightness."""
+    u, v, r2, sb = _trace(p, x, y, lo)
+    if clumps is not None:
+        _add_clumps(p, *clumps, lo, u, v, sb)
+    return u, v, r2, sb
+
+
+def lensed_unit_images(lens, src, supersample=4, size=STAMP_SIZE, scale=PIXEL_SCALE_ARCSEC, clumps=None):
+    """(B, H, W) float32 lensed surface brightness of a unit-flux source (the Sersic plus the optional
+    ``clumps``, see render_arcs) averaged over each pixel (flux per arcsec^2), plus the (B,) count of
+    supersampled pixels. See the module docstring."""
     s = int(supersample)
     if s < 1 or s != supersample:
         raise DHSError(f"supersample must be a positive integer, got {supersample}")
     p = _flat_params(lens, src)
+    ct = _clump_table(clumps, src, p.shape[0])
+    if ct is not None:  # supersample also where the footprint may reach a clump
+        p[:, R_CUT] = np.maximum(p[:, R_CUT], ct[3].astype(np.float32))
     nb = p.shape[0]
     edges = ((np.arange(size + 1) - 0.5 - (size - 1) / 2.0) * scale).astype(np.float32)
     yc, xc = (a.ravel() for a in np.meshgrid(edges, edges, indexing="ij"))
@@ -279,17 +371,18 @@ def lensed_unit_images(lens, src, supersample=4, size=STAMP_SIZE, scale=PIXEL_SC
     for start in range(0, nb, CHUNK):
         pc = p[start:start + CHUNK]
         nc = len(pc)
-        traced = _trace(pc, np.tile(xc, nc), np.tile(yc, nc), np.arange(nc + 1) * xc.size)
+        cc = None if ct is None else tuple(a[start:start + CHUNK] for a in ct[:3])
+        traced = _trace_light(pc, np.tile(xc, nc), np.tile(yc, nc), np.arange(nc + 1) * xc.size, cc)
         img, near = _corner_pixels(*(a.reshape(nc, size + 1, size + 1) for a in traced), pc[:, R_CUT])
         x, y, lo = _subpixel_points(near, centre, np.float32(scale), sx, sy)
-        _fill_supersampled(img, near, _trace(pc, x, y, lo)[3], sx.size)
+        _fill_supersampled(img, near, _trace_light(pc, x, y, lo, cc)[3], sx.size)
         n_super[start:start + nc] = np.diff(lo) // sx.size
         image[start:start + nc] = img
     return image, n_super
 
 
 def render_arcs(lens, source, psf_fwhm, psf_model, moffat_beta=3.5, supersample=4,
-                size=STAMP_SIZE, scale=PIXEL_SCALE_ARCSEC) -> ArcRender:
+                size=STAMP_SIZE, scale=PIXEL_SCALE_ARCSEC, clumps=None) -> ArcRender:
     """Render the noiseless, PSF-convolved lensed arc of a batch of B lens systems in g, r, z.
 
     lens: mapping of (B,) arrays theta_e (arcsec), q, phi (rad), gamma1, gamma2, x0, y0 (arcsec,
@@ -298,6 +391,10 @@ def render_arcs(lens, source, psf_fwhm, psf_model, moffat_beta=3.5, supersample=
       r_eff (arcsec, product-average half-light radius), n, q, phi (rad), flux_g, flux_r, flux_z
       (unlensed total flux, nanomaggies).
     psf_fwhm: (B, 3) arcsec per band (g, r, z); psf_model "gaussian" or "moffat" (with moffat_beta).
+    clumps: optional mapping of (B, K) arrays x, y (source-plane offset of each clump from the source
+      centre, arcsec, the stamp's axes), sigma (circular Gaussian sigma, arcsec), frac (share of the
+      unlensed source flux, the same in every band; NaN or 0 = empty slot). The Sersic keeps
+      1 - sum(frac), so flux_g/r/z stay the source's total unlensed flux.
     """
     lens_p = _batch_params(lens, LENS_KEYS, "lens")
     src_p = _batch_params(source, SOURCE_KEYS, "source")
@@ -314,7 +411,7 @@ def render_arcs(lens, source, psf_fwhm, psf_model, moffat_beta=3.5, supersample=
     if nb == 0:
         return ArcRender(images=np.zeros((0, len(FLUX_KEYS), size, size), np.float32), magnification=np.zeros(0),
                          lensed_flux=np.zeros((0, len(FLUX_KEYS))), n_supersampled=np.zeros(0, np.int64))
-    unit, n_super = lensed_unit_images(lens_p, src_p, supersample, size, scale)
+    unit, n_super = lensed_unit_images(lens_p, src_p, supersample, size, scale, clumps)
     unit *= np.float32(scale * scale)  # flux per pixel of a unit-flux source
     magnification = unit.sum(axis=(1, 2), dtype=np.float64)
     flux = np.stack([src_p[k] for k in FLUX_KEYS], axis=1)  # (B, 3)
