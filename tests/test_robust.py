@@ -67,3 +67,17 @@ def test_a_nan_in_the_annulus_makes_that_band_nan():
 def test_wrong_shape_is_refused():
     with pytest.raises(contract.DHSError, match="expected"):
         contract.normalize_stamps(np.zeros((2, 3, 32, 32), np.float32))
+    images = np.zeros((2, 3, 64, 64), np.float32)
+    for out in (np.zeros((2, 3, 64, 64)), np.zeros((3, 2, 64, 64), np.float32).transpose(1, 0, 2, 3)):
+        with pytest.raises(contract.DHSError, match="out must be"):
+            contract.normalize_stamps(images, out=out)
+    with pytest.raises(contract.DHSError, match="codes in 0..7"):
+        contract.normalize_stamps(images, symmetries=[0, 8])
+
+
+def test_in_place_equals_out_of_place():
+    images = np.random.default_rng(2).normal(size=(5, 3, 64, 64)).astype(np.float32)
+    codes = np.arange(5)
+    expect = contract.normalize_stamps(images, codes)
+    assert contract.normalize_stamps(images, codes, out=images) is not None
+    assert np.array_equal(images, expect)

@@ -179,6 +179,8 @@ def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, o
         codes = np.asarray(symmetries, dtype=np.int64).reshape(-1)
         if codes.shape != (len(flat),) or ((codes < 0) | (codes > 7)).any():
             raise DHSError(f"symmetries must be {len(flat)} codes in 0..7")
+    if out is not None and not (out.dtype == np.float32 and out.flags.c_contiguous and out.shape == images.shape):
+        raise DHSError(f"out must be a C-contiguous float32 array of shape {images.shape}")
     target = np.empty_like(flat) if out is None else out.reshape(flat.shape)
     normalize_annulus(flat, _OUTER_INDEX, NORM_CLIP, codes, target)
     return target.reshape(images.shape)

@@ -514,16 +514,16 @@ class _RowReader:
             if key not in self.cache:
                 # every row this lane still needs from this group (later batches included)
                 self._load(key, self._needed_rows(key))
-        position = np.empty(len(rows), np.int64)
+        position = np.empty(len(rows), np.int64)  # of each row in the concatenated cached arrays
         base = 0
         for key in keys:
             wanted, _blobs = self.cache[key]
             sel = np.flatnonzero((fids == key[0]) & (rgs == key[1]))
             position[sel] = base + np.searchsorted(wanted, rws[sel])
             base += len(wanted)
+            self.remaining[key] -= len(sel)
         out = pa.chunked_array([self.cache[key][1] for key in keys]).take(pa.array(position))
         for key in keys:
-            self.remaining[key] -= int(((fids == key[0]) & (rgs == key[1])).sum())
             if self.remaining[key] <= 0:
                 del self.cache[key]
         return out
