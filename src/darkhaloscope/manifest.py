@@ -416,21 +416,25 @@ def _stream(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), key]))
 
 
-def parse_pair(text, flag: str) -> tuple[float, float]:
+def _comma_floats(text) -> tuple[float, ...] | None:
+    """'a,b,...' -> floats, or None when a field is not a number (callers word the error)."""
     try:
-        pair = tuple(float(x) for x in str(text).split(","))
+        return tuple(float(x) for x in str(text).split(","))
     except ValueError:
-        pair = ()
-    if len(pair) != 2:
+        return None
+
+
+def parse_pair(text, flag: str) -> tuple[float, float]:
+    pair = _comma_floats(text)
+    if pair is None or len(pair) != 2:
         raise DHSError(f"{flag} '{text}' is not two comma-separated numbers lo,hi")
     return pair
 
 
 def parse_split_fracs(text) -> tuple[float, float, float]:
-    try:
-        fracs = tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        raise DHSError(f"--split_fracs '{text}' is not three comma-separated numbers") from None
+    fracs = _comma_floats(text)
+    if fracs is None:
+        raise DHSError(f"--split_fracs '{text}' is not three comma-separated numbers")
     if len(fracs) != 3 or any(not np.isfinite(f) or f < 0 for f in fracs) or sum(fracs) <= 0:
         raise DHSError(f"--split_fracs '{text}' must be three non-negative numbers train,val,test")
     return fracs

@@ -241,9 +241,9 @@ def sky_sigma(psfdepth, psf_sum_sq) -> np.ndarray:
 def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.ndarray:
     """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``."""
     noiseless = np.ascontiguousarray(noiseless, np.float32)
-    sky_var = (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)[:, :, None, None]
-    # (B, 3) per band and stamp, broadcast against the images as the per-pixel variance used to be
-    sky_var = np.ascontiguousarray(np.broadcast_to(sky_var, noiseless.shape)[:, :, 0, 0])
+    # (B, 3) sky variance per stamp and band (sigma_sky may broadcast, e.g. one row for all stamps)
+    sky_var = (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)
+    sky_var = np.ascontiguousarray(np.broadcast_to(sky_var, noiseless.shape[:2]))
     out = np.empty(noiseless.shape, np.float32)
     for i, seed in enumerate(np.asarray(noise_seeds, np.int64)):
         np.random.default_rng(int(seed)).standard_normal(dtype=np.float32, out=out[i])
