@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from scipy.special import roots_hermitenorm
 
-from darkhaloscope import cli, scene
+from darkhaloscope import cli
+from darkhaloscope.simulation import scene
 from darkhaloscope.errors import DHSError
-from darkhaloscope.manifest import build_manifest
-from darkhaloscope.physics import light, psf
+from darkhaloscope.simulation.manifest import build_manifest
+from darkhaloscope.simulation.physics import light, psf
 from darkhaloscope.simulation import hosts
 
 PARENT = hosts.load_parent_sample()

@@ -15,7 +15,7 @@ over 4x4 sub-pixels, and the central 2x2 pixels (which hold the host centre), av
 sub-pixels, with the flux inside an elliptical radius of 0.25 pixel exact (the cusp; see
 ``host_light``); confusers are averaged over 2x2 sub-pixels; neighbours (faint,
 off-centre) are point-sampled; stars are split bilinearly over the 4 pixels around their position.
-Positions and angles follow the manifest's conventions (see ``darkhaloscope.manifest``).
+Positions and angles follow the manifest's conventions (see ``darkhaloscope.simulation.manifest``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
-from darkhaloscope.manifest import CLUMP_COLUMNS
-from darkhaloscope.physics import light, psf, render
+from darkhaloscope.simulation.manifest import CLUMP_COLUMNS
+from darkhaloscope.simulation.physics import light, psf, render
+from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
 
 SKY_MOFFAT_BETA = 3.5
 # Effective gain of a DR10 coadd (electrons per nanomaggy), for the Gaussian approximation of source
