@@ -142,24 +142,23 @@ def test_symmetric_spectrum_equals_rfft2_of_the_wrapped_kernel(dtype):
         assert np.abs(want.imag).max() < 1e-12
 
 
-@pytest.mark.parametrize("where", [(0, 20), (63, 5), (30, 0), (17, 63), (0, 0), (63, 63)])
+@pytest.mark.parametrize("where", [(0, 20), (30, 63), (63, 63)])
 def test_point_source_at_edge_does_not_wrap_around(where):
-    """A point on an edge or corner: every convolution entry point equals the zero-filled direct
-    convolution (scipy, mode "same"), so flux that leaves the stamp is dropped and none reappears on the
+    """A point on an edge or corner: every convolution entry point equals scipy's zero-filled linear
+    convolution (mode "same"), so flux that leaves the stamp is dropped and none reappears on the
     opposite side, as it would with a circular (unpadded) FFT."""
     img = np.zeros((1, 64, 64))
     img[0, where[0], where[1]] = 1.0
     k = psf.moffat_kernel(1.6, 3.5)  # 127 px: reaches across the whole stamp
     lopsided = k * np.linspace(0.5, 1.5, k.shape[0])[None, :]  # not symmetric: the general FFT path
-    ref = scipy.signal.convolve2d(img[0], k, mode="same", boundary="fill")
+    ref = scipy.signal.fftconvolve(img[0], k, mode="same")
     far = (63 - where[0], 63 - where[1])
-    assert ref[far] < 1e-4 * ref[where]  # the opposite corner gets (almost) nothing in the reference
+    assert ref[far] < 1e-4 * ref[where]  # the opposite side gets (almost) nothing in the reference
     for name, out in _point_responses(k, "moffat", 1.6, img).items():
         np.testing.assert_allclose(out, ref, atol=1e-12, err_msg=name)
         assert out.sum() == pytest.approx(ref.sum(), rel=1e-10) and out.sum() < 0.9  # flux left the stamp
     out = psf.convolve(img, lopsided[None])[0]
-    np.testing.assert_allclose(out, scipy.signal.convolve2d(img[0], lopsided, mode="same", boundary="fill"),
-                               atol=1e-12)
+    np.testing.assert_allclose(out, scipy.signal.fftconvolve(img[0], lopsided, mode="same"), atol=1e-12)
 
 
 def test_convolution_conserves_flux_away_from_edges_and_keeps_float32():
