@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from darkhaloscope import cli
-from darkhaloscope.model import build_model, model_kwargs, save_checkpoint
-from darkhaloscope.score import PASSTHROUGH_COLUMNS, sigmoid32
+from darkhaloscope.evaluation.infer import PASSTHROUGH_COLUMNS, sigmoid32
+from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from factory import fake_rows, write_fake_phase4c  # noqa: E402
@@ -61,7 +61,7 @@ def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
     # reference: np.load of each stored stamp, the documented normalisation written in numpy (median and
     # 1.4826 x MAD of the pixels > 16 px from the centre, clip +-10) and (x - mean) / std of the meta
     # columns with the checkpoint's statistics; the model's forward pass in the same 48-row batches per file
-    from darkhaloscope.model import load_model
+    from darkhaloscope.learning.model import load_model
     model, ck = load_model(ckpt)
     yy, xx = np.mgrid[:64, :64]
     annulus = np.hypot(xx - 31.5, yy - 31.5) > 16
