@@ -114,6 +114,9 @@ def _latlon(ra_deg, dec_deg) -> np.ndarray:
 class TopK:
     """The ``k`` rows with the highest logit (ties: lower task_id first) seen so far.
 
+    "Lower" is numeric order for integer task ids and code-point order for string ids (Python's ``str``
+    order, e.g. "a10" < "a9"); a row tied with a full top-K's floor still enters when its id is lower.
+
     Each push merges the kept rows with the new ones and truncates, so memory is O(k + batch) whatever
     the number of rows streamed (a numpy merge-and-truncate: vectorised, unlike a per-row heap)."""
 
