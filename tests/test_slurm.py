@@ -18,7 +18,6 @@ Command-line additions to the profile, each because of this one-node test cluste
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +40,11 @@ def _minutes(limit: str) -> int:
     days, _, hms = limit.rpartition("-")
     h, m, s = (int(x) for x in hms.split(":"))
     return int(days or 0) * 1440 + h * 60 + m + (s > 0)
+
+
+def _megabytes(mem: str) -> int:
+    """scontrol's memory (4000M, 125G, 1T) in MB."""
+    return round(float(mem[:-1]) * {"M": 1, "G": 1024, "T": 1024**2}[mem[-1]])
 
 
 @pytest.fixture
@@ -67,7 +71,7 @@ def test_profile_runs_on_slurm_and_a_cancelled_job_is_retried(cluster, tmp_path)
     cancelled = None
     try:
         # kill the Gen2 training job once it runs: Slurm reports it CANCELLED, the profile's `retries: 1` reruns it
-        deadline = time.monotonic() + 900
+        deadline = time.monotonic() + 2400  # a quiet 2-core machine needs ~5 min; a loaded one 3x that
         while cancelled is None and proc.poll() is None and time.monotonic() < deadline:
             for job in cluster.jobs():
                 if job["Comment"] == "rule_train_wildcards_gen2" and job["JobState"] == "RUNNING":
@@ -122,7 +126,7 @@ def test_profile_runs_on_slurm_and_a_cancelled_job_is_retried(cluster, tmp_path)
                 for j in js]
         assert mine, f"no Slurm job for rule {rule}: {sorted(by_rule)}"
         for j in mine:
-            seen = {"partition": j["Partition"], "cpus": int(j["NumCPUs"]), "mem_mb": int(j["MinMemoryNode"].rstrip("M")),
+            seen = {"partition": j["Partition"], "cpus": int(j["NumCPUs"]), "mem_mb": _megabytes(j["MinMemoryNode"]),
                     "runtime": _minutes(j["TimeLimit"]),
                     "gpus": int(j.get("TresPerJob", "gres:gpu:0").rsplit(":", 1)[-1]) if "gpu" in j.get("TresPerJob", "") else 0}
             assert seen == want, f"{j['Comment']} (job {j['JobId']}): Slurm saw {seen}, the profile says {want}"

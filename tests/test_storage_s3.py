@@ -23,7 +23,7 @@ TARGETS = ["gen3_stratified_fpr.csv", "gen3_stratified_fpr_auroc.csv", "gen3_str
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
-    boto3 = pytest.importorskip("boto3")
+    import boto3
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:
@@ -59,7 +59,7 @@ def s3_run(moto, tmp_path_factory):
     def run(*extra: str):
         args = ["--configfile", str(cfg), "--default-storage-provider", "s3",
                 "--default-storage-prefix", "s3://dhs/run", "--storage-s3-endpoint-url", endpoint, *extra]
-        return snakemake(*args, env={"SNAKEMAKE_STORAGE_S3_ACCESS_KEY": "test",
+        return snakemake(*args, timeout=2400, env={"SNAKEMAKE_STORAGE_S3_ACCESS_KEY": "test",
                                      "SNAKEMAKE_STORAGE_S3_SECRET_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"})
 
     first = run()
