@@ -57,10 +57,10 @@ BUDGET_HOURS_PER_STAGE = 6.0
 
 def sizes(reduced: bool, n_gpus: int, cpus: int) -> dict:
     if reduced:
-        return {"arch": "convnext_atto", "batch": 16, "bf16": False, "workers": 1, "train_steps": 2, "repeat": 1,
+        return {"reduced": True, "arch": "convnext_atto", "batch": 16, "bf16": False, "workers": 1, "train_steps": 2, "repeat": 1,
                 "infer_batch": 64, "e2e_tasks": 480, "e2e_shards": 1, "e2e_batch": 32, "e2e_workers": 0,
                 "torchrun_rows": 0}
-    return {"arch": "convnext_tiny", "batch": 256, "bf16": True,
+    return {"reduced": False, "arch": "convnext_tiny", "batch": 256, "bf16": True,
             # ~1 DataLoader worker per ~3000 stamps/s (docs/benchmarks.md), leaving cores to the main process
             "workers": max(2, min(16, cpus // max(1, n_gpus) - 2)), "train_steps": 40, "repeat": 2,
             "infer_batch": 1024, "e2e_tasks": 20000, "e2e_shards": max(2, min(32, cpus)), "e2e_batch": 256,
@@ -110,7 +110,10 @@ def e2e(work: Path, sz: dict, n_gpus: int) -> dict:
     cfg["mine"].update(topk=max(20, sz["e2e_tasks"] // 40), min_score=0.5)
     path = work / "e2e.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    cmd = [str(Path(sys.executable).with_name("snakemake")), "--configfile", str(path), "--cores", "all"]
+    # reduced mode: one core, so every rule runs single-threaded (OpenMP threads on a busy CPU spin-wait for
+    # each other: 85 s per atto step with 2 threads under load average 20, against ~1 s with one)
+    cores = "1" if sz["reduced"] else "all"
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "--configfile", str(path), "--cores", cores]
     if n_gpus:
         cmd += ["--profile", "profiles/local"]
     t = time.perf_counter()
@@ -134,7 +137,7 @@ def e2e(work: Path, sz: dict, n_gpus: int) -> dict:
 
 def train_throughput(data: Path, sz: dict, device: torch.device) -> dict:
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(1)  # a per-core figure, robust to a shared machine's load (as bench_train.py)
     bare, pipe = [], []
     for _ in range(sz["repeat"]):
         bare.append(bare_loop(sz["arch"], sz["batch"], sz["train_steps"], device, sz["bf16"]))

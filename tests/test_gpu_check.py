@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -15,10 +17,17 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_check_reduced_mode_runs_every_step(tmp_path):
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--workdir",
-                           str(tmp_path / "work"), "--reduced"], cwd=REPO, capture_output=True, text=True,
-                          timeout=1200)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    # its own process group, so that a timeout also ends the snakemake run it started
+    proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--workdir",
+                             str(tmp_path / "work"), "--reduced"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        stdout, _ = proc.communicate(timeout=2400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stdout[-5000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "reduced" and res["sizes"]["arch"] == "convnext_atto"
 
@@ -50,4 +59,4 @@ def test_gpu_check_reduced_mode_runs_every_step(tmp_path):
     assert p["hours_per_stage_at_measured_rate"] > 0 and p["meets_budget"] is False  # atto on CPU is no answer
     # the printed table names every step
     for label in ("end to end", "train images/s", "infer images/s", "torchrun", "needed for the budget"):
-        assert label in proc.stdout
+        assert label in stdout
