@@ -152,7 +152,7 @@ def infer_throughput(data: Path, sz: dict, device: torch.device, work: Path) -> 
     import timm
 
     from darkhaloscope import cli
-    from darkhaloscope.model import build_model, model_kwargs, save_checkpoint
+    from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
 
     kwargs = model_kwargs(sz["arch"], 2, 0.1)
     ckpt = work / "infer_ckpt.pt"
@@ -212,7 +212,7 @@ def flops_per_training_image(arch: str) -> float:
     (8.5 against 0.1 GFLOP for two stamps), as if they were dense."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from darkhaloscope.model import build_model
+    from darkhaloscope.learning.model import build_model
 
     model = build_model(arch, 2, 0.1)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -47,8 +47,9 @@ SHARDS = [f"{i:05d}" for i in range(N_SHARDS)]
 # local(): with a default storage provider (object storage as the run directory) these stay repository files.
 SIM_CODE = sorted(
     local(str(p))
-    for p in [*(REPO / "src/darkhaloscope/physics").glob("*.py")]
-    + [REPO / "src/darkhaloscope" / f for f in ("manifest.py", "scene.py", "inject.py", "contract.py")]
+    for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
+    + [REPO / "src/darkhaloscope" / f
+       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 

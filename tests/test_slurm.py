@@ -9,7 +9,7 @@ Command-line additions to the profile, each because of this one-node test cluste
 - `--slurm-status-command squeue`: the cluster has no slurmdbd, so `sacct` cannot answer; the plugin's squeue
   path needs a MinJobAge above 3x its first polling interval (the cluster sets 3600 s).
 - `--slurm-init-seconds-before-status-checks 3`: poll soon, the jobs last seconds (default 40 s).
-- `--set-threads train=2 score=2`: the node claims 16 CPUs on a 2-core host; Slurm still records the profile's
+- `--set-threads train=2 infer=2`: the node claims 16 CPUs on a 2-core host; Slurm still records the profile's
   16 CPUs for `train` (cpus_per_task), the processes just do not start 16 OpenMP threads on 2 cores.
 - `--slurm-logdir`: the per-job Slurm logs go under the test's directory instead of `.snakemake/slurm_logs/`
   in the directory snakemake was started from.
@@ -65,7 +65,7 @@ def test_profile_runs_on_slurm_and_a_cancelled_job_is_retried(cluster, tmp_path)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     cmd = [SNAKEMAKE, "--configfile", str(cfg), "--profile", "profiles/slurm",
            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "3",
-           "--slurm-logdir", str(logdir), "--set-threads", "train=2", "score=2"]
+           "--slurm-logdir", str(logdir), "--set-threads", "train=2", "infer=2"]
     log = open(tmp_path / "snakemake.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     cancelled = None
@@ -112,12 +112,12 @@ def test_profile_runs_on_slurm_and_a_cancelled_job_is_retried(cluster, tmp_path)
     default, per_rule = profile["default-resources"], profile["set-resources"]
     expected = {
         "train": {"partition": "gpu", "cpus": 16, "mem_mb": 96000, "runtime": 1440, "gpus": 1},
-        "score": {"partition": "gpu", "cpus": 2, "mem_mb": 32000, "runtime": 240, "gpus": 1},
+        "infer": {"partition": "gpu", "cpus": 2, "mem_mb": 32000, "runtime": 240, "gpus": 1},
         "inject": {"partition": default["slurm_partition"], "cpus": 1, "mem_mb": 8000, "runtime": 240, "gpus": 0},
         "manifest": {"partition": "cpu", "cpus": 1, "mem_mb": 4000, "runtime": 30, "gpus": 0},
         "evaluate": {"partition": "cpu", "cpus": 1, "mem_mb": 4000, "runtime": 30, "gpus": 0},
     }
-    for rule in ("train", "score", "inject"):  # the table above is the profile's, read back from the file
+    for rule in ("train", "infer", "inject"):  # the table above is the profile's, read back from the file
         assert per_rule[rule]["mem_mb"] == expected[rule]["mem_mb"]
         assert per_rule[rule]["runtime"] == expected[rule]["runtime"]
     assert per_rule["train"]["cpus_per_task"] == 16 and per_rule["train"]["gpu"] == 1
@@ -130,7 +130,7 @@ def test_profile_runs_on_slurm_and_a_cancelled_job_is_retried(cluster, tmp_path)
                     "runtime": _minutes(j["TimeLimit"]),
                     "gpus": int(j.get("TresPerJob", "gres:gpu:0").rsplit(":", 1)[-1]) if "gpu" in j.get("TresPerJob", "") else 0}
             assert seen == want, f"{j['Comment']} (job {j['JobId']}): Slurm saw {seen}, the profile says {want}"
-    # one job per inject shard and variant, three training stages (gen2 twice), three score files
+    # one job per inject shard and variant, three training stages (gen2 twice)
     assert len([c for c in by_rule if c.startswith("rule_inject_")]) == 4
     assert {c for c in by_rule if c.startswith("rule_train_")} == {f"rule_train_wildcards_{s}" for s in
                                                                  ("gen2", "gen3_stageA1", "gen3_stageA2")}
