@@ -222,7 +222,7 @@ def flops_per_training_image(arch: str) -> float:
 
 def projection(results: dict, sz: dict) -> dict:
     full = yaml.safe_load((REPO / "config/full.yaml").read_text())
-    n_train = int(full["simulation"]["n_tasks"] * full["simulation"]["split_fracs"][0])
+    n_train = round(full["simulation"]["n_tasks"] * full["simulation"]["split_fracs"][0])
     epochs = full["gen3_a1"]["epochs"]
     need = epochs * n_train / (BUDGET_HOURS_PER_STAGE * 3600)
     out = {"full_recipe_train_stamps": n_train, "epochs_per_stage": epochs,
@@ -240,12 +240,12 @@ def projection(results: dict, sz: dict) -> dict:
 def table(results: dict) -> str:
     rows = [("step", "result")]
     e = results.get("e2e", {})
-    rows.append(("end to end (full.yaml scaled)", f"{e['stamps_per_variant']} stamps/variant, {e['wall_s']} s"
-                 if e.get("ok") else f"FAILED {e.get('error', '')[:80]}"))
+    rows.append(("end to end (full.yaml scaled)", "skipped" if not e else f"{e['stamps_per_variant']} stamps/variant, "
+                 f"{e['wall_s']} s" if e.get("ok") else f"FAILED {e.get('error', '')[:80]}"))
     for key, label in (("train", "train images/s"), ("infer", "infer images/s")):
         r = results.get(key, {})
-        rows.append((f"{label} pipeline / bare (ratio)", f"{r['pipeline_images_per_s']} / {r['bare_images_per_s']} "
-                     f"({r['ratio']})" if r.get("ok") else f"FAILED {r.get('error', '')[:80]}"))
+        rows.append((f"{label} pipeline / bare (ratio)", "skipped" if not r else f"{r['pipeline_images_per_s']} / "
+                     f"{r['bare_images_per_s']} ({r['ratio']})" if r.get("ok") else f"FAILED {r.get('error', '')[:80]}"))
     t = results.get("torchrun", {})
     rows.append(("torchrun 2 GPUs", t.get("skipped") or (f"{t['wall_s']} s" if t.get("ok")
                                                          else f"FAILED {t.get('error', '')[:80]}")))
