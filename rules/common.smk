@@ -44,8 +44,9 @@ N_SHARDS = config["simulation"]["n_shards"]
 SHARDS = [f"{i:05d}" for i in range(N_SHARDS)]
 
 # The simulator's code is an input of the simulation rules, so editing it reruns everything downstream.
+# local(): with a default storage provider (object storage as the run directory) these stay repository files.
 SIM_CODE = sorted(
-    str(p)
+    local(str(p))
     for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
        for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
@@ -72,9 +73,14 @@ def existing(variant):
     return config["variants"][variant].get("existing")
 
 
-def data_dir(variant):
-    """Where a variant's Phase 4c parquet lives: existing real data, or the simulated directory."""
-    return existing(variant) or f"data/{variant}"
+def data_root(variant, input_files):
+    """The Phase 4c root a job reads: the existing data's path, else the directory holding the job's shard inputs
+    (`<root>/region_split=<split>/part-<shard>.parquet`). Taken from the job's input paths rather than written
+    out, so it is right also when the run directory is object storage and the inputs are local copies
+    under .snakemake/storage/."""
+    if existing(variant):
+        return existing(variant)
+    return str(Path(input_files[0]).parents[1])
 
 
 def data_files(variant, splits=SPLITS):
@@ -138,6 +144,6 @@ def stage_inputs(wildcards):
     return inputs
 
 
-def stage_extra(wildcards):
+def stage_extra(wildcards, input):
     st = STAGES[wildcards.stage]
-    return " ".join(flag(k, st[k]) for k in ("hard_negs", "init_from") if k in st)
+    return " ".join(flag(k, input[k]) for k in ("hard_negs", "init_from") if k in st)

@@ -8,7 +8,7 @@ rule infer:
     output:
         "scores/{name}_scores.parquet",
     params:
-        data=lambda w: data_dir(SCORES[w.name][1]),
+        data=lambda w, input: data_root(SCORES[w.name][1], input.data),
         split=lambda w: SCORES[w.name][2],
         batch_size=config["infer"]["batch_size"],
         bf16=flag("use_bf16", config["infer"]["use_bf16"]),

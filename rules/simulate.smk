@@ -33,6 +33,7 @@ rule inject:
     output:
         expand("data/{{variant}}/region_split={split}/part-{{shard}}.parquet", split=SPLITS),
     params:
+        out_dir=lambda w, output: Path(output[0]).parents[1],
         psf_model=lambda w: config["variants"][w.variant]["psf_model"],
         beta=lambda w: config["variants"][w.variant]["moffat_beta"],
         shard=lambda w: int(w.shard),
@@ -50,7 +51,7 @@ rule inject:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest} --out_dir data/{wildcards.variant}"
+        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest} --out_dir {params.out_dir}"
         " --variant {wildcards.variant} --psf-model {params.psf_model} --moffat-beta {params.beta}"
         " --shard {params.shard} --n_shards {params.n_shards} --batch_size {params.batch_size} {params.write_arc}"
         " > {log} 2>&1"
@@ -62,7 +63,7 @@ rule audit:
     output:
         "audit/{variant}.json",
     params:
-        data=lambda w: data_dir(w.variant),
+        data=lambda w, input: data_root(w.variant, input),
         gates=" ".join(flag(k, v) for k, v in config["audit"].items()),
     log:
         "logs/audit/{variant}.log",
