@@ -18,7 +18,7 @@ import torch
 from darkhaloscope import cli
 from darkhaloscope.model import build_model, model_kwargs, save_checkpoint
 from darkhaloscope.score import PASSTHROUGH_COLUMNS, sigmoid32
-from darkhaloscope.stream import decode_batch, iter_table_batches
+from darkhaloscope.stream import decode_batch, open_split
 
 sys.path.insert(0, str(Path(__file__).parent))
 from factory import fake_rows, write_fake_phase4c  # noqa: E402
@@ -61,8 +61,8 @@ def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
     from darkhaloscope.model import load_model
     model, ck = load_model(ckpt)
     expected, ids = [], []
-    for batch in iter_table_batches(fake_phase4c, "test", ["task_id", "stamp_npz", "cutout_ok", *META], 48):
-        images, meta, ok = decode_batch(batch, META, ck["meta_mean"], ck["meta_std"])
+    for batch in open_split(fake_phase4c, "test").iter_batches(["task_id", "stamp_npz", "cutout_ok", *META], 48):
+        images, meta, ok, _ = decode_batch(batch, META, ck["meta_mean"], ck["meta_std"])
         with torch.no_grad():
             expected.append(model(torch.from_numpy(images), torch.from_numpy(meta)).numpy())
         ids.append(batch.column("task_id").to_numpy()[ok])

@@ -109,7 +109,8 @@ def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, a1_best, tmp_pa
 
 def test_outputs_history_and_best_checkpoint(data, tmp_path, capsys):
     out = tmp_path / "run"
-    fs, files, _ = stream.open_split(str(data), "train")
+    _sp = stream.open_split(str(data), "train")
+    fs, files = _sp.fs, _sp.files
     index = stream.build_index(fs, files, [])
     mined = tmp_path / "hard.parquet"
     pq.write_table(pa.table({"task_id": index.task_id[index.label == 0][:5]}), mined)
@@ -131,7 +132,8 @@ def test_outputs_history_and_best_checkpoint(data, tmp_path, capsys):
 
 
 def test_a_tiny_model_overfits_a_tiny_set(data):
-    fs, files, _ = stream.open_split(str(data), "train")
+    _sp = stream.open_split(str(data), "train")
+    fs, files = _sp.fs, _sp.files
     index = stream.build_index(fs, files, [])
     index = index.take(np.arange(len(index)) < 16)
     ds = stream.StampStream(index, fs, batch_size=16, seed=0)

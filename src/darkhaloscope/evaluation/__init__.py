@@ -1,0 +1,1 @@
+"""Evaluation: scoring, mining, metrics, the stratified tables and the report."""
