@@ -23,8 +23,8 @@ rule score:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs infer --data {params.data} --ckpt {input.ckpt} --out {output}"
-        " --split {params.split} --batch_size {params.batch_size} {params.bf16} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dhs infer --data {params.data:q} --ckpt {input.ckpt:q} --out {output:q}"
+        " --split {params.split:q} --batch_size {params.batch_size:q} {params.bf16} > {log:q} 2>&1"
 
 
 rule mine:
@@ -33,7 +33,7 @@ rule mine:
     output:
         "hard_negs/gen2_top50k.parquet",
     params:
-        m=config["mine"],
+        args=" ".join(flag(k, config["mine"][k]) for k in ("topk", "min_score", "exclude_radius_arcsec")),
         known=flag("known_lenses", config["mine"].get("known_lenses")),
     log:
         "logs/mine.log",
@@ -46,5 +46,4 @@ rule mine:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs mine --scores {input} --out {output} --topk {params.m[topk]} --min_score {params.m[min_score]}"
-        " --exclude_radius_arcsec {params.m[exclude_radius_arcsec]} {params.known} > {log} 2>&1"
+        "dhs mine --scores {input:q} --out {output:q} {params.args} {params.known} > {log:q} 2>&1"

@@ -183,6 +183,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from darkhaloscope.io import check_writable, refuse_overwrite
+
+    refuse_overwrite(args.out, {"--data": args.data}, "--out")
+    check_writable(args.out, "--out")  # before the work, not after it
     report = audit(args.data, args.split, args.max_rows or None, args.core_auc_max, args.meta_auc_max, args.seed)
     report["on_fail"] = args.on_fail
     with atomic_output(args.out) as tmp:

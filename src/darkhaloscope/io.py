@@ -102,9 +102,9 @@ def same_file(a, b) -> bool:
     return pa_.resolve() == pb.resolve()
 
 
-def refuse_overwrite(out, inputs: dict, flag: str) -> None:
-    """DHSError if the output ``out`` is one of the ``inputs`` ({flag: path}) or lies inside an input
-    directory (the local data root): writing it would clobber an input."""
+def refuse_overwrite(out, inputs: dict, flag: str, dirs=("--data",)) -> None:
+    """DHSError if the output ``out`` is one of the ``inputs`` ({flag: path}) or lies inside one of the
+    input directories named by ``dirs`` (the local data root): writing it would clobber an input."""
     if out is None:
         return
     for in_flag, path in inputs.items():
@@ -113,7 +113,7 @@ def refuse_overwrite(out, inputs: dict, flag: str) -> None:
         if same_file(out, path):
             raise DHSError(f"{flag} {out} is the same file as {in_flag}: refusing to overwrite an input")
         p = Path(path)
-        if p.is_dir():
+        if in_flag in dirs and p.is_dir():
             try:
                 Path(out).resolve().relative_to(p.resolve())
             except ValueError:

@@ -205,37 +205,39 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
 
     bar = tqdm(total=pf.metadata.num_rows, unit="row", desc="dhs mine", leave=False)
     candidates = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-        bar.update(batch.num_rows)
-        counts["rows"] += batch.num_rows
-        scorefile.check_rows(batch, scores_path)
-        is_control = batch.column("is_control").to_numpy(zero_copy_only=False)
-        control = np.asarray(is_control == 1)
-        counts["not_control"] += int((~control).sum())
-        cols = _batch_columns(batch, has_logit, has_score, has_psf)
-        cols = {c: v[control] for c, v in cols.items()}
-        high = cols["score"] >= min_score
-        counts["below_min_score"] += int((~high).sum())
-        cols = {c: v[high] for c, v in cols.items()}
-        if index is not None:
-            # a control without a position cannot be cleared of being a known lens: it is not mined
-            unplaced = ~(np.isfinite(cols["ra"]) & np.isfinite(cols["dec"]))
-            counts["no_position"] += int(unplaced.sum())
-            cols = {c: v[~unplaced] for c, v in cols.items()}
-            near = index.near(cols["ra"], cols["dec"], radius_arcsec)
-            counts["near_known_lens"] += int(near.sum())
-            cols = {c: v[~near] for c, v in cols.items()}
-        if edges is None:
-            candidates += cols["logit"].size
-            tops[0].push(cols)
-            continue
-        b = bin_index(cols["psfsize_r"].astype(np.float64), edges)
-        counts["outside_psf_bins"] += int((b < 0).sum())
-        for i, top in enumerate(tops):
-            sel = b == i
-            candidates += int(sel.sum())
-            top.push({c: v[sel] for c, v in cols.items()})
-    bar.close()
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+            bar.update(batch.num_rows)
+            counts["rows"] += batch.num_rows
+            scorefile.check_rows(batch, scores_path)
+            is_control = batch.column("is_control").to_numpy(zero_copy_only=False)
+            control = np.asarray(is_control == 1)
+            counts["not_control"] += int((~control).sum())
+            cols = _batch_columns(batch, has_logit, has_score, has_psf)
+            cols = {c: v[control] for c, v in cols.items()}
+            high = cols["score"] >= min_score
+            counts["below_min_score"] += int((~high).sum())
+            cols = {c: v[high] for c, v in cols.items()}
+            if index is not None:
+                # a control without a position cannot be cleared of being a known lens: it is not mined
+                unplaced = ~(np.isfinite(cols["ra"]) & np.isfinite(cols["dec"]))
+                counts["no_position"] += int(unplaced.sum())
+                cols = {c: v[~unplaced] for c, v in cols.items()}
+                near = index.near(cols["ra"], cols["dec"], radius_arcsec)
+                counts["near_known_lens"] += int(near.sum())
+                cols = {c: v[~near] for c, v in cols.items()}
+            if edges is None:
+                candidates += cols["logit"].size
+                tops[0].push(cols)
+                continue
+            b = bin_index(cols["psfsize_r"].astype(np.float64), edges)
+            counts["outside_psf_bins"] += int((b < 0).sum())
+            for i, top in enumerate(tops):
+                sel = b == i
+                candidates += int(sel.sum())
+                top.push({c: v[sel] for c, v in cols.items()})
+    finally:
+        bar.close()
     parts = [t.cols for t in tops if len(t)]
     if parts:
         merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}

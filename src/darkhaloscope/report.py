@@ -488,5 +488,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    render(ReportInputs.from_args(args), args.out)
+    from darkhaloscope.io import check_writable, refuse_overwrite
+
+    inputs = ReportInputs.from_args(args)
+    refuse_overwrite(args.out, {**{f"--scores {lab}": p for lab, p in inputs.scores},
+                                **{f"--history {lab}": p for lab, p in inputs.histories},
+                                "--hard_negs": inputs.hard_negs, "--fpr_csv": inputs.fpr_csv, "--data": inputs.data}, "--out")
+    check_writable(args.out, "--out")
+    render(inputs, args.out)
     return 0

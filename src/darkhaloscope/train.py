@@ -589,8 +589,8 @@ def _train_step(net, model, opt, loss_fn, batch, device, use_bf16: bool, grad_cl
 
 def _check_skips(n_bad: float, n_planned: float, max_frac: float, final: bool, what: str = "training") -> None:
     if (final or n_planned >= 1000) and n_planned and n_bad / n_planned > max_frac:
-        raise DHSError(f"{int(n_bad)} of {int(n_planned)} {what} stamps did not decode, were not 3x64x64 or not finite "
-                       f"({n_bad / n_planned:.2%} > --max_skip_frac {max_frac:.2%})")
+        raise DHSError(f"{int(n_bad)} of {int(n_planned)} stamps did not decode, were not 3x64x64 or not finite in "
+                       f"{what} ({n_bad / n_planned:.2%} > --max_skip_frac {max_frac:.2%})")
 
 
 @torch.no_grad()

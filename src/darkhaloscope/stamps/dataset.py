@@ -75,10 +75,10 @@ def as_id_values(column, where: str) -> np.ndarray:
 
 def ids_compatible(a: np.ndarray, b: np.ndarray, what_a: str, what_b: str) -> None:
     """Integer ids and string ids never match each other: say so instead of matching nothing."""
-    ka = "string" if a.dtype == object else "int"
-    kb = "string" if b.dtype == object else "int"
+    ka = "strings" if a.dtype == object else "integers"
+    kb = "strings" if b.dtype == object else "integers"
     if len(a) and len(b) and ka != kb:
-        raise DHSError(f"task ids of {what_a} are {ka}s but those of {what_b} are {kb}s: they come from "
+        raise DHSError(f"task ids of {what_a} are {ka} but those of {what_b} are {kb}: they come from "
                        "different datasets")
 
 
