@@ -18,6 +18,9 @@ from darkhaloscope.errors import DHSError
 from darkhaloscope.stamps import dataset
 
 
+CHECKED_COLUMNS = ("is_control", "logit", "score", "ra", "dec", "theta_e_arcsec")
+
+
 def open_score_file(path, required=("is_control",), flag: str = "score file") -> pq.ParquetFile:
     """Open ``path`` and check what its footer can tell: readable, the ``required`` columns, a logit or
     a score column, typed columns and at least one row. Streaming readers iterate the returned file."""
@@ -109,9 +112,11 @@ def read_checked(path, columns, required=("is_control",)) -> pa.Table:
     """The ``columns`` present in the score file at ``path`` (validated, ids unique) as one table."""
     pf = open_score_file(path, required)
     check_unique(pf, path)
-    wanted = [c for c in dict.fromkeys(columns) if c in pf.schema_arrow.names]
-    table = pf.read(columns=wanted)
+    names = pf.schema_arrow.names
+    wanted = [c for c in dict.fromkeys(columns) if c in names]
+    checked = [c for c in CHECKED_COLUMNS if c in names and c not in wanted]  # read to check, then dropped
+    table = pf.read(columns=wanted + checked)
     check_rows(table, path)
-    return table
+    return table.select(wanted)
 
 
