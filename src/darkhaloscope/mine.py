@@ -200,7 +200,8 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
               "outside_psf_bins": 0,
               "beyond_topk": 0, "kept": 0}
     tops = [TopK(per_psf_bin) for _ in range(edges.size - 1)] if edges is not None else [TopK(topk)]
-    columns = ["is_control", *[c for c in _COLUMNS if c in names]]
+    # the validator's columns are read too, so that mine refuses what eval refuses
+    columns = list(dict.fromkeys(["is_control", *[c for c in (*_COLUMNS, *scorefile.CHECKED_COLUMNS) if c in names]]))
     from tqdm import tqdm
 
     bar = tqdm(total=pf.metadata.num_rows, unit="row", desc="dhs mine", leave=False)

@@ -449,6 +449,11 @@ def _run(args, d: Dist) -> int:
     log(d, f"metadata-only AUC ({','.join(s.cond_cols) or 'no condition columns'}) of the training set: "
            f"{s.meta_auc_before:.3f} as filtered, {s.meta_auc_after:.3f} as sampled (0.5 = no leak)")
     log(d, s.resume_note)
+    for name, index in (("train", idx), ("val", s.val_index)):
+        bad = {c: int((~np.isfinite(index.columns[c])).sum()) for c in s.meta_cols}
+        if any(bad.values()):
+            log(d, f"warning: {name} meta values that are NaN/inf are replaced by the training mean: "
+                   + ", ".join(f"{c} {n}" for c, n in bad.items() if n))
 
     use_bf16 = bf16_enabled(args.use_bf16, d.device)
     if args.use_bf16 and not use_bf16:
