@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from factory import write_fake_phase4c  # noqa: E402
 
-from darkhaloscope import stream, train  # noqa: E402
-from darkhaloscope.losses import bce_loss, make_loss  # noqa: E402
-from darkhaloscope.model import build_model  # noqa: E402
+from darkhaloscope.learning import stream, train  # noqa: E402
+from darkhaloscope.learning.losses import bce_loss, make_loss  # noqa: E402
+from darkhaloscope.learning.model import build_model  # noqa: E402
 
 
 def bare_loop(arch, batch, steps, device, bf16):
@@ -60,7 +60,8 @@ def bare_loop(arch, batch, steps, device, bf16):
 
 
 def pipeline_loop(arch, batch, steps, device, bf16, data, workers):
-    fs, files, _ = stream.open_split(str(data), "train")
+    sp = stream.open_split(str(data), "train")
+    fs, files = sp.fs, sp.files
     index = stream.build_index(fs, files, ["psfsize_r", "psfdepth_r"])
     ds = stream.StampStream(index, fs, ["psfsize_r", "psfdepth_r"], [1.25, 24.3], [0.2, 0.4], batch_size=batch,
                             shuffle=True, augment=True, seed=0, num_workers=workers)

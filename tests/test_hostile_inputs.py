@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from factory import fake_rows, write_fake_phase4c
-from test_score import make_checkpoint
+from test_infer import make_checkpoint
 
 from darkhaloscope import cli
 from darkhaloscope.io import atomic_output
-from darkhaloscope.model import save_checkpoint
+from darkhaloscope.learning.model import save_checkpoint
 
 TINY = '{"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}'
 

@@ -14,8 +14,10 @@ import pytest
 from factory import write_fake_phase4c
 from phase4c_layout import string_id, write_phase4c_layout
 
-from darkhaloscope import audit, cli, stream
-from darkhaloscope.report import fetch_stamps
+from darkhaloscope import cli
+from darkhaloscope.learning import stream
+from darkhaloscope.simulation import audit
+from darkhaloscope.evaluation.report import fetch_stamps
 from darkhaloscope.stamps import dataset
 
 
@@ -63,7 +65,7 @@ def test_id_types_int32_int64_string_large_string():
 
 
 def test_infer_scores_the_same_rows_with_string_ids(both, tmp_path, caplog):
-    from test_score import make_checkpoint
+    from test_infer import make_checkpoint
 
     sim, p4c = both
     ck = make_checkpoint(tmp_path / "best.pt")
@@ -82,7 +84,7 @@ def test_infer_scores_the_same_rows_with_string_ids(both, tmp_path, caplog):
 
 
 def test_mine_eval_report_and_train_with_string_ids(both, tmp_path, capsys):
-    from test_score import make_checkpoint
+    from test_infer import make_checkpoint
 
     _, p4c = both
     ck = make_checkpoint(tmp_path / "best.pt")

@@ -1,1 +1,2 @@
-"""Evaluation: scoring, mining, metrics, the stratified tables and the report."""
+"""Evaluation stage: scoring with a checkpoint (infer), hard-negative mining, metrics, the stratified FPR
+table and the HTML report."""

@@ -13,8 +13,8 @@ import numba
 import numpy as np
 from scipy.special import gammainc, gammaincinv, gammaln
 
-from darkhaloscope.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 from darkhaloscope.errors import DHSError
+from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 
 # Radii below this (arcsec) are floored so the Sersic cusp stays finite at the centre (as lenstronomy).
 R_FLOOR = 1e-5

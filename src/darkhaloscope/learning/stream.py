@@ -38,9 +38,9 @@ import torch
 import torch.multiprocessing as tmp
 from torch.utils.data import IterableDataset, get_worker_info
 
-from darkhaloscope import contract
 from darkhaloscope.errors import DHSError
-from darkhaloscope.model import standardize_meta
+from darkhaloscope.learning.model import standardize_meta
+from darkhaloscope.stamps import contract
 from darkhaloscope.stamps import dataset
 from darkhaloscope.stamps.dataset import PARTITION, open_split  # noqa: F401  (the one reader of a split)
 from darkhaloscope.stamps.dataset import as_float as _as_float, control_flags

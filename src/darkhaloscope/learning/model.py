@@ -176,7 +176,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[LensClassifier, dict]:
     """Rebuild the network from the checkpoint alone -> (model in eval mode, checkpoint dict)."""
-    from darkhaloscope.contract import check_meta_columns
+    from darkhaloscope.stamps.contract import check_meta_columns
 
     ckpt = load_checkpoint(path, map_location)
     kwargs = ckpt["model_kwargs"]

@@ -4,7 +4,7 @@ The network, its meta columns and their standardisation come from the checkpoint
 (``model.load_model``); stamps go through the training stream's decode + normalise + meta path
 (``stream.decode_batch``), so training and inference cannot disagree on normalisation.
 
-Memory is bounded: the split is streamed in record batches (``stream.iter_table_batches``), decoded one
+Memory is bounded: the split is streamed in record batches (``stamps.dataset.Split.iter_batches``), decoded one
 batch at a time (a background thread or ``--num_workers`` processes prepare the next batches while the
 network runs), and each scored batch is appended to a ``ParquetWriter`` on a temporary name that is
 renamed only when the whole split is done. ``logit`` is float32 and computed in float32 even under
@@ -41,7 +41,7 @@ PASSTHROUGH_COLUMNS = ("ra", "dec", "brickname", "region_split", "is_control", "
 # ----------------------------------------------------------------------------------------------------
 
 def _prepare(batch: pa.RecordBatch, passthrough, meta_cols, meta_mean, meta_std) -> dict:
-    from darkhaloscope.stream import decode_batch
+    from darkhaloscope.learning.stream import decode_batch
 
     images, meta, ok, cutout = decode_batch(batch, meta_cols, meta_mean, meta_std)
     keep = pa.array(ok)
@@ -226,8 +226,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from darkhaloscope.io import check_writable, refuse_overwrite
-    from darkhaloscope.model import load_model
-    from darkhaloscope.stream import open_split
+    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.stream import open_split
 
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
