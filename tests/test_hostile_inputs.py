@@ -234,7 +234,7 @@ def test_mine_refuses_what_eval_refuses(tmp_path, capsys):
                                  "--exclude_radius_arcsec", "0"], word)
         _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", tmp_path / "t.csv"], word)
     scores = _scores(tmp_path / "ok.parquet")
-    _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", tmp_path / "t.csv", "--theta_bins", "-1,0.5,1"],
+    _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", tmp_path / "t.csv", "--theta_bins=-1,0.5,1"],
                     "must be >= 0")
 
 
