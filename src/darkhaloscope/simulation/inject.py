@@ -268,9 +268,9 @@ def run(args) -> int:
     check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
     from darkhaloscope.io import check_writable_dir
 
-    check_writable_dir(args.out_dir, "--out_dir")
     check_stale_shards(args.out_dir, args.shard, args.n_shards, args.batch_size)
     manifest = read_manifest(args.manifest, lambda ids: shard_mask(ids, args.shard, args.n_shards, args.batch_size))
+    check_writable_dir(args.out_dir, "--out_dir")  # after the manifest checks: a bad manifest creates nothing
     counts = render_shard(manifest, args.out_dir, args.psf_model, args.moffat_beta, args.shard, args.n_shards,
                           args.batch_size, args.write_arc)
     print(f"inject {args.variant or ''} shard {args.shard}/{args.n_shards} ({args.psf_model}"
