@@ -1,6 +1,7 @@
 # Helpers shared by the rules: config validation, run-directory layout, and argument builders.
 # Rules stay declarative; anything computed from the config is computed here.
 import os
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -37,7 +38,22 @@ def validate_config(cfg, schema_path):
                                 f"({clumps['max']} x {clumps['flux_frac'][1]}) exceeds 1, the whole source")
 
 
+def check_config_files(cfg):
+    """Keys that name files or models are checked now, at parse time, not by a job (or never)."""
+    for section, key, what in (("gen2", "checkpoint", "an existing Gen2 checkpoint"),
+                               ("mine", "known_lenses", "a known-lens catalogue")):
+        path = cfg[section].get(key)
+        if path is not None and not Path(path).is_file():
+            raise WorkflowError(f"invalid config key '{section}.{key}': {path} is not a file ({what} is expected)")
+    import timm  # the architecture is whatever timm knows; ask it
+
+    arch = cfg["train"]["arch"]
+    if not timm.is_model(arch):
+        raise WorkflowError(f"invalid config key 'train.arch': '{arch}' is not a timm model name")
+
+
 validate_config(config, REPO / "schemas" / "config.schema.yaml")
+check_config_files(config)
 
 RUN_DIR = config["run_dir"] if os.path.isabs(config["run_dir"]) else str(REPO / config["run_dir"])
 N_SHARDS = config["simulation"]["n_shards"]
@@ -98,14 +114,15 @@ def audit_file(variant):
 
 
 def flag(name, value):
-    """Render one CLI flag: booleans as switches, lists comma-joined, None omitted."""
+    """Render one CLI flag: booleans as switches, lists comma-joined, None omitted. The value is
+    shell-quoted (shlex.quote): a config value is one argument, never a second word or command."""
     if value is None or value is False:
         return ""
     if value is True:
         return f"--{name}"
     if isinstance(value, (list, tuple)):
-        return f"--{name} {','.join(str(v) for v in value)}" if value else ""
-    return f"--{name} {value}"
+        return f"--{name} {shlex.quote(','.join(str(v) for v in value))}" if value else ""
+    return f"--{name} {shlex.quote(str(value))}"
 
 
 def clump_args(sim):

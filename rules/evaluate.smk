@@ -16,7 +16,7 @@ rule evaluate:
     params:
         bins=" ".join(flag(k, config["eval"][k]) for k in ("theta_bins", "res_bins", "tpr_targets", "fpr_targets")),
         gallery_data=lambda w, input: data_root("v4_sota_moffat", input.gallery_data),
-        histories=lambda w, input: " ".join(f"--history {s}={h}" for s, h in zip(STAGES, input.histories)),
+        histories=lambda w, input: " ".join(flag("history", f"{s}={h}") for s, h in zip(STAGES, input.histories)),
     log:
         "logs/evaluate.log",
     benchmark:
@@ -28,7 +28,7 @@ rule evaluate:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs eval --scores {input.scores} --out_csv {output.csv}"
+        "dhs eval --scores {input.scores:q} --out_csv {output.csv:q}"
         " {params.bins}"
-        " --report {output.report} --compare gen2={input.gen2_scores} {params.histories}"
-        " --hard_negs {input.hard_negs} --data {params.gallery_data} > {log} 2>&1"
+        " --report {output.report:q} --compare gen2={input.gen2_scores:q} {params.histories}"
+        " --hard_negs {input.hard_negs:q} --data {params.gallery_data:q} > {log:q} 2>&1"

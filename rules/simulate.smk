@@ -23,7 +23,7 @@ rule manifest:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "dhs manifest --out {output} {params.args} > {log} 2>&1"
+        "dhs manifest --out {output:q} {params.args} > {log:q} 2>&1"
 
 
 rule inject:
@@ -51,10 +51,10 @@ rule inject:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest} --out_dir {params.out_dir}"
-        " --variant {wildcards.variant} --psf-model {params.psf_model} --moffat-beta {params.beta}"
-        " --shard {params.shard} --n_shards {params.n_shards} --batch_size {params.batch_size} {params.write_arc}"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest:q} --out_dir {params.out_dir:q}"
+        " --variant {wildcards.variant:q} --psf-model {params.psf_model:q} --moffat-beta {params.beta:q}"
+        " --shard {params.shard:q} --n_shards {params.n_shards:q} --batch_size {params.batch_size:q} {params.write_arc}"
+        " > {log:q} 2>&1"
 
 
 rule audit:
@@ -76,5 +76,5 @@ rule audit:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs audit --data {params.data} --out {output} --split train"
-        " {params.gates} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dhs audit --data {params.data:q} --out {output:q} --split train"
+        " {params.gates} > {log:q} 2>&1"

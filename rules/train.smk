@@ -27,9 +27,9 @@ rule train:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} --data {params.data} --out_dir {params.out_dir}"
-        " --state_dir state/{wildcards.stage} --auto_resume {params.args} {params.extra}"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launcher} --data {params.data:q} --out_dir {params.out_dir:q}"
+        " --state_dir state/{wildcards.stage:q} --auto_resume {params.args} {params.extra}"
+        " > {log:q} 2>&1"
 
 
 if config["gen2"].get("checkpoint"):
@@ -47,5 +47,5 @@ if config["gen2"].get("checkpoint"):
         conda:
             "../envs/train.yaml"
         shell:
-            "cp {input} {output.ckpt} && echo '[]' > {output.history}"
-            " && echo 'using existing Gen2 checkpoint {input}' > {log}"
+            "cp {input:q} {output.ckpt:q} && echo '[]' > {output.history:q}"
+            " && echo using existing Gen2 checkpoint {input:q} > {log:q}"

@@ -150,7 +150,8 @@ def test_best_checkpoint_keeps_the_best_epoch_and_history_holds_its_values(data,
 
     monkeypatch.setattr(train, "evaluate", evaluate_worse_in_epoch_2)
     out = tmp_path / "run"
-    fs, files, _ = stream.open_split(str(data), "train")
+    _sp = stream.open_split(str(data), "train")
+    fs, files = _sp.fs, _sp.files
     index = stream.build_index(fs, files, [])
     mined = tmp_path / "hard.parquet"
     pq.write_table(pa.table({"task_id": index.task_id[index.label == 0][:5]}), mined)
@@ -203,7 +204,8 @@ def test_best_checkpoint_keeps_the_best_epoch_and_history_holds_its_values(data,
 
 
 def test_a_tiny_model_overfits_a_tiny_set(data):
-    fs, files, _ = stream.open_split(str(data), "train")
+    _sp = stream.open_split(str(data), "train")
+    fs, files = _sp.fs, _sp.files
     index = stream.build_index(fs, files, [])
     index = index.take(np.arange(len(index)) < 16)
     ds = stream.StampStream(index, fs, batch_size=16, seed=0)

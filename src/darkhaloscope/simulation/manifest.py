@@ -574,6 +574,9 @@ def clump_prior(args) -> ClumpPrior:
 
 
 def run(args) -> int:
+    from darkhaloscope.io import check_writable
+
+    check_writable(args.out, "--out")  # before the work, not after it
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
                            args.host_priors)
