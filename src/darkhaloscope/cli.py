@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("darkhaloscope.mine", "Mine hard negatives from a score parquet, excluding known lenses"),
     "eval": ("darkhaloscope.evaluate", "Stratified tpr@fpr / fpr@tpr table with confidence intervals"),
     "report": ("darkhaloscope.report", "One offline HTML page with ROC curves, completeness and galleries"),
+    "cutouts": ("darkhaloscope.sky.cutouts", "Phase 3 on the real sky: DR10 grz cutouts of a catalogue"),
+    "recall": ("darkhaloscope.sky.recall", "Recall on real known lenses at the evaluation's thresholds"),
 }
 
 
