@@ -19,12 +19,14 @@ wildcard_constraints:
     shard=r"\d{5}",
     stage="|".join(STAGES),
     name="|".join(SCORES),
+    sample="|".join(SKY_SAMPLES),
 
 
 include: "rules/simulate.smk"
 include: "rules/train.smk"
 include: "rules/score.smk"
 include: "rules/evaluate.smk"
+include: "rules/real.smk"
 
 
 rule all:
@@ -32,3 +34,4 @@ rule all:
     input:
         "gen3_stratified_fpr.csv",
         "report/gen3_report.html",
+        real_targets(),
