@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE, depth_from_tractor_ivar, encode_stamp
@@ -59,7 +60,7 @@ DEFAULT_BASE_URL = "https://www.legacysurvey.org"
 LAYER = "ls-dr10"
 CONDITION_INPUTS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 ID_CANDIDATES = ("task_id", "id", "objid", "name")
-USER_AGENT = "darkhaloscope-dhs-cutouts/0.1 (+https://github.com/; polite: bounded concurrency, honours Retry-After)"
+USER_AGENT = "darkhaloscope-dhs-cutouts/0.1 (bounded concurrency, honours Retry-After)"
 ROW_GROUP = 256
 # Reasons of rows whose cutout could not be fetched at all (as opposed to a fetched cutout judged unusable).
 FETCH_FAILURE_PREFIX = "fetch_failed"
@@ -179,7 +180,7 @@ def load_catalog(path: str, id_column: str | None = None) -> Catalog:
             raise DHSError(f"catalogue id column '{id_col}' has {ids.null_count} null value(s)")
         if pa.types.is_dictionary(ids.type):
             ids = ids.dictionary_decode()
-        if len(pa.compute.unique(ids)) != len(ids):
+        if len(pc.unique(ids)) != len(ids):
             raise DHSError(f"catalogue id column '{id_col}' repeats values; ids must be unique")
     ra, dec = _floats(table, "ra"), _floats(table, "dec")
     psfsize = np.stack([_floats(table, f"psfsize_{b}") for b in BANDS], axis=1)

@@ -313,6 +313,8 @@ def render_host_shard(manifest: pa.Table, hosts_dir: str, out_dir, psf_model: st
 
 
 def run_inject(args) -> int:
+    if getattr(args, "write_arc", False):
+        raise DHSError("--write_arc is not available with --hosts (the arc is in the truth columns' draws)")
     manifest_path = Path(args.manifest)
     if not manifest_path.exists():
         raise DHSError(f"manifest {manifest_path} does not exist")
@@ -328,6 +330,9 @@ def run_inject(args) -> int:
 
 def run_manifest(args) -> int:
     from darkhaloscope.manifest import clump_prior
+
+    if args.n_tasks is not None:
+        raise DHSError("--n_tasks does not apply with --hosts (one task per usable host)")
 
     table, n_bad = build_host_manifest(args.hosts, args.seed, args.control_frac, args.source_priors, clump_prior(args))
     with atomic_output(args.out) as tmp:
