@@ -46,8 +46,9 @@ SHARDS = [f"{i:05d}" for i in range(N_SHARDS)]
 # The simulator's code is an input of the simulation rules, so editing it reruns everything downstream.
 SIM_CODE = sorted(
     str(p)
-    for p in [*(REPO / "src/darkhaloscope/physics").glob("*.py")]
-    + [REPO / "src/darkhaloscope" / f for f in ("manifest.py", "scene.py", "inject.py", "contract.py", "sky/hosts.py")]
+    for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
+    + [REPO / "src/darkhaloscope" / f
+       for f in ("stamps/contract.py", "sky/hosts.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 
@@ -165,7 +166,7 @@ def manifest_args():
     if REAL:  # one task per usable host: no n_tasks; confusers and neighbours are whatever the sky has
         keys = ("control_frac", "source_priors")
     else:
-        keys = ("n_tasks", "control_frac", "split_fracs", "source_priors", "confuser_frac")
+        keys = ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")
     args = [flag(k, sim[k]) for k in keys] + [flag("seed", config["seed"])] + clump_args(sim) + [hosts_flag()]
     return " ".join(a for a in args if a)
 

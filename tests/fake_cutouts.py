@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 from astropy.io import fits
 
-from darkhaloscope.contract import BANDS, mag_to_nanomaggy
+from darkhaloscope.stamps.contract import BANDS, mag_to_nanomaggy
 
 
 def key_of(ra, dec) -> tuple[str, str]:
@@ -151,8 +151,8 @@ def simulated_sky(n: int, seed: int = 0, control_frac: float = 1.0, psf_model: s
 
     The catalogue's ``psfdepth_*`` are inverse variances (1/nmgy^2) that convert back to the manifest's
     5-sigma depths: ivar = 1 / (f5 / 5)^2 with f5 the 5-sigma flux in nanomaggies."""
-    from darkhaloscope.manifest import build_manifest
-    from darkhaloscope.scene import column_arrays, render_scenes
+    from darkhaloscope.simulation.manifest import build_manifest
+    from darkhaloscope.simulation.scene import column_arrays, render_scenes
 
     table = build_manifest(n, seed, control_frac=control_frac)
     rows = column_arrays(table)

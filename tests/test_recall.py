@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkhaloscope.cli import main
-from darkhaloscope.metrics import wilson_interval
+from darkhaloscope.evaluation.metrics import wilson_interval
 from fake_cutouts import FakeCutoutService, simulated_sky
-from test_score import make_checkpoint
+from test_infer import make_checkpoint
 
 
 @pytest.fixture(scope="module")

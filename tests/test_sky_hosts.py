@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkhaloscope.cli import main
-from darkhaloscope.contract import decode_stamp
-from darkhaloscope.manifest import LENS_COLUMNS
-from darkhaloscope.scene import GAIN_E_PER_NMGY, render_scenes
+from darkhaloscope.stamps.contract import decode_stamp
+from darkhaloscope.simulation.manifest import LENS_COLUMNS
+from darkhaloscope.simulation.scene import GAIN_E_PER_NMGY, render_scenes
 from darkhaloscope.sky.hosts import shape_orientation
 from fake_cutouts import FakeCutoutService, key_of, simulated_sky
 

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE, depth_from_tractor_ivar, encode_stamp
+from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE, depth_from_tractor_ivar, encode_stamp
 from darkhaloscope.errors import DHSError
 
 DEFAULT_BASE_URL = "https://www.legacysurvey.org"
@@ -71,7 +71,7 @@ FETCH_FAILURE_PREFIX = "fetch_failed"
 # ----------------------------------------------------------------------------------------------------
 
 def _open_bytes(path: str) -> bytes:
-    from darkhaloscope.stream import _filesystem
+    from darkhaloscope.learning.stream import _filesystem
 
     fs, p = _filesystem(path)
     try:
@@ -190,7 +190,7 @@ def load_catalog(path: str, id_column: str | None = None) -> Catalog:
     if "brickname" in table.column_names:
         brick = np.array([str(b) if b is not None else "" for b in table.column("brickname").to_pylist()], object)
     else:
-        from darkhaloscope.manifest import brickname_of
+        from darkhaloscope.simulation.manifest import brickname_of
 
         ok = np.isfinite(ra) & np.isfinite(dec)
         brick = np.full(len(ra), "", object)
@@ -421,7 +421,7 @@ def _extra_columns(table: pa.Table, id_col: str | None) -> list[str]:
 def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: Path, split_fracs,
              is_control: int, id_col: str | None, chunk: int = 1024) -> dict:
     """Write the dataset (to a temporary sibling directory, renamed at the end); returns a summary."""
-    from darkhaloscope.manifest import region_split_of, sky_cell
+    from darkhaloscope.simulation.manifest import region_split_of, sky_cell
 
     out_dir = Path(out_dir)
     n = len(cat.ra)
@@ -546,7 +546,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from darkhaloscope.manifest import parse_split_fracs
+    from darkhaloscope.simulation.manifest import parse_split_fracs
 
     policy = FetchPolicy(args.base_url, args.concurrency, args.timeout, args.retries, args.backoff,
                          max_retry_after=args.max_retry_after).check()

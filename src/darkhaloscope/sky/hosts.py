@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from darkhaloscope.contract import BANDS, SPLITS, decode_stamp, encode_stamp, load_conditions
+from darkhaloscope.stamps.contract import BANDS, SPLITS, decode_stamp, encode_stamp, load_conditions
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 
@@ -51,7 +51,7 @@ HOST_MANIFEST_TAG = b"dhs_host_manifest"
 
 
 def _dataset(hosts_dir: str):
-    from darkhaloscope.stream import _filesystem
+    from darkhaloscope.learning.stream import _filesystem
 
     fs, root = _filesystem(hosts_dir)
     if "://" not in str(hosts_dir) and not Path(root).is_dir():
@@ -104,7 +104,7 @@ def shape_orientation(e1, e2) -> tuple[np.ndarray, np.ndarray]:
 def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, source_priors: str = "realistic",
                         clumps=None) -> tuple[pa.Table, int]:
     """The host-injection manifest (module docstring) and the number of unusable hosts left out."""
-    from darkhaloscope.manifest import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
+    from darkhaloscope.simulation.manifest import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
 
     clumps = (clumps or ClumpPrior()).check()
     if not 0.0 <= control_frac <= 1.0:
@@ -184,7 +184,7 @@ def inject_arcs(host_images: np.ndarray, rows: dict, psf_model: str, beta: float
     ``is_control``, ``noise_seed``, the conditions and the lens/source draws. Returns a dict with
     ``image`` (B, 3, 64, 64) float32, ``arc`` (noiseless), ``sky_sigma`` (B, 3), ``arc_fwhm`` (B, 3),
     ``arc_snr``, ``arc_snr_peak``, ``magnification`` (NaN for controls)."""
-    from darkhaloscope.scene import GAIN_E_PER_NMGY, arc_snr, psf_fwhm, render_arcs, sky_psf_sum_sq, sky_sigma
+    from darkhaloscope.simulation.scene import GAIN_E_PER_NMGY, arc_snr, psf_fwhm, render_arcs, sky_psf_sum_sq, sky_sigma
 
     images = np.array(host_images, np.float32, copy=True)
     b = len(images)
@@ -224,8 +224,8 @@ def _host_stamps(hosts_dir: str, host_ids: pa.Array) -> dict:
 
 
 def _table(rows: dict, host_ids: pa.Array, res: dict, psf_model: str, beta: float, schema: pa.Schema) -> pa.Table:
-    from darkhaloscope.inject import PASS_COLUMNS, TRUTH_COLUMNS
-    from darkhaloscope.manifest import CLUMP_COLUMNS
+    from darkhaloscope.simulation.inject import PASS_COLUMNS, TRUTH_COLUMNS
+    from darkhaloscope.simulation.manifest import CLUMP_COLUMNS
 
     n = len(rows["task_id"])
     positive = np.asarray(rows["is_control"]) == 0
@@ -272,8 +272,8 @@ def render_host_shard(manifest: pa.Table, hosts_dir: str, out_dir, psf_model: st
     """Inject the arcs of one shard into the real host stamps; one parquet file per split (as inject)."""
     from tqdm import tqdm
 
-    from darkhaloscope.inject import check_args, clump_slots, output_path, output_schema, shard_mask
-    from darkhaloscope.scene import column_arrays
+    from darkhaloscope.simulation.inject import check_args, clump_slots, output_path, output_schema, shard_mask
+    from darkhaloscope.simulation.scene import column_arrays
 
     check_args(psf_model, beta, shard, n_shards, batch_size)
     task_id = manifest.column("task_id").to_numpy()
@@ -329,7 +329,7 @@ def run_inject(args) -> int:
 
 
 def run_manifest(args) -> int:
-    from darkhaloscope.manifest import clump_prior
+    from darkhaloscope.simulation.manifest import clump_prior
 
     if args.n_tasks is not None:
         raise DHSError("--n_tasks does not apply with --hosts (one task per usable host)")

@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from darkhaloscope.contract import SPLITS
+from darkhaloscope.stamps.contract import SPLITS
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 
@@ -64,9 +64,9 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
     logit (NaN when not scored)."""
     import torch
 
-    from darkhaloscope.model import load_model
-    from darkhaloscope.score import forward_logits
-    from darkhaloscope.stream import decode_batch, iter_table_batches, open_split
+    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.evaluation.infer import forward_logits
+    from darkhaloscope.learning.stream import decode_batch, iter_table_batches, open_split
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -141,7 +141,7 @@ def _replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], grade_column: str | None) -> pd.DataFrame:
-    from darkhaloscope.metrics import recall_at_threshold, wilson_interval
+    from darkhaloscope.evaluation.metrics import recall_at_threshold, wilson_interval
 
     groups = [("all", lenses)]
     if grade_column:
@@ -173,8 +173,8 @@ def stamps_of(data: str, task_ids) -> dict:
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from darkhaloscope.contract import decode_stamp
-    from darkhaloscope.stream import _filesystem
+    from darkhaloscope.stamps.contract import decode_stamp
+    from darkhaloscope.learning.stream import _filesystem
 
     fs, root = _filesystem(data)
     dataset = pads.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
@@ -191,7 +191,7 @@ def stamps_of(data: str, task_ids) -> dict:
 
 def report_html(table: pd.DataFrame, lenses: pd.DataFrame, data: str, thresholds, gallery_n: int = 16) -> str:
     """Offline page: the recall table, then found and missed lenses at the lowest estimable FPR target."""
-    from darkhaloscope.report import _CSS, _missing, _safe, _section, _table_html, gallery_figure
+    from darkhaloscope.evaluation.report import _CSS, _missing, _safe, _section, _table_html, gallery_figure
 
     parts = [_section("recall", "Recall on real known lenses", _table_html(table))]
     usable = [(t, v) for t, v in thresholds if math.isfinite(v)]
