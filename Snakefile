@@ -19,6 +19,7 @@ wildcard_constraints:
     shard=r"\d{5}",
     stage="|".join(STAGES),
     name="|".join(SCORES),
+    sample="|".join(SKY_SAMPLES),
 
 
 include: "rules/simulate.smk"
@@ -26,6 +27,7 @@ include: "rules/train.smk"
 include: "rules/infer.smk"
 include: "rules/mine.smk"
 include: "rules/evaluate.smk"
+include: "rules/real.smk"
 
 
 rule all:
@@ -33,3 +35,4 @@ rule all:
     input:
         "gen3_stratified_fpr.csv",
         "report/gen3_report.html",
+        real_targets(),

@@ -65,7 +65,7 @@ SIM_CODE = sorted(
     local(str(p))
     for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
-       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
+       for f in ("stamps/contract.py", "sky/hosts.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 
@@ -164,3 +164,47 @@ def stage_inputs(wildcards):
 def stage_extra(wildcards, input):
     st = STAGES[wildcards.stage]
     return " ".join(flag(k, input[k]) for k in ("hard_negs", "init_from") if k in st)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real sky (config `real_sky`, e.g. config/real.yaml): DR10 cutouts of a host catalogue replace the
+# simulated scenes (arcs are injected into the real pixels), and known-lens cutouts give `recall`.
+# ----------------------------------------------------------------------------------------------------
+REAL = config.get("real_sky") or None
+SKY_SAMPLES = {"hosts": ("hosts_catalog", "hosts_id_column", "control"),
+               "lenses": ("lenses_catalog", "lenses_id_column", "lens")}
+
+
+def hosts_input():
+    """The host cutouts that the manifest and inject rules read ([] for simulated hosts)."""
+    return ["sky/hosts"] if REAL else []
+
+
+def hosts_flag():
+    return "--hosts sky/hosts" if REAL else ""
+
+
+def manifest_args():
+    sim = config["simulation"]
+    if REAL:  # one task per usable host: no n_tasks; confusers and neighbours are whatever the sky has
+        keys = ("control_frac", "source_priors")
+    else:
+        keys = ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")
+    args = [flag(k, sim[k]) for k in keys] + [flag("seed", config["seed"])] + clump_args(sim) + [hosts_flag()]
+    return " ".join(a for a in args if a)
+
+
+def cutout_args(sample):
+    """`dhs cutouts` flags of one sample (hosts or lenses)."""
+    catalog_key, id_key, label = SKY_SAMPLES[sample]
+    args = [flag("catalog", REAL[catalog_key]), flag("id_column", REAL.get(id_key)), flag("label", label),
+            flag("base_url", REAL["base_url"]), flag("split_fracs", config["simulation"]["split_fracs"])]
+    args += [flag(k, REAL[k]) for k in ("concurrency", "timeout", "retries", "max_fetch_fail_frac") if k in REAL]
+    return " ".join(a for a in args if a)
+
+
+def real_targets():
+    """Extra default targets of a real-sky run: recall on known lenses when a lens catalogue is given."""
+    if REAL and REAL.get("lenses_catalog"):
+        return ["gen3_stratified_fpr_recall.csv", "report/recall.html"]
+    return []

@@ -4,14 +4,11 @@
 rule manifest:
     input:
         code=SIM_CODE,
+        hosts=hosts_input(),
     output:
         "manifest/manifest.parquet",
     params:
-        args=" ".join(
-            [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")]
-            + [flag("seed", config["seed"])]
-            + clump_args(config["simulation"])
-        ),
+        args=manifest_args(),
     log:
         "logs/manifest.log",
     benchmark:
@@ -30,6 +27,7 @@ rule inject:
     input:
         manifest="manifest/manifest.parquet",
         code=SIM_CODE,
+        hosts=hosts_input(),
     output:
         expand("data/{{variant}}/region_split={split}/part-{{shard}}.parquet", split=SPLITS),
     params:
@@ -40,6 +38,7 @@ rule inject:
         n_shards=N_SHARDS,
         batch_size=config["simulation"]["batch_size"],
         write_arc=flag("write_arc", config["simulation"]["write_arc"]),
+        hosts=hosts_flag(),
     log:
         "logs/inject/{variant}_{shard}.log",
     benchmark:
@@ -54,6 +53,7 @@ rule inject:
         "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest:q} --out_dir {params.out_dir:q}"
         " --variant {wildcards.variant:q} --psf-model {params.psf_model:q} --moffat-beta {params.beta:q}"
         " --shard {params.shard:q} --n_shards {params.n_shards:q} --batch_size {params.batch_size:q} {params.write_arc}"
+        " {params.hosts}"
         " > {log:q} 2>&1"
 
 

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mine": ("darkhaloscope.evaluation.mine", "Mine hard negatives from a score parquet, excluding known lenses"),
     "eval": ("darkhaloscope.evaluation.evaluate", "Stratified tpr@fpr / fpr@tpr table with confidence intervals"),
     "report": ("darkhaloscope.evaluation.report", "One offline HTML page with ROC curves, completeness and galleries"),
+    "cutouts": ("darkhaloscope.sky.cutouts", "Phase 3 on the real sky: DR10 grz cutouts of a catalogue"),
+    "recall": ("darkhaloscope.sky.recall", "Recall on real known lenses at the evaluation's thresholds"),
 }
 
 

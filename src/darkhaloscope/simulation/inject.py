@@ -262,9 +262,16 @@ def add_arguments(parser) -> None:
                         help="stamps rendered together; also the block size of the shard assignment")
     parser.add_argument("--write_arc", "--write-arc", dest="write_arc", action="store_true",
                         help="also store the noiseless arc of each positive as arc_npz")
+    parser.add_argument("--hosts", default=None,
+                        help="real host stamps (dhs cutouts) of a dhs manifest --hosts manifest: arcs are added to them")
 
 
 def run(args) -> int:
+    if args.hosts is not None:
+        from darkhaloscope.sky.hosts import run_inject
+
+        check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
+        return run_inject(args)
     check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
     from darkhaloscope.io import check_writable_dir
 

@@ -545,7 +545,9 @@ def read_manifest(path, row_filter=None) -> pa.Table:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output manifest parquet")
-    parser.add_argument("--n_tasks", type=int, required=True)
+    parser.add_argument("--n_tasks", type=int, default=None, help="number of simulated tasks (not with --hosts)")
+    parser.add_argument("--hosts", default=None,
+                        help="real host stamps from dhs cutouts: one task per usable host (sky.hosts)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--control_frac", type=float, default=0.5, help="fraction of unpaired controls")
     parser.add_argument("--split_fracs", default="0.7,0.15,0.15", help="train,val,test fractions of sky regions")
@@ -577,6 +579,12 @@ def run(args) -> int:
     from darkhaloscope.io import check_writable
 
     check_writable(args.out, "--out")  # before the work, not after it
+    if args.hosts is not None:
+        from darkhaloscope.sky.hosts import run_manifest
+
+        return run_manifest(args)
+    if args.n_tasks is None:
+        raise DHSError("--n_tasks is required (or --hosts DIR for real host stamps)")
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
                            args.host_priors)

@@ -1,0 +1,344 @@
+"""Phase 4c on real hosts: ``dhs manifest --hosts DIR`` and ``dhs inject --hosts DIR``.
+
+``DIR`` is a dataset written by ``dhs cutouts`` (real DR10 stamps of, e.g., LRGs). Only rows with
+``cutout_ok = 1`` become tasks (the others are counted and named in the log); each usable host is used
+exactly once, as a positive (an arc is added) or, with probability ``--control_frac``, as an unpaired
+control (its pixels unchanged). The label is drawn independently of everything else, so the two classes
+have the same distribution of observing conditions (matched in distribution, not paired). Each task keeps
+its host's ``region_split`` (set from the sky cell by ``dhs cutouts``, as the simulator's manifest does).
+
+Manifest: ``task_id`` is the task's row number (int64: shards and render blocks are task_id //
+batch_size, as for simulated data), ``host_id`` the host's catalogue id (any type), the host's position,
+split and conditions, ``noise_seed``, and the lens and source draws of ``manifest.draw_lenses`` (null for
+controls) with the lens at the stamp centre plus the simulator's 0.03-arcsec jitter. When the hosts have
+the Tractor shape ``shape_e1``/``shape_e2``, the lens axis ratio is the host's, q = (1 - |e|) / (1 + |e|)
+(clipped to the prior's lens_q range), and the lens angle is the host's major axis plus the simulator's
+5-degree jitter; else the priors. The conversion: the Legacy Surveys catalogue notes give the position
+angle east of north as PA = -atan2(e2, e1) / 2; a viewer cutout has north up and east left, so the
+stored array's +x (column) points west and +y (row) north, and the manifest angle (counter-clockwise from
++x towards +y) is phi = pi/2 + PA (mod pi). ``grid_sota`` priors (source magnitude relative to the host's)
+need the host's r magnitude: a ``flux_r`` (nanomaggies) column of the catalogue.
+
+Injection: the arc is rendered by the same physics as the simulator (``scene.render_arcs``: SIE + shear,
+Sersic source and optional clumps, the variant's PSF model, Gaussian or Moffat with ``--moffat-beta``, at
+the FWHM of the host's own ``psfsize_g/r/z``) and added to the real pixels, with the arc's own Poisson
+noise (the Gaussian approximation of the simulator: variance max(arc, 0) / ``scene.GAIN_E_PER_NMGY``,
+drawn from the task's ``noise_seed``); the real stamp already carries its sky and host noise.
+``arc_snr`` / ``arc_snr_peak`` use the sky noise implied by the host's 5-sigma depth and PSF (the same
+formula as the simulator, ``scene.sky_sigma``; ``sky_ivar_*`` is its inverse square), not a measurement
+on the stamp, so that they mean the same thing on simulated and real hosts. Output: the simulator's
+Phase 4c schema (``inject.output_schema``) plus ``host_id``; host light truth columns are null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from darkhaloscope.stamps.contract import BANDS, SPLITS, decode_stamp, encode_stamp, load_conditions
+from darkhaloscope.errors import DHSError
+from darkhaloscope.io import atomic_output
+
+CONDITIONS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
+HOST_MANIFEST_TAG = b"dhs_host_manifest"
+
+
+def _dataset(hosts_dir: str):
+    from darkhaloscope.learning.stream import _filesystem
+
+    fs, root = _filesystem(hosts_dir)
+    if "://" not in str(hosts_dir) and not Path(root).is_dir():
+        raise DHSError(f"--hosts {hosts_dir} is not a directory")
+    try:
+        return pads.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
+    except Exception as exc:
+        raise DHSError(f"cannot read host dataset {hosts_dir}: {type(exc).__name__}: {exc}") from None
+
+
+def read_hosts(hosts_dir: str) -> tuple[pa.Table, int]:
+    """(usable host rows without stamps, in split then file order; number of rows with cutout_ok != 1)."""
+    ds = _dataset(hosts_dir)
+    need = ("task_id", "ra", "dec", "region_split", "cutout_ok", *CONDITIONS)
+    missing = [c for c in need if c not in ds.schema.names]
+    if missing:
+        raise DHSError(f"host dataset {hosts_dir} lacks column(s) {', '.join(missing)} (write it with dhs cutouts)")
+    cols = [*need, *[c for c in ("brickname", "region_id", "shape_e1", "shape_e2", "flux_r") if c in ds.schema.names]]
+    table = ds.to_table(columns=cols)
+    ok = pc.equal(table.column("cutout_ok"), 1)
+    n_bad = table.num_rows - int(pc.sum(pc.cast(ok, pa.int64())).as_py() or 0)
+    table = table.filter(ok)
+    split = np.asarray(table.column("region_split").to_pylist(), dtype=object).astype(str)
+    order = np.concatenate([np.flatnonzero(split == s) for s in SPLITS]) if len(split) else np.zeros(0, np.int64)
+    table = table.take(pa.array(order, pa.int64()))
+    if table.num_rows == 0:
+        raise DHSError(f"host dataset {hosts_dir} has no usable host (cutout_ok = 1) in train/val/test")
+    ids = table.column("task_id")
+    if len(pc.unique(ids)) != len(ids):
+        raise DHSError(f"host dataset {hosts_dir} repeats task_id values")
+    return table, n_bad
+
+
+def _f(table: pa.Table, name: str) -> np.ndarray:
+    return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def shape_orientation(e1, e2) -> tuple[np.ndarray, np.ndarray]:
+    """Tractor (shape_e1, shape_e2) -> (axis ratio q, manifest angle phi in [0, pi) of the stamp), see
+    the module docstring; NaN where either component is missing or the shape is round."""
+    e1, e2 = np.asarray(e1, np.float64), np.asarray(e2, np.float64)
+    e = np.hypot(e1, e2)
+    q = (1.0 - e) / (1.0 + e)
+    pa_east_of_north = -0.5 * np.arctan2(e2, e1)
+    phi = np.mod(np.pi / 2 + pa_east_of_north, np.pi)
+    bad = ~np.isfinite(e) | (e <= 0) | (e >= 1)
+    return np.where(bad, np.nan, q), np.where(bad, np.nan, phi)
+
+
+def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, source_priors: str = "realistic",
+                        clumps=None) -> tuple[pa.Table, int]:
+    """The host-injection manifest (module docstring) and the number of unusable hosts left out."""
+    from darkhaloscope.simulation.manifest import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
+
+    clumps = (clumps or ClumpPrior()).check()
+    if not 0.0 <= control_frac <= 1.0:
+        raise DHSError(f"--control_frac must be in [0, 1], got {control_frac}")
+    if source_priors not in SOURCE_PRIORS:
+        raise DHSError(f"unknown --source_priors '{source_priors}' (choose from {', '.join(SOURCE_PRIORS)})")
+    hosts, n_bad = read_hosts(hosts_dir)
+    n = hosts.num_rows
+    for c in CONDITIONS:
+        v = _f(hosts, c)
+        if not np.isfinite(v).all():
+            raise DHSError(f"host dataset {hosts_dir}: {c} is NaN/null in {int((~np.isfinite(v)).sum())} usable row(s)")
+    if source_priors == "grid_sota" and "flux_r" not in hosts.column_names:
+        raise DHSError("--source_priors grid_sota sets the source magnitude from the host's: the host catalogue "
+                       "needs a flux_r column (nanomaggies)")
+    label_rng = _stream(seed, "label")
+    is_control = np.zeros(n, np.int32)
+    is_control[label_rng.permutation(n)[: int(round(control_frac * n))]] = 1
+    orient_rng = _stream(seed, "host_orientation")
+    random_phi = orient_rng.random(n) * np.pi
+    q_host = np.full(n, np.nan)
+    phi = random_phi
+    if "shape_e1" in hosts.column_names and "shape_e2" in hosts.column_names:
+        q_host, phi_host = shape_orientation(_f(hosts, "shape_e1"), _f(hosts, "shape_e2"))
+        phi = np.where(np.isfinite(phi_host), phi_host, random_phi)
+    host_mag_r = np.full(n, np.nan)
+    if "flux_r" in hosts.column_names:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            flux = _f(hosts, "flux_r")
+            host_mag_r = np.where(flux > 0, 22.5 - 2.5 * np.log10(np.where(flux > 0, flux, 1.0)), np.nan)
+        if source_priors == "grid_sota" and not np.isfinite(host_mag_r).all():
+            raise DHSError(f"--source_priors grid_sota: flux_r is not > 0 for {int((~np.isfinite(host_mag_r)).sum())} "
+                           "usable host(s)")
+    lenses = draw_lenses(_stream(seed, "lens"), {"host_mag_r": host_mag_r, "host_phi": phi, "host_x": np.zeros(n),
+                                                 "host_y": np.zeros(n)}, source_priors)
+    lo, hi = load_conditions()["realistic_source_priors"]["lens_q"]
+    lenses["lens_q"] = np.where(np.isfinite(q_host), np.clip(q_host, lo, hi), lenses["lens_q"])
+    positive = is_control == 0
+    cols: dict[str, pa.Array] = {
+        "task_id": pa.array(np.arange(n, dtype=np.int64)),
+        "host_id": hosts.column("task_id").combine_chunks(),
+        "ra": pa.array(_f(hosts, "ra")), "dec": pa.array(_f(hosts, "dec")),
+        "brickname": (hosts.column("brickname").combine_chunks().cast(pa.string()) if "brickname" in hosts.column_names
+                      else pa.nulls(n, pa.string())),
+        "region_id": (hosts.column("region_id").combine_chunks().cast(pa.int64()) if "region_id" in hosts.column_names
+                      else pa.nulls(n, pa.int64())),
+        "region_split": hosts.column("region_split").combine_chunks().cast(pa.string()),
+        "is_control": pa.array(is_control),
+        "noise_seed": pa.array(_stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64)),
+        "host_mag_r": pa.array(host_mag_r, from_pandas=True),
+    }
+    for c in CONDITIONS:
+        cols[c] = pa.array(_f(hosts, c))
+    for k, v in lenses.items():
+        cols[k] = pa.array(v, pa.float64(), mask=~positive)
+    if clumps.max > 0:
+        for k, v in draw_clumps(_stream(seed, "clumps"), lenses, clumps).items():
+            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float64()), clumps.max,
+                                                        mask=pa.array(~positive))
+    text = f"hosts={hosts_dir};seed={seed};source_priors={source_priors};control_frac={control_frac}"
+    if clumps.max > 0:
+        text += f";source_clumps=max:{clumps.max}"
+    return pa.table(cols).replace_schema_metadata({HOST_MANIFEST_TAG: text.encode()}), n_bad
+
+
+def is_host_manifest(path) -> bool:
+    meta = pq.read_schema(path).metadata or {}
+    return HOST_MANIFEST_TAG in meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Injection
+# ----------------------------------------------------------------------------------------------------
+
+def inject_arcs(host_images: np.ndarray, rows: dict, psf_model: str, beta: float) -> dict:
+    """Add the arcs of the positive rows to real stamps. ``rows``: manifest columns (numpy) incl.
+    ``is_control``, ``noise_seed``, the conditions and the lens/source draws. Returns a dict with
+    ``image`` (B, 3, 64, 64) float32, ``arc`` (noiseless), ``sky_sigma`` (B, 3), ``arc_fwhm`` (B, 3),
+    ``arc_snr``, ``arc_snr_peak``, ``magnification`` (NaN for controls)."""
+    from darkhaloscope.simulation.scene import GAIN_E_PER_NMGY, arc_snr, psf_fwhm, render_arcs, sky_psf_sum_sq, sky_sigma
+
+    images = np.array(host_images, np.float32, copy=True)
+    b = len(images)
+    fwhm = psf_fwhm(rows)
+    sigma = sky_sigma(np.stack([np.asarray(rows[f"psfdepth_{x}"], np.float64) for x in BANDS], axis=-1),
+                      sky_psf_sum_sq(fwhm))
+    positive = np.asarray(rows["is_control"]) == 0
+    arc = np.zeros_like(images)
+    nan = np.full(b, np.nan)
+    out = {"arc_fwhm": np.full((b, len(BANDS)), np.nan), "arc_snr": nan.copy(), "arc_snr_peak": nan.copy(),
+           "magnification": nan.copy()}
+    if positive.any():
+        idx = np.flatnonzero(positive)
+        sub = {k: v[idx] for k, v in rows.items()}
+        res = render_arcs(sub, psf_model, beta)
+        arc[idx] = res["arc"]
+        out["arc_fwhm"][idx] = fwhm[idx]
+        out["magnification"][idx] = res["magnification"]
+        out["arc_snr"][idx], out["arc_snr_peak"][idx] = arc_snr(res["arc"], sigma[idx])
+        inv_gain = np.float32(1.0 / GAIN_E_PER_NMGY)
+        for j, i in enumerate(idx):
+            z = np.random.default_rng(int(rows["noise_seed"][i])).standard_normal(images[i].shape, dtype=np.float32)
+            a = res["arc"][j]
+            images[i] += a + z * np.sqrt(np.maximum(a, np.float32(0)) * inv_gain)
+    out.update(image=images, arc=arc, sky_sigma=sigma)
+    return out
+
+
+def _host_stamps(hosts_dir: str, host_ids: pa.Array) -> dict:
+    ds = _dataset(hosts_dir)
+    want = host_ids.cast(ds.schema.field("task_id").type)
+    found = {}
+    for batch in ds.to_batches(columns=["task_id", "stamp_npz"], filter=pc.field("task_id").isin(want), batch_size=256):
+        for tid, blob in zip(batch.column("task_id").to_pylist(), batch.column("stamp_npz").to_pylist()):
+            found[tid] = blob
+    return found
+
+
+def _table(rows: dict, host_ids: pa.Array, res: dict, psf_model: str, beta: float, schema: pa.Schema) -> pa.Table:
+    from darkhaloscope.simulation.inject import PASS_COLUMNS, TRUTH_COLUMNS
+    from darkhaloscope.simulation.manifest import CLUMP_COLUMNS
+
+    n = len(rows["task_id"])
+    positive = np.asarray(rows["is_control"]) == 0
+
+    def nullable(v, mask=None):
+        v = np.asarray(v, np.float64)
+        return pa.array(v, pa.float64(), mask=~np.isfinite(v) if mask is None else mask)
+
+    cols = {
+        "task_id": pa.array(rows["task_id"], pa.int64()),
+        "ra": pa.array(rows["ra"], pa.float64()), "dec": pa.array(rows["dec"], pa.float64()),
+        "brickname": pa.array([None if b is None else str(b) for b in rows["brickname"]], pa.string()),
+        "region_id": pa.array([None if r is None else int(r) for r in rows["region_id"]], pa.int64()),
+        "is_control": pa.array(np.asarray(rows["is_control"], np.int32)),
+        "cutout_ok": pa.array(np.ones(n, np.int32)),
+        "stamp_npz": pa.array([encode_stamp(im) for im in res["image"]], pa.binary()),
+    }
+    for c in PASS_COLUMNS:
+        cols[c] = nullable(rows[c]) if c in rows else pa.nulls(n, pa.float64())
+    for i, b in enumerate(BANDS):
+        cols[f"sky_ivar_{b}"] = pa.array(1.0 / res["sky_sigma"][:, i] ** 2)
+    for i, b in enumerate(BANDS):
+        cols[f"psf_fwhm_used_{b}"] = nullable(res["arc_fwhm"][:, i])
+    cols["theta_e_arcsec"] = nullable(rows["theta_e_arcsec"], ~positive)
+    for c in ("arc_snr", "arc_snr_peak", "magnification"):
+        cols[c] = nullable(res[c], ~positive)
+    cols["lens_model"] = pa.array(np.where(positive, "SIE+SHEAR", "none").tolist(), pa.string())
+    cols["control_kind"] = pa.array([None if p else "unpaired" for p in positive], pa.string())
+    cols["confuser_kind"] = pa.nulls(n, pa.string())  # unknown on a real host
+    cols["psf_model"] = pa.array([psf_model] * n, pa.string())
+    cols["moffat_beta"] = pa.array(np.full(n, beta), pa.float64(), mask=np.full(n, psf_model != "moffat"))
+    for c in TRUTH_COLUMNS:
+        cols[c] = nullable(rows[c], ~positive)
+    k = schema.field(CLUMP_COLUMNS[0]).type.list_size if CLUMP_COLUMNS[0] in schema.names else 0
+    for c in CLUMP_COLUMNS if k else ():
+        cols[c] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rows[c], np.float64).ravel()), k,
+                                                    mask=pa.array(~positive))
+    cols["host_id"] = host_ids
+    return pa.table(cols, schema=schema)
+
+
+def render_host_shard(manifest: pa.Table, hosts_dir: str, out_dir, psf_model: str, beta: float, shard: int,
+                      n_shards: int, batch_size: int = 256, progress: bool = True) -> dict[str, int]:
+    """Inject the arcs of one shard into the real host stamps; one parquet file per split (as inject)."""
+    from tqdm import tqdm
+
+    from darkhaloscope.simulation.inject import check_args, clump_slots, output_path, output_schema, shard_mask
+    from darkhaloscope.simulation.scene import column_arrays
+
+    check_args(psf_model, beta, shard, n_shards, batch_size)
+    task_id = manifest.column("task_id").to_numpy()
+    idx = np.flatnonzero(shard_mask(task_id, shard, n_shards, batch_size))
+    sub = manifest.take(pa.array(idx, pa.int64()))
+    blobs = _host_stamps(hosts_dir, sub.column("host_id").combine_chunks())
+    schema = output_schema(False, clump_slots(manifest.schema)).append(
+        pa.field("host_id", manifest.schema.field("host_id").type))
+    counts = {s: 0 for s in SPLITS}
+    blocks = task_id[idx] // batch_size
+    with contextlib.ExitStack() as stack:
+        writers = {}
+        for split in SPLITS:
+            tmp = stack.enter_context(atomic_output(output_path(out_dir, split, shard)))
+            writers[split] = stack.enter_context(pq.ParquetWriter(tmp, schema, compression="zstd"))
+        for block in tqdm(np.unique(blocks), desc=f"inject hosts shard {shard}", unit="batch", disable=not progress,
+                          file=sys.stderr):
+            part = sub.filter(pa.array(blocks == block))
+            rows = column_arrays(part)
+            host_ids = part.column("host_id").combine_chunks()
+            images = []
+            for hid in host_ids.to_pylist():
+                img = decode_stamp(blobs[hid]) if blobs.get(hid) is not None else None
+                if img is None:
+                    raise DHSError(f"host {hid}: stamp missing or unreadable in {hosts_dir} (was the host dataset "
+                                   "rewritten after dhs manifest --hosts?)")
+                images.append(img)
+            res = inject_arcs(np.stack(images), rows, psf_model, beta)
+            table = _table(rows, host_ids, res, psf_model, beta, schema)
+            splits = np.asarray(rows["region_split"]).astype(str)
+            for split in SPLITS:
+                keep = np.flatnonzero(splits == split)
+                if len(keep):
+                    writers[split].write_table(table.take(pa.array(keep)))
+                    counts[split] += len(keep)
+    return counts
+
+
+def run_inject(args) -> int:
+    if getattr(args, "write_arc", False):
+        raise DHSError("--write_arc is not available with --hosts (the arc is in the truth columns' draws)")
+    manifest_path = Path(args.manifest)
+    if not manifest_path.exists():
+        raise DHSError(f"manifest {manifest_path} does not exist")
+    if not is_host_manifest(manifest_path):
+        raise DHSError(f"manifest {manifest_path} was not written by dhs manifest --hosts (it has no host_id)")
+    manifest = pq.read_table(manifest_path)
+    counts = render_host_shard(manifest, args.hosts, args.out_dir, args.psf_model, args.moffat_beta, args.shard,
+                               args.n_shards, args.batch_size)
+    print(f"inject hosts {args.variant or ''} shard {args.shard}/{args.n_shards} ({args.psf_model}): "
+          + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" rows -> {args.out_dir}")
+    return 0
+
+
+def run_manifest(args) -> int:
+    from darkhaloscope.simulation.manifest import clump_prior
+
+    if args.n_tasks is not None:
+        raise DHSError("--n_tasks does not apply with --hosts (one task per usable host)")
+
+    table, n_bad = build_host_manifest(args.hosts, args.seed, args.control_frac, args.source_priors, clump_prior(args))
+    with atomic_output(args.out) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    splits = table.column("region_split").to_pylist()
+    print(f"manifest (hosts {args.hosts}): {table.num_rows} tasks ({int(np.sum(table.column('is_control')))} controls)"
+          f", {n_bad} hosts with cutout_ok != 1 left out, train/val/test = {splits.count('train')}/"
+          f"{splits.count('val')}/{splits.count('test')} -> {args.out}")
+    return 0
