@@ -21,8 +21,8 @@ def validate_config(cfg, schema_path):
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise WorkflowError(f"invalid config key '{key}': {err.message}")
-    for section, key in [("eval", "theta_bins"), ("eval", "res_bins")]:
-        bins = cfg[section][key]
+    for section, key in [("eval", "theta_bins"), ("eval", "res_bins"), ("eval", "snr_bins")]:
+        bins = cfg[section].get(key) or [0, 1]
         if any(hi <= lo for lo, hi in zip(bins, bins[1:])):
             raise WorkflowError(f"invalid config key '{section}.{key}': bins must be strictly increasing")
     if abs(sum(cfg["simulation"]["split_fracs"]) - 1.0) > 1e-6:
