@@ -153,3 +153,16 @@ def test_cli_writes_snr_outputs_and_rejects_bad_bins(tmp_path, capsys):
     assert cli.main(["eval", "--scores", str(scores), "--out_csv", str(out), "--snr_bins", "0,inf,3"]) == 2
     assert "--snr_bins" in capsys.readouterr().err
     assert not out.exists() and not ev.snr_completeness_path(out).exists()
+
+
+def test_report_shows_snr_figures_or_says_why_not(tmp_path):
+    with_snr, without = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.Table.from_pandas(frame(n_neg=3000), preserve_index=False), with_snr)
+    pq.write_table(pa.Table.from_pandas(frame(n_neg=3000, with_snr=False), preserve_index=False), without)
+    for scores, expect_figures in ((with_snr, True), (without, False)):
+        out = tmp_path / "r.html"
+        assert cli.main(["report", "--scores", f"gen3={scores}", "--out", str(out)]) == 0
+        page = out.read_text()
+        assert ('data-figure="tpr-vs-snr"' in page) == expect_figures
+        assert ('data-figure="completeness-snr"' in page) == expect_figures
+        assert ("no positive has an arc_snr" in page) != expect_figures
