@@ -10,6 +10,10 @@ Per model, on its test split (rows joined with the stamps' truth columns by `dhs
   intervals, empty where the controls cannot resolve the FPR (fewer than 1/FPR of them);
 * the arc_snr strata: AUROC and tpr@fpr1e-2 per bin, beside the matched-filter reference of the same
   positives (darkhaloscope.evaluate.mf_*: lens ~ N(arc_snr, 1), control ~ N(0, 1));
+* what the false positives are: per confuser kind of the controls (``confuser_kind``: none, ring, tidal_arc,
+  spiral_arm, blue_companion), how many there are and the fraction above the all-positives threshold at
+  FPR 1e-2 and 1e-3 (a ring or tidal-arc confuser *is* arc-like light: the matched-filter reference, whose
+  controls are pure noise, does not know about them);
 * with --run_dir, the wall seconds of each rule from Snakemake's benchmark files and their sum.
 
 Prints Markdown; --json also saves the numbers. No network, no training: seconds on any machine.
@@ -65,6 +69,29 @@ def rates(pos: np.ndarray, neg: np.ndarray, snr: np.ndarray) -> dict:
     return out
 
 
+def confuser_rows(df: pd.DataFrame, scores_path) -> list[dict]:
+    """Controls by confuser kind: count and fraction at or above the all-positives tpr@fpr thresholds."""
+    import pyarrow.parquet as pq
+
+    if "confuser_kind" not in pq.read_schema(scores_path).names:
+        return []
+    kind = pq.read_table(scores_path, columns=["confuser_kind"]).column("confuser_kind").to_pandas()
+    y, rank = df["y"].to_numpy(), df["rank"].to_numpy()
+    pts = metrics.roc_points(y, rank)
+    ctrl = y == 0
+    rows = []
+    thresholds = {f: metrics.tpr_at_fpr(pts, f)[1] for f in (1e-2, 1e-3)
+                  if metrics.fpr_target_estimable(int(ctrl.sum()), f)}
+    for k in sorted(kind[ctrl].fillna("none").unique()):
+        sel = ctrl & (kind.fillna("none").to_numpy() == k)
+        row = {"kind": k, "n": int(sel.sum())}
+        for f, thr in thresholds.items():
+            row[f"above@{f:g}"] = int((rank[sel] >= thr).sum())
+            row[f"frac_above@{f:g}"] = float((rank[sel] >= thr).mean())
+        rows.append(row)
+    return rows
+
+
 def model_tables(scores_path) -> dict:
     df = ev.load_scores(scores_path)
     pos, neg = df[df.y == 1], df.loc[df.y == 0, "rank"].to_numpy()
@@ -76,7 +103,7 @@ def model_tables(scores_path) -> dict:
     for b in range(edges.size - 1):
         strata.append({"lo": edges[b], "hi": edges[b + 1], **rates(rank[idx == b], neg, snr[idx == b])})
     return {"all": rates(rank, neg, snr), "resolved_bright": rates(rank[bright], neg, snr[bright]),
-            "snr_strata": strata, "path": str(scores_path)}
+            "snr_strata": strata, "confusers": confuser_rows(df, scores_path), "path": str(scores_path)}
 
 
 def rule_seconds(run_dir: Path) -> dict:
@@ -121,6 +148,14 @@ def markdown(results: dict) -> str:
         hi = "inf" if not math.isfinite(st["hi"]) else f"{st['hi']:g}"
         lines.append(f"| {st['lo']:g}-{hi} | {st['n_pos']} | " + " | ".join(cells)
                      + f" | {_f(st['mf_auroc'])} | {_f(st['mf_tpr@0.01'])} |")
+    for label, r in results.items():
+        if not r["confusers"]:
+            continue
+        lines += ["", f"{label}: controls by confuser kind, above the all-positives threshold at FPR 1e-2 / 1e-3",
+                  "", "| confuser_kind | n | above @1e-2 | frac | above @1e-3 | frac |", "|---|---|---|---|---|---|"]
+        for c in r["confusers"]:
+            lines.append(f"| {c['kind']} | {c['n']} | {c.get('above@0.01', '')} | {_f(c.get('frac_above@0.01', math.nan))} | "
+                         f"{c.get('above@0.001', '')} | {_f(c.get('frac_above@0.001', math.nan))} |")
     return "\n".join(lines)
 
 
