@@ -8,7 +8,7 @@ rule manifest:
         "manifest/manifest.parquet",
     params:
         args=" ".join(
-            [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "confuser_frac")]
+            [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")]
             + [flag("extra_test_controls", config["simulation"].get("extra_test_controls") or None)]
             + [flag("seed", config["seed"])]
             + clump_args(config["simulation"])

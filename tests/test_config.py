@@ -17,6 +17,7 @@ from workflow_helpers import REPO, snakemake, write_config
         ({"eval": {"snr_bins": [0, 20, 5]}}, "eval.snr_bins"),
         ({"simulation": {"extra_test_controls": -5}}, "simulation.extra_test_controls"),
         ({"simulation": {"split_fracs": [0.5, 0.3, 0.3]}}, "simulation.split_fracs"),
+        ({"simulation": {"host_priors": "real"}}, "simulation.host_priors"),
         ({"mine": {"top_k": 5}}, "mine"),
         ({"simulation": {"source_clumps": {"max": -1}}}, "simulation.source_clumps.max"),
         ({"simulation": {"source_clumps": {"max": 4, "flux_frac": [0.1, 0.4]}}}, "simulation.source_clumps.flux_frac"),
@@ -56,3 +57,5 @@ def test_full_config_is_the_seeds_recipe():
     assert full["eval"]["res_bins"] == [0.5, 0.7, 0.9, 1.1, 1.4, 2.0]
     assert full["eval"]["fpr_targets"] == [1e-5, 1e-4, 1e-3, 1e-2]
     assert full["variants"]["v4_sota_moffat"] == {"psf_model": "moffat", "moffat_beta": 3.5, "existing": None}
+    # the seed's data: grid_sota injections into the seed's n ~ 4 hosts (the demo draws DR10-like hosts)
+    assert full["simulation"]["source_priors"] == "grid_sota" and full["simulation"]["host_priors"] == "sota"

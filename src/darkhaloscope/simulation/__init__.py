@@ -1,0 +1,1 @@
+"""Simulation: Phase 4a manifest, Phase 4c scenes, realism gates (see docs/simulator.md)."""
