@@ -2,6 +2,7 @@
 distribution, leaving every ordinary task exactly as it was."""
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from scipy.stats import ks_2samp
@@ -37,7 +38,7 @@ def test_extra_controls_follow_the_ordinary_controls_distribution(tables):
     extra = full.slice(base.num_rows).to_pandas()
     for col in ("psfsize_r", "psfdepth_r", "psfsize_g", "psfdepth_z"):
         assert ks_2samp(ordinary[col], extra[col]).pvalue > 1e-3, col
-    host_cols = [c for c in ordinary.columns if c.startswith("host_") and np.issubdtype(ordinary[c].dtype, np.number)]
+    host_cols = [c for c in ordinary.columns if c.startswith("host_") and pd.api.types.is_numeric_dtype(ordinary[c])]
     assert host_cols
     for col in host_cols[:4]:
         assert ks_2samp(ordinary[col].dropna(), extra[col].dropna()).pvalue > 1e-3, col
