@@ -23,7 +23,8 @@ wildcard_constraints:
 
 include: "rules/simulate.smk"
 include: "rules/train.smk"
-include: "rules/score.smk"
+include: "rules/infer.smk"
+include: "rules/mine.smk"
 include: "rules/evaluate.smk"
 
 

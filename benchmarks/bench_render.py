@@ -1,4 +1,4 @@
-"""Arc renderer speed per core: darkhaloscope.physics.render.render_arcs vs lenstronomy, same arcs.
+"""Arc renderer speed per core: darkhaloscope.simulation.physics.render.render_arcs vs lenstronomy, same arcs.
 
 Both render 3-band (g, r, z), PSF-convolved, 4x4-supersampled 64x64 arcs of SIE + shear lenses and
 elliptical Sersic sources, with the same pixel kernels. Single-threaded ("per core"). Prints a summary
@@ -21,8 +21,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from darkhaloscope.contract import load_conditions  # noqa: E402
-from darkhaloscope.physics import light, psf, render  # noqa: E402
+from darkhaloscope.simulation.physics import light, psf, render  # noqa: E402
+from darkhaloscope.stamps.contract import load_conditions  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"
 

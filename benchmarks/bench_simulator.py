@@ -33,8 +33,8 @@ OUT = Path(__file__).resolve().parent / "out"
 
 def full_scenes(n: int, psf_model: str, batch_size: int, workdir: Path) -> dict:
     """Time manifest construction + rendering + parquet writing of n tasks (half controls)."""
-    from darkhaloscope.inject import render_shard
-    from darkhaloscope.manifest import build_manifest
+    from darkhaloscope.simulation.inject import render_shard
+    from darkhaloscope.simulation.manifest import build_manifest
 
     # warm-up on a small manifest (imports, FFT plans) so the timing is the steady state
     render_shard(build_manifest(64, seed=1), workdir / "warm", psf_model, 3.5, 0, 1, 64, progress=False)
@@ -59,9 +59,9 @@ def lenstronomy_arcs(manifest, n_arcs: int, psf_model: str) -> dict:
     from lenstronomy.LightModel.light_model import LightModel
     from lenstronomy.Util import numba_util, param_util, simulation_util
 
-    from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE
-    from darkhaloscope.physics import light, psf
-    from darkhaloscope.scene import column_arrays, render_arcs
+    from darkhaloscope.simulation.physics import light, psf
+    from darkhaloscope.simulation.scene import column_arrays, render_arcs
+    from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE
 
     rows = column_arrays(manifest)
     pos = np.nonzero(rows["is_control"] == 0)[0][:n_arcs]
@@ -123,7 +123,7 @@ def main() -> int:
         child_rss(args.child, args.psf_model, args.batch_size)
         return 0
     if args.lenstronomy_child:  # run with NUMBA_DISABLE_JIT=1: lenstronomy as installed without numba
-        from darkhaloscope.manifest import build_manifest
+        from darkhaloscope.simulation.manifest import build_manifest
 
         print(json.dumps(lenstronomy_arcs(build_manifest(args.n, seed=123), args.n_lenstronomy, args.psf_model)))
         return 0

@@ -29,7 +29,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from factory import fake_rows  # noqa: E402
 
-from darkhaloscope import contract, stream  # noqa: E402
+from darkhaloscope.learning import stream  # noqa: E402
+from darkhaloscope.stamps import contract  # noqa: E402
 
 
 def original_loop(blobs, rng, batch=256):

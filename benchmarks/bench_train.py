@@ -26,9 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from factory import write_fake_phase4c  # noqa: E402
 
-from darkhaloscope import stream, train  # noqa: E402
-from darkhaloscope.losses import bce_loss, make_loss  # noqa: E402
-from darkhaloscope.model import build_model  # noqa: E402
+from darkhaloscope.learning import stream, train  # noqa: E402
+from darkhaloscope.learning.losses import bce_loss, make_loss  # noqa: E402
+from darkhaloscope.learning.model import build_model  # noqa: E402
 
 
 def bare_loop(arch, batch, steps, device, bf16):

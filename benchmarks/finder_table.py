@@ -9,7 +9,7 @@ Per model, on its test split (rows joined with the stamps' truth columns by `dhs
   positives and of the "resolved bright" ones (theta_E/PSF >= 1.4 and arc_snr >= 20), with 95% Wilson
   intervals, empty where the controls cannot resolve the FPR (fewer than 1/FPR of them);
 * the arc_snr strata: AUROC and tpr@fpr1e-2 per bin, beside the matched-filter reference of the same
-  positives (darkhaloscope.evaluate.mf_*: lens ~ N(arc_snr, 1), control ~ N(0, 1));
+  positives (darkhaloscope.evaluation.evaluate.mf_*: lens ~ N(arc_snr, 1), control ~ N(0, 1));
 * what the false positives are: per confuser kind of the controls (``confuser_kind``: none, ring, tidal_arc,
   spiral_arm, blue_companion), how many there are and the fraction above the all-positives threshold at
   FPR 1e-2 and 1e-3 (a ring or tidal-arc confuser *is* arc-like light: the matched-filter reference, whose
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from darkhaloscope import evaluate as ev
-from darkhaloscope import metrics
+from darkhaloscope.evaluation import evaluate as ev
+from darkhaloscope.evaluation import metrics
 
 FPRS = (1e-2, 1e-3, 1e-4)
 RESOLVED_MIN_RATIO = 1.4

@@ -46,9 +46,9 @@ SHARDS = [f"{i:05d}" for i in range(N_SHARDS)]
 # The simulator's code is an input of the simulation rules, so editing it reruns everything downstream.
 SIM_CODE = sorted(
     str(p)
-    for p in [*(REPO / "src/darkhaloscope/physics").glob("*.py"), *(REPO / "src/darkhaloscope/simulation").glob("*.py")]
-    + [REPO / "src/darkhaloscope" / f for f in ("manifest.py", "scene.py", "inject.py", "contract.py",
-                                                "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
+    for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
+    + [REPO / "src/darkhaloscope" / f
+       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 

@@ -1,6 +1,6 @@
 """Small Phase 4c-contract tables for unit tests of the readers (training, inference, mining, eval).
 
-These tables follow the column contract in ``darkhaloscope.contract`` but draw their stamps from a
+These tables follow the column contract in ``darkhaloscope.stamps.contract`` but draw their stamps from a
 deliberately simple model (a Gaussian host plus, for positives, a blurred ring of radius theta_E) so
 that reader tests do not depend on the simulator. The simulator's own tests use the real renderer.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from darkhaloscope.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE, encode_stamp
+from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE, encode_stamp
 
 _yy, _xx = np.mgrid[:STAMP_SIZE, :STAMP_SIZE] - (STAMP_SIZE - 1) / 2.0
 _rr = np.hypot(_xx, _yy)

@@ -7,9 +7,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from darkhaloscope import audit, cli
+from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.manifest import build_manifest, write_manifest
+from darkhaloscope.simulation import audit
+from darkhaloscope.simulation.manifest import build_manifest, write_manifest
 from factory import fake_rows, write_fake_phase4c
 
 

@@ -7,11 +7,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from darkhaloscope import cli, scene
-from darkhaloscope.contract import decode_stamp
+from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.manifest import CLUMP_COLUMNS, ClumpPrior, build_manifest, draw_clumps, write_manifest
-from darkhaloscope.physics import light, psf, render
+from darkhaloscope.simulation import scene
+from darkhaloscope.simulation.manifest import CLUMP_COLUMNS, ClumpPrior, build_manifest, draw_clumps, write_manifest
+from darkhaloscope.simulation.physics import light, psf, render
+from darkhaloscope.stamps.contract import decode_stamp
 
 lenstronomy = pytest.importorskip("lenstronomy")
 from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402

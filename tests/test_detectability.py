@@ -12,7 +12,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from darkhaloscope import cli
-from darkhaloscope import evaluate as ev
+from darkhaloscope.evaluation import evaluate as ev
 
 SNR = "0,3,5,10,20,50,inf"
 

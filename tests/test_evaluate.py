@@ -10,7 +10,7 @@ import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from darkhaloscope import cli
-from darkhaloscope import evaluate as ev
+from darkhaloscope.evaluation import evaluate as ev
 
 THETA = "0.5,1.0,1.5,2.0,9.0"  # the last bin is empty of positives by construction
 RES = "0.3,0.8,1.2,5.0"
@@ -46,7 +46,7 @@ def write(df, path):
 
 
 def reference_rates(pos_logit, neg_logit, metric, target):
-    """From sklearn's operating points, written independently of darkhaloscope.metrics."""
+    """From sklearn's operating points, written independently of darkhaloscope.evaluation.metrics."""
     y = np.r_[np.ones(pos_logit.size), np.zeros(neg_logit.size)]
     fpr, tpr, thr = roc_curve(y, np.r_[pos_logit, neg_logit].astype(np.float64), drop_intermediate=False)
     if metric == "tpr@fpr":

@@ -9,10 +9,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from darkhaloscope import cli, inject, scene
-from darkhaloscope.contract import BANDS, SPLITS, decode_stamp, decode_stamps, load_conditions
+from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.manifest import build_manifest, write_manifest
+from darkhaloscope.simulation import inject, scene
+from darkhaloscope.simulation.manifest import build_manifest, write_manifest
+from darkhaloscope.stamps.contract import BANDS, SPLITS, decode_stamp, decode_stamps, load_conditions
 
 N_TASKS = 120
 BATCH = 16
@@ -232,8 +233,8 @@ def test_stamp_writer_is_a_valid_deterministic_npz():
     import io
     import zipfile
 
-    from darkhaloscope.contract import STAMP_KEYS, decode_stamp, encode_stamp
-    from darkhaloscope.stampcodec import read_npz_members, write_npz
+    from darkhaloscope.stamps.codec import read_npz_members, write_npz
+    from darkhaloscope.stamps.contract import STAMP_KEYS, decode_stamp, encode_stamp
 
     img = np.random.default_rng(3).normal(size=(3, 64, 64)).astype(np.float32)
     img[0, 0, 0] = -0.0

@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import log_loss
 
-from darkhaloscope.losses import bce_loss, focal_loss, make_loss
+from darkhaloscope.learning.losses import bce_loss, focal_loss, make_loss
 
 
 def _focal_direct(z, y, alpha, gamma):

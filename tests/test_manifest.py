@@ -8,10 +8,10 @@ import pytest
 from scipy.stats import ks_2samp
 
 from darkhaloscope import cli
-from darkhaloscope.contract import load_conditions
 from darkhaloscope.errors import DHSError
-from darkhaloscope.manifest import (CELL_N_RA, build_manifest, read_manifest, region_split_of, sky_cell,
-                                    validate_manifest, write_manifest)
+from darkhaloscope.simulation.manifest import (CELL_N_RA, build_manifest, read_manifest, region_split_of,
+                                               sky_cell, validate_manifest, write_manifest)
+from darkhaloscope.stamps.contract import load_conditions
 
 
 def _bytes(table):
@@ -147,7 +147,7 @@ def test_bad_input_is_one_line_error(tmp_path):
         read_manifest(tmp_path / "nope.parquet")
     with pytest.raises(DHSError, match="split_fracs"):
         cli_args = ["manifest", "--out", str(tmp_path / "x.parquet"), "--n_tasks", "5", "--split_fracs", "0.7,0.3"]
-        from darkhaloscope import manifest
+        from darkhaloscope.simulation import manifest
         manifest.run(cli.build_parser("manifest").parse_args(cli_args))
     assert cli.main(["manifest", "--out", str(tmp_path / "y.parquet"), "--n_tasks", "0"]) == 2
     assert not (tmp_path / "y.parquet").exists()

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from darkhaloscope import metrics
+from darkhaloscope.evaluation import metrics
 
 
 def sklearn_tpr_at_fpr(y, s, t):

@@ -13,7 +13,7 @@ import pytest
 
 from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.mine import OUTPUT_SCHEMA, TopK, load_known_lenses, mine
+from darkhaloscope.evaluation.mine import OUTPUT_SCHEMA, TopK, load_known_lenses, mine
 
 
 def _offset(ra, dec, sep_arcsec, pa_rad):
@@ -176,7 +176,7 @@ def test_bad_inputs(tmp_path, capsys):
 _MEMORY_PROBE = textwrap.dedent("""
     import json, sys, tracemalloc
     import pyarrow as pa
-    from darkhaloscope.mine import mine
+    from darkhaloscope.evaluation.mine import mine
     tracemalloc.start()
     table, counts = mine(sys.argv[1], topk=2000, min_score=0.5, radius_arcsec=3.0, known_lenses=sys.argv[2],
                          batch_size=32768)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from darkhaloscope import model as M
 from darkhaloscope.errors import DHSError
+from darkhaloscope.learning import model as M
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from darkhaloscope.physics import lens
+from darkhaloscope.simulation.physics import lens
 
 lenstronomy = pytest.importorskip("lenstronomy")
 from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402

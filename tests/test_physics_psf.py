@@ -6,7 +6,7 @@ import scipy.fft
 import scipy.signal
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.physics import psf
+from darkhaloscope.simulation.physics import psf
 
 galsim = pytest.importorskip("galsim")
 

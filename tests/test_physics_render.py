@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.physics import light
+from darkhaloscope.simulation.physics import light
 
 lenstronomy = pytest.importorskip("lenstronomy")
 from lenstronomy.LightModel.light_model import LightModel  # noqa: E402
@@ -83,7 +83,7 @@ from lenstronomy.ImSim.image_model import ImageModel  # noqa: E402
 from lenstronomy.LensModel.lens_model import LensModel  # noqa: E402
 from lenstronomy.LensModel.lens_model_extensions import LensModelExtensions  # noqa: E402
 
-from darkhaloscope.physics import psf, render  # noqa: E402
+from darkhaloscope.simulation.physics import psf, render  # noqa: E402
 
 SCALE = 0.262
 N_PIX = 64
@@ -171,7 +171,7 @@ def test_arcs_match_lenstronomy(draws, model, monkeypatch):
 def _numpy_unit_images(lens, src, s=4, size=N_PIX, scale=SCALE):
     """The renderer's previous formulation in whole-array float32 numpy passes (trace the pixel
     corners, trapezoid values, supersample the flagged pixels): the reference of the compiled kernels."""
-    from darkhaloscope.physics.lens import ray_shoot_lens_frame, rotate_shear
+    from darkhaloscope.simulation.physics.lens import ray_shoot_lens_frame, rotate_shear
 
     lens = {k: np.asarray(v, np.float64) for k, v in lens.items()}
     src = {k: np.asarray(v, np.float64) for k, v in src.items()}

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from darkhaloscope import contract, robust
+from darkhaloscope.stamps import contract, robust
 
 
 def _reference(images):

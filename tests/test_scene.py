@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from darkhaloscope import scene
-from darkhaloscope.manifest import build_manifest
-from darkhaloscope.physics import light
+from darkhaloscope.simulation import scene
+from darkhaloscope.simulation.manifest import build_manifest
+from darkhaloscope.simulation.physics import light
 
 
 @pytest.fixture(scope="module")

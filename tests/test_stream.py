@@ -13,8 +13,9 @@ import pytest
 import torch
 from factory import fake_rows
 
-from darkhaloscope import contract, stream
 from darkhaloscope.errors import DHSError
+from darkhaloscope.learning import stream
+from darkhaloscope.stamps import contract
 
 
 def _index(root, split="train", cols=("psfsize_r", "psfdepth_r")):

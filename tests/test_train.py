@@ -15,9 +15,10 @@ import pytest
 import torch
 from factory import fake_rows, write_fake_phase4c
 
-from darkhaloscope import cli, stream
-from darkhaloscope.losses import bce_loss
-from darkhaloscope.model import build_model, load_checkpoint
+from darkhaloscope import cli
+from darkhaloscope.learning import stream
+from darkhaloscope.learning.losses import bce_loss
+from darkhaloscope.learning.model import build_model, load_checkpoint
 
 TINY = '{"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}'  # a small timm ConvNeXt, for speed
 BASE = ["--arch", "convnext_atto", "--batch_size", "32", "--epochs", "2", "--loss", "focal", "--timm_kwargs", TINY,
@@ -235,7 +236,7 @@ def test_ddp_two_ranks_on_cpu(data, tmp_path):
 
 
 def test_best_epoch_selection_uses_only_estimable_fpr_targets():
-    from darkhaloscope.train import selection_key
+    from darkhaloscope.learning.train import selection_key
 
     big = {"n_neg": 20000, "tpr@fpr0.0001": 0.5, "tpr@fpr0.001": 0.6, "tpr@fpr0.01": 0.7, "auroc": 0.9}
     assert selection_key(big) == (0.5, 0.6, 0.9)  # the seed's rule: tpr@fpr1e-4, ties by 1e-3

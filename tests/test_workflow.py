@@ -46,7 +46,7 @@ def test_dry_run_plans_without_running(tmp_path):
     result = snakemake(TARGET, "-n", "--configfile", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     planned = jobs_planned(result)
-    assert planned["inject"] == 4 and planned["train"] == 3 and planned["score"] == 3
+    assert planned["inject"] == 4 and planned["train"] == 3 and planned["infer"] == 3
     assert planned["manifest"] == planned["mine"] == planned["evaluate"] == 1
     run_dir = tmp_path / "results"
     produced = [p for p in run_dir.rglob("*") if p.is_file() and ".snakemake" not in p.parts] if run_dir.exists() else []
@@ -102,7 +102,7 @@ def test_changing_a2_reruns_only_a2_and_downstream(run):
     base, run_dir, _ = run
     cfg2 = write_config(base / "tiny_a2.yaml", run_dir, {"gen3_a2": {"lr": 5.0e-5}})
     planned = jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg2)))
-    assert planned.get("train") == 1 and planned.get("score") == 1 and planned.get("evaluate") == 1
+    assert planned.get("train") == 1 and planned.get("infer") == 1 and planned.get("evaluate") == 1
     assert not {"manifest", "inject", "audit", "mine"} & set(planned)
 
 
@@ -115,7 +115,7 @@ def test_changing_simulation_reruns_everything_downstream(run):
 
 def test_changing_simulator_code_reruns_everything_downstream(run):
     _, _, cfg = run
-    code = REPO / "src/darkhaloscope/physics/lens.py"
+    code = REPO / "src/darkhaloscope/simulation/physics/lens.py"
     stat, original = code.stat(), code.read_bytes()
     try:
         os.utime(code, None)  # newer but identical: Snakemake compares checksums, so nothing reruns

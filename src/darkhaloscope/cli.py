@@ -17,14 +17,15 @@ from darkhaloscope.errors import DHSError
 # phase5_mine_hard_negatives.py -> mine, phase5_eval_stratified_fpr.py -> eval,
 # spark_phase4_pipeline.py --stage 4a/4c -> manifest/inject.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "manifest": ("darkhaloscope.manifest", "Phase 4a: write the task manifest with every random draw frozen"),
-    "inject": ("darkhaloscope.inject", "Phase 4c: render one shard of stamps to Hive-partitioned parquet"),
-    "audit": ("darkhaloscope.audit", "Realism gates: core-only and metadata-only AUC before training"),
-    "train": ("darkhaloscope.train", "Train a lens classifier (Gen2 baseline or a Gen3 curriculum stage)"),
-    "infer": ("darkhaloscope.score", "Score a split with a checkpoint and write a score parquet"),
-    "mine": ("darkhaloscope.mine", "Mine hard negatives from a score parquet, excluding known lenses"),
-    "eval": ("darkhaloscope.evaluate", "Stratified tpr@fpr / fpr@tpr table with confidence intervals"),
-    "report": ("darkhaloscope.report", "One offline HTML page with ROC curves, completeness and galleries"),
+    "manifest": ("darkhaloscope.simulation.manifest",
+                 "Phase 4a: write the task manifest with every random draw frozen"),
+    "inject": ("darkhaloscope.simulation.inject", "Phase 4c: render one shard of stamps to Hive-partitioned parquet"),
+    "audit": ("darkhaloscope.simulation.audit", "Realism gates: core-only and metadata-only AUC before training"),
+    "train": ("darkhaloscope.learning.train", "Train a lens classifier (Gen2 baseline or a Gen3 curriculum stage)"),
+    "infer": ("darkhaloscope.evaluation.infer", "Score a split with a checkpoint and write a score parquet"),
+    "mine": ("darkhaloscope.evaluation.mine", "Mine hard negatives from a score parquet, excluding known lenses"),
+    "eval": ("darkhaloscope.evaluation.evaluate", "Stratified tpr@fpr / fpr@tpr table with confidence intervals"),
+    "report": ("darkhaloscope.evaluation.report", "One offline HTML page with ROC curves, completeness and galleries"),
 }
 
 

@@ -1,1 +1,2 @@
-"""Simulation: Phase 4a manifest, Phase 4c scenes, realism gates (see docs/simulator.md)."""
+"""Simulation stage (Phase 4a/4c): the task manifest, scene rendering, stamp injection, the realism
+audit, and the physics layer (light profiles, PSF, SIE + shear lensing)."""

@@ -27,7 +27,7 @@ from scipy.optimize import brentq
 from scipy.special import ndtr, roots_hermitenorm
 from scipy.stats import truncnorm
 
-from darkhaloscope.contract import PIXEL_SCALE_ARCSEC, load_conditions
+from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC, load_conditions
 from darkhaloscope.errors import DHSError
 
 HOST_PRIORS = ("dr10", "sota")

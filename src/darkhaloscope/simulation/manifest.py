@@ -30,10 +30,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.special import ndtr
 
-from darkhaloscope.contract import BANDS, PIXEL_SCALE_ARCSEC, load_conditions
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
+from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, load_conditions
 
 MAX_NEIGHBOURS = 4
 MAX_STARS = 2

@@ -39,7 +39,7 @@ PASSTHROUGH_COLUMNS = ("ra", "dec", "brickname", "region_split", "is_control", "
 # ----------------------------------------------------------------------------------------------------
 
 def _prepare(batch: pa.RecordBatch, passthrough, meta_cols, meta_mean, meta_std) -> dict:
-    from darkhaloscope.stream import decode_batch
+    from darkhaloscope.learning.stream import decode_batch
 
     images, meta, ok = decode_batch(batch, meta_cols, meta_mean, meta_std)
     keep = pa.array(ok)
@@ -71,7 +71,7 @@ class _PreparedBatches:
     def __iter__(self):
         from torch.utils.data import get_worker_info
 
-        from darkhaloscope.stream import iter_table_batches
+        from darkhaloscope.learning.stream import iter_table_batches
 
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -159,7 +159,7 @@ def sigmoid32(logits: np.ndarray) -> np.ndarray:
 
 
 def _split_rows(data, split) -> int:
-    from darkhaloscope.stream import open_split
+    from darkhaloscope.learning.stream import open_split
 
     fs, files, _ = open_split(data, split)
     total = 0
@@ -192,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from darkhaloscope.model import load_model
-    from darkhaloscope.stream import open_split
+    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.stream import open_split
 
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")

@@ -25,12 +25,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from darkhaloscope import contract, metrics, stream
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation import metrics
 from darkhaloscope.io import atomic_output
-from darkhaloscope.losses import LOSSES, make_loss
-from darkhaloscope.model import (build_model, load_checkpoint, meta_statistics, model_kwargs, save_checkpoint,
-                                 unwrap)
+from darkhaloscope.learning import stream
+from darkhaloscope.learning.losses import LOSSES, make_loss
+from darkhaloscope.learning.model import (build_model, load_checkpoint, meta_statistics, model_kwargs,
+                                          save_checkpoint, unwrap)
+from darkhaloscope.stamps import contract
 
 # Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
 # that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.

@@ -29,10 +29,10 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
-from darkhaloscope.contract import BANDS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation.metrics import auroc
 from darkhaloscope.io import atomic_output
-from darkhaloscope.metrics import auroc
+from darkhaloscope.stamps.contract import BANDS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
 
 CORE_PIX = 10
 META_COLUMNS = ("psfsize_r", "psfdepth_r")

@@ -35,11 +35,11 @@ from dataclasses import dataclass, field
 import numba
 import numpy as np
 
-from darkhaloscope.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 from darkhaloscope.errors import DHSError
-from darkhaloscope.physics import psf as psf_mod
-from darkhaloscope.physics.lens import PSI_FLOOR, _q_capped, rotate_shear
-from darkhaloscope.physics.light import R_FLOOR, sersic_b, sersic_norm
+from darkhaloscope.simulation.physics import psf as psf_mod
+from darkhaloscope.simulation.physics.lens import PSI_FLOOR, _q_capped, rotate_shear
+from darkhaloscope.simulation.physics.light import R_FLOOR, sersic_b, sersic_norm
+from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 
 LENS_KEYS = ("theta_e", "q", "phi", "gamma1", "gamma2", "x0", "y0")
 SOURCE_KEYS = ("x", "y", "r_eff", "n", "q", "phi", "flux_g", "flux_r", "flux_z")

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from darkhaloscope import cli
-from darkhaloscope.model import build_model, model_kwargs, save_checkpoint
-from darkhaloscope.score import PASSTHROUGH_COLUMNS, sigmoid32
-from darkhaloscope.stream import decode_batch, iter_table_batches
+from darkhaloscope.evaluation.infer import PASSTHROUGH_COLUMNS, sigmoid32
+from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
+from darkhaloscope.learning.stream import decode_batch, iter_table_batches
 
 sys.path.insert(0, str(Path(__file__).parent))
 from factory import fake_rows, write_fake_phase4c  # noqa: E402
@@ -58,7 +58,7 @@ def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
     got = table.to_pandas()
     assert set(got["region_split"]) == {"test"} and len(got) == 128
 
-    from darkhaloscope.model import load_model
+    from darkhaloscope.learning.model import load_model
     model, ck = load_model(ckpt)
     expected, ids = [], []
     for batch in iter_table_batches(fake_phase4c, "test", ["task_id", "stamp_npz", "cutout_ok", *META], 48):

@@ -24,12 +24,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from darkhaloscope.contract import BANDS, SPLITS, encode_stamp
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
-from darkhaloscope.manifest import CLUMP_COLUMNS, read_manifest
-from darkhaloscope.physics.psf import PSF_MODELS
-from darkhaloscope.scene import column_arrays, render_scenes
+from darkhaloscope.simulation.manifest import CLUMP_COLUMNS, read_manifest
+from darkhaloscope.simulation.physics.psf import PSF_MODELS
+from darkhaloscope.simulation.scene import column_arrays, render_scenes
+from darkhaloscope.stamps.contract import BANDS, SPLITS, encode_stamp
 
 ROW_GROUP = 256
 # Dictionary-encode only the repetitive strings: trying it on the stamp blobs costs time for nothing.

@@ -99,7 +99,7 @@ def encode_stamp(image: np.ndarray) -> bytes:
     image = np.asarray(image, dtype=np.float32)
     if image.shape != (len(BANDS), STAMP_SIZE, STAMP_SIZE):
         raise DHSError(f"stamp has shape {image.shape}, expected (3, {STAMP_SIZE}, {STAMP_SIZE})")
-    from darkhaloscope.stampcodec import write_npz  # same archive as np.savez, ~10x cheaper, deterministic
+    from darkhaloscope.stamps.codec import write_npz  # same archive as np.savez, ~10x cheaper, deterministic
 
     return write_npz({key: image[i] for i, key in enumerate(STAMP_KEYS)})
 
@@ -122,11 +122,11 @@ def decode_stamps(blobs) -> tuple[np.ndarray, np.ndarray]:
     (N_ok, 3, 64, 64) float32, ok mask (N,) bool).
 
     Same result as ``decode_stamp`` per blob. Stored float32 npz blobs (``np.savez`` / ``encode_stamp``)
-    take the compiled batch path (``stampcodec.decode_stored_npz``, CRC-checked); the rest go through
+    take the compiled batch path (``codec.decode_stored_npz``, CRC-checked); the rest go through
     the per-row parser and then ``np.load``."""
     import pyarrow as pa
 
-    from darkhaloscope.stampcodec import decode_stored_npz, read_npz_members
+    from darkhaloscope.stamps.codec import decode_stored_npz, read_npz_members
 
     arrow = isinstance(blobs, (pa.Array, pa.ChunkedArray))
     blobs = blobs if arrow else list(blobs)
@@ -166,7 +166,7 @@ def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, o
 
     ``symmetries`` (one code per stamp, k + 4 * flip: np.rot90 k times, then a left-right flip) writes
     each stamp transformed, for augmentation at no extra cost; ``out`` may be ``images`` (in place)."""
-    from darkhaloscope.robust import normalize_annulus  # numba: imported only where stamps are normalised
+    from darkhaloscope.stamps.robust import normalize_annulus  # numba: imported only where stamps are normalised
 
     images = np.asarray(images, dtype=np.float32)
     if images.shape[-2:] != (STAMP_SIZE, STAMP_SIZE):

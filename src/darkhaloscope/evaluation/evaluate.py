@@ -1,6 +1,6 @@
 """`dhs eval`: the stratified tpr@fpr / fpr@tpr table, AUROC per stratum and the completeness table.
 
-Definitions (see docs/evaluation.md and ``darkhaloscope.metrics``): ranking by float32 ``logit``; a
+Definitions (see docs/evaluation.md and ``darkhaloscope.evaluation.metrics``): ranking by float32 ``logit``; a
 threshold takes all tied scores or none; positives are binned by theta_E, by theta_E/PSF and by arc_snr
 (the injected arc's integrated r-band S/N), controls are never binned (every stratum shares all controls,
 so a tpr@fpr cut is one global cut on the controls).
@@ -28,10 +28,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from darkhaloscope import metrics
-from darkhaloscope.contract import resolution_psf
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation import metrics
 from darkhaloscope.io import atomic_output
+from darkhaloscope.stamps.contract import resolution_psf
 
 log = logging.getLogger("dhs.eval")
 
@@ -388,7 +388,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tpr@fpr t is left empty unless n_neg >= this / t (default 1: one false positive)")
     parser.add_argument("--report", default=None, help="also render the HTML report to this path")
     parser.add_argument("--report_label", default="gen3", help="label of --scores in the report")
-    from darkhaloscope.report import add_report_inputs
+    from darkhaloscope.evaluation.report import add_report_inputs
     add_report_inputs(parser, with_scores=False)
 
 
@@ -424,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("wrote %s, %s, %s (completeness at fpr %g)", args.out_csv, auroc_path, comp_path,
              comp["fpr_target"].iloc[0] if len(comp) else math.nan)
     if args.report:
-        from darkhaloscope import report
+        from darkhaloscope.evaluation import report
         report.render(report.ReportInputs.from_args(args, primary=(args.report_label, args.scores),
                                                     fpr_csv=args.out_csv), args.report)
     return 0

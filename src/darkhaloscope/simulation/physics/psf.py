@@ -19,8 +19,8 @@ import functools
 import numpy as np
 import scipy.fft
 
-from darkhaloscope.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 from darkhaloscope.errors import DHSError
+from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 
 WING_TOL = 5e-4
 MAX_RADIUS_PX = STAMP_SIZE - 1

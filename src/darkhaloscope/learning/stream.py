@@ -38,9 +38,9 @@ import torch
 import torch.multiprocessing as tmp
 from torch.utils.data import IterableDataset, get_worker_info
 
-from darkhaloscope import contract
 from darkhaloscope.errors import DHSError
-from darkhaloscope.model import standardize_meta
+from darkhaloscope.learning.model import standardize_meta
+from darkhaloscope.stamps import contract
 
 PARTITION = "region_split"
 CUT_COLUMNS = ("theta_e_arcsec", "arc_snr", "psf_fwhm_used_r", "psfsize_r")

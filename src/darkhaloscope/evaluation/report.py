@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from darkhaloscope import metrics
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation import metrics
 from darkhaloscope.io import atomic_output
 
 log = logging.getLogger("dhs.report")
@@ -129,7 +129,7 @@ REPORT_FPR_TARGETS = (1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2)
 
 def _operating_fpr(frames) -> float:
     """1e-4 when every score file has enough controls for it, else the lowest estimable target."""
-    from darkhaloscope.evaluate import completeness_target
+    from darkhaloscope.evaluation.evaluate import completeness_target
 
     n_neg = min(int((df["y"] == 0).sum()) for df in frames.values())
     return completeness_target(n_neg, REPORT_FPR_TARGETS)
@@ -204,7 +204,7 @@ def _bin_labels(lo, hi) -> list[str]:
 def snr_figure(tables, target: float) -> str:
     """tpr@fpr per arc_snr bin (categorical axis: the top bin is open), each model with Wilson intervals,
     and the matched-filter reference of the same positives as black bars."""
-    from darkhaloscope.evaluate import STRATUM_SNR
+    from darkhaloscope.evaluation.evaluate import STRATUM_SNR
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -292,7 +292,7 @@ def colour_composite(image: np.ndarray) -> np.ndarray:
     the stamp's own sky noise (robust sigma of the outer annulus)."""
     from astropy.visualization import make_lupton_rgb
 
-    from darkhaloscope.contract import OUTER_ANNULUS
+    from darkhaloscope.stamps.contract import OUTER_ANNULUS
 
     outer = image[:, OUTER_ANNULUS]
     sigma = 1.4826 * np.median(np.abs(outer - np.median(outer, axis=1, keepdims=True)), axis=1)
@@ -324,7 +324,7 @@ def fetch_stamps(data: str, task_ids) -> dict[int, np.ndarray]:
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
 
-    from darkhaloscope.contract import decode_stamp
+    from darkhaloscope.stamps.contract import decode_stamp
 
     wanted = np.unique(np.asarray(list(task_ids), np.int64))
     if wanted.size == 0:
@@ -373,7 +373,7 @@ def _safe(fn, what: str) -> str:
 
 
 def build_html(inputs: ReportInputs) -> str:
-    from darkhaloscope import evaluate as ev
+    from darkhaloscope.evaluation import evaluate as ev
 
     theta_bins = ev.parse_bins(inputs.theta_bins or ev.DEFAULT_THETA_BINS, "--theta_bins")
     res_bins = ev.parse_bins(inputs.res_bins or ev.DEFAULT_RES_BINS, "--res_bins")

@@ -1,0 +1,27 @@
+# Scoring a split with a checkpoint (`dhs infer`).
+
+
+rule infer:
+    input:
+        ckpt=lambda w: SCORES[w.name][0],
+        data=lambda w: data_files(SCORES[w.name][1], [SCORES[w.name][2]]),
+    output:
+        "scores/{name}_scores.parquet",
+    params:
+        data=lambda w: data_dir(SCORES[w.name][1]),
+        split=lambda w: SCORES[w.name][2],
+        batch_size=config["infer"]["batch_size"],
+        bf16=flag("use_bf16", config["infer"]["use_bf16"]),
+    log:
+        "logs/infer/{name}.log",
+    benchmark:
+        "benchmarks/infer/{name}.tsv"
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../envs/train.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} dhs infer --data {params.data} --ckpt {input.ckpt} --out {output}"
+        " --split {params.split} --batch_size {params.batch_size} {params.bf16} > {log} 2>&1"
