@@ -22,8 +22,8 @@ def validate_config(cfg, schema_path):
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise WorkflowError(f"invalid config key '{key}': {err.message}")
-    for section, key in [("eval", "theta_bins"), ("eval", "res_bins")]:
-        bins = cfg[section][key]
+    for section, key in [("eval", "theta_bins"), ("eval", "res_bins"), ("eval", "snr_bins")]:
+        bins = cfg[section].get(key) or [0, 1]
         if any(hi <= lo for lo, hi in zip(bins, bins[1:])):
             raise WorkflowError(f"invalid config key '{section}.{key}': bins must be strictly increasing")
     if abs(sum(cfg["simulation"]["split_fracs"]) - 1.0) > 1e-6:
@@ -191,6 +191,8 @@ def manifest_args():
     else:
         keys = ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")
     args = [flag(k, sim[k]) for k in keys] + [flag("seed", config["seed"])] + clump_args(sim) + [hosts_flag()]
+    if not REAL:  # test-only controls (the 1e-4 operating point needs >= 10^4 of them)
+        args.append(flag("extra_test_controls", sim.get("extra_test_controls") or None))
     return " ".join(a for a in args if a)
 
 

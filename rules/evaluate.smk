@@ -12,9 +12,10 @@ rule evaluate:
         csv="gen3_stratified_fpr.csv",
         auroc="gen3_stratified_fpr_auroc.csv",
         completeness="gen3_stratified_fpr_completeness.csv",
+        completeness_snr="gen3_stratified_fpr_completeness_snr.csv",
         report=report("report/gen3_report.html", caption="../docs/report_caption.rst", category="Gen3"),
     params:
-        bins=" ".join(flag(k, config["eval"][k]) for k in ("theta_bins", "res_bins", "tpr_targets", "fpr_targets")),
+        bins=" ".join(flag(k, config["eval"].get(k)) for k in ("theta_bins", "res_bins", "snr_bins", "tpr_targets", "fpr_targets")),
         gallery_data=lambda w, input: data_root("v4_sota_moffat", input.gallery_data),
         histories=lambda w, input: " ".join(flag("history", f"{s}={h}") for s, h in zip(STAGES, input.histories)),
     log:

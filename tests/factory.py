@@ -55,6 +55,7 @@ def fake_rows(n: int, split: str, pos_frac: float = 0.5, seed: int = 0, arc_amp:
         "arc_snr": pa.array(np.where(is_control == 1, np.nan, rng.uniform(1, 30, n)), from_pandas=True),
         "lens_model": ["none" if c else "SIE" for c in is_control],
         "control_kind": ["unpaired" if c else "" for c in is_control],
+        "confuser_kind": ["none"] * n,
     })
 
 

@@ -14,6 +14,8 @@ from workflow_helpers import REPO, snakemake, write_config
         ({"gen3_a2": {"meta_cols": ["arc_snr"]}}, "gen3_a2.meta_cols.0"),
         ({"variants": {"v4_sota_moffat": {"psf_model": "airy"}}}, "variants.v4_sota_moffat.psf_model"),
         ({"eval": {"theta_bins": [1.0, 0.5, 2.0]}}, "eval.theta_bins"),
+        ({"eval": {"snr_bins": [0, 20, 5]}}, "eval.snr_bins"),
+        ({"simulation": {"extra_test_controls": -5}}, "simulation.extra_test_controls"),
         ({"simulation": {"split_fracs": [0.5, 0.3, 0.3]}}, "simulation.split_fracs"),
         ({"simulation": {"host_priors": "real"}}, "simulation.host_priors"),
         ({"mine": {"top_k": 5}}, "mine"),

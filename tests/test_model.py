@@ -45,6 +45,17 @@ def test_unknown_arch_and_stem_stride():
     assert coarse.backbone.forward_features(x).shape[-1] == 2  # 64 / 4 / 8
 
 
+def test_resnet_stem_stride():
+    kw = {"timm_kwargs": {"channels": [16, 32, 64, 128], "stem_width": 16}}
+    x = torch.randn(1, 3, 64, 64)
+    sizes = {s: M.build_model("resnet18", 0, stem_stride=s, **kw).backbone.forward_features(x).shape[-1]
+             for s in (4, 2, 1)}
+    assert sizes == {4: 2, 2: 4, 1: 8}  # 64 / stem / 8 (three stride-2 stages)
+    assert M.build_model("resnet18", 2, stem_stride=1, **kw)(x, torch.zeros(1, 2)).shape == (1,)
+    with pytest.raises(DHSError, match="stem_stride 1"):
+        M.build_model("convnext_atto", 0, stem_stride=1)
+
+
 def test_checkpoint_roundtrip_rebuilds_the_same_network(net, tmp_path):
     kwargs = M.model_kwargs("convnext_atto", 2, 0.1)
     path = tmp_path / "best.pt"

@@ -14,7 +14,7 @@ import pytest
 
 from darkhaloscope import cli
 
-FIGURES = ["roc", "tpr-vs-theta", "tpr-vs-res", "completeness", "training", "gallery-top-controls",
+FIGURES = ["roc", "tpr-vs-theta", "tpr-vs-res", "tpr-vs-snr", "completeness", "completeness-snr", "training", "gallery-top-controls",
            "gallery-hard-negatives", "gallery-missed-positives"]
 CHROMIUM = "/usr/bin/chromium"
 
@@ -24,7 +24,8 @@ def inputs(fake_phase4c, tmp_path_factory):
     """Score files of two 'models' on the fake test split (built directly: no network needed), a
     hard-negative file mined from train-split scores, and two history.json files."""
     d = tmp_path_factory.mktemp("report")
-    cols = ["task_id", "ra", "dec", "is_control", "theta_e_arcsec", "psf_fwhm_used_r", "psfsize_r", "region_split"]
+    cols = ["task_id", "ra", "dec", "is_control", "theta_e_arcsec", "psf_fwhm_used_r", "psfsize_r", "arc_snr",
+            "region_split"]
     table = pads.dataset(fake_phase4c, partitioning="hive").to_table(columns=cols).to_pandas()
     rng = np.random.default_rng(0)
     paths = {}

@@ -67,13 +67,17 @@ def test_whole_dag_outputs_are_real(run):
                  "audit/v4_sota.json", "audit/v4_sota_moffat.json"]:
         assert (run_dir / path).stat().st_size > 0, path
     manifest = pq.read_table(run_dir / "manifest/manifest.parquet")
-    assert manifest.num_rows == 720
+    assert manifest.num_rows == 720 + 300  # + simulation.extra_test_controls, all controls in test regions
+    extra = manifest.to_pandas().query("task_id >= 720")
+    assert (extra.region_split == "test").all() and (extra.is_control == 1).all()
     scores = pd.read_parquet(run_dir / "scores/gen3_test_scores.parquet")
     assert set(scores["is_control"]) == {0, 1} and scores["logit"].dtype == "float32"
     assert scores["logit"].nunique() > len(scores) // 2  # not a constant or saturated model
     table = pd.read_csv(run_dir / TARGET)
     assert {"stratum", "metric", "target", "value", "n_pos", "n_neg"} <= set(table.columns)
     assert table["value"].notna().any()
+    assert (table.stratum == "arc_snr").any() and table.loc[table.stratum == "all", "mf_value"].notna().all()
+    assert (run_dir / "gen3_stratified_fpr_completeness_snr.csv").stat().st_size > 0
     a2 = torch.load(run_dir / "runs/gen3_stageA2/best.pt", map_location="cpu", weights_only=False)
     a1 = torch.load(run_dir / "runs/gen3_stageA1/best.pt", map_location="cpu", weights_only=False)
     assert a2["meta_cols"] == ["psfsize_r", "psfdepth_r"] and a2["variant"] == "v4_sota_moffat"

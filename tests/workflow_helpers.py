@@ -15,7 +15,7 @@ SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 # The integration-test configuration: the demo's config with every size cut down to seconds.
 TINY = {
-    "simulation": {"n_tasks": 720, "n_shards": 2, "batch_size": 128},
+    "simulation": {"n_tasks": 720, "n_shards": 2, "batch_size": 128, "extra_test_controls": 300},
     "audit": {"max_rows": 400, "on_fail": "warn"},
     "train": {"arch": "convnext_atto", "batch_size": 32, "save_every_steps": 2},
     "gen2": {"epochs": 1},

@@ -1,13 +1,19 @@
 """`dhs eval`: the stratified tpr@fpr / fpr@tpr table, AUROC per stratum and the completeness table.
 
 Definitions (see docs/evaluation.md and ``darkhaloscope.evaluation.metrics``): ranking by float32 ``logit``; a
-threshold takes all tied scores or none; positives are binned by theta_E and by theta_E/PSF, controls are
-never binned (every stratum shares all controls, so a tpr@fpr cut is one global cut on the controls).
+threshold takes all tied scores or none; positives are binned by theta_E, by theta_E/PSF and by arc_snr
+(the injected arc's integrated r-band S/N), controls are never binned (every stratum shares all controls,
+so a tpr@fpr cut is one global cut on the controls).
+
+Beside each model figure stands the matched-filter reference ``mf_value`` / ``mf_auroc``: the same figure
+for an ideal detector that sees each lens as N(arc_snr, 1) and each control as N(0, 1) (``mf_*``
+functions). It is empty where a positive of the stratum has no arc_snr (real data), never guessed.
 
 Outputs (fixed names, declared by the workflow):
 * ``--out_csv`` (e.g. ``gen3_stratified_fpr.csv``): one row per (stratum, metric, target).
 * ``<stem>_auroc.csv``: AUROC per stratum.
 * ``<stem>_completeness.csv``: recall per (theta_E bin, theta_E/PSF bin) cell at one global threshold.
+* ``<stem>_completeness_snr.csv``: recall per (theta_E/PSF bin, arc_snr bin) cell at the same threshold.
 """
 
 from __future__ import annotations
@@ -32,21 +38,25 @@ DEFAULT_THETA_BINS = "0.5,0.75,1.0,1.25,1.5,1.75,2.0,2.5"
 DEFAULT_RES_BINS = "0.5,0.7,0.9,1.1,1.4,2.0"
 DEFAULT_TPR_TARGETS = "0.80,0.85,0.90,0.95"
 DEFAULT_FPR_TARGETS = "1e-5,1e-4,1e-3,1e-2"
+DEFAULT_SNR_BINS = "0,3,5,10,20,50,inf"
 COMPLETENESS_FPR = 1e-4  # the seed's headline operating point
 
 STRATUM_ALL = "all"
 STRATUM_THETA = "theta_e"
 STRATUM_RES = "theta_e_over_psf"
+STRATUM_SNR = "arc_snr"
 
 TABLE_COLUMNS = ["stratum", "bin_lo", "bin_hi", "n_pos", "n_neg", "metric", "target", "value", "ci_low",
-                 "ci_high", "threshold"]
-AUROC_COLUMNS = ["stratum", "bin_lo", "bin_hi", "n_pos", "n_neg", "auroc"]
+                 "ci_high", "threshold", "mf_value"]
+AUROC_COLUMNS = ["stratum", "bin_lo", "bin_hi", "n_pos", "n_neg", "auroc", "mf_auroc"]
 COMPLETENESS_COLUMNS = ["theta_lo", "theta_hi", "res_lo", "res_hi", "n_pos", "n_recovered", "recall", "ci_low",
                         "ci_high", "fpr_target", "threshold"]
+COMPLETENESS_SNR_COLUMNS = ["res_lo", "res_hi", "snr_lo", "snr_hi", "n_pos", "n_recovered", "recall", "ci_low",
+                            "ci_high", "fpr_target", "threshold", "mf_recall"]
 
 # Columns an evaluation reads from a score parquet (those present).
 _SCORE_COLUMNS = ("task_id", "is_control", "logit", "score", "theta_e_arcsec", "psf_fwhm_used_r", "psfsize_r",
-                  "region_split")
+                  "arc_snr", "region_split")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,8 +76,18 @@ def _parse_floats(text, name: str) -> list[float]:
     return values
 
 
-def parse_bins(text, name: str = "bins") -> np.ndarray:
-    """Bin edges: at least two, finite and strictly increasing."""
+def parse_bins(text, name: str = "bins", open_top: bool = False) -> np.ndarray:
+    """Bin edges: at least two, finite and strictly increasing; with ``open_top`` the last edge may be
+    ``inf`` (an open top bin, e.g. arc_snr >= 50)."""
+    if open_top:
+        items = list(text) if isinstance(text, (list, tuple, np.ndarray)) else str(text).split(",")
+        top = str(items[-1]).strip().lower() if items else ""
+        if top in ("inf", "+inf", ".inf") or (not isinstance(items[-1], str) and items[-1] == math.inf):
+            edges = np.r_[parse_bins(items[:-1], name) if len(items) > 2 else _parse_floats(items[:-1], name),
+                          math.inf]
+            if edges.size < 2 or np.any(np.diff(edges) <= 0):
+                raise DHSError(f"{name} '{text}' must be at least two strictly increasing edges")
+            return edges
     edges = np.asarray(_parse_floats(text, name), dtype=np.float64)
     if edges.size < 2 or np.any(np.diff(edges) <= 0):
         raise DHSError(f"{name} '{text}' must be at least two strictly increasing edges")
@@ -105,7 +125,53 @@ def load_scores(path, extra_columns=()) -> pd.DataFrame:
     with np.errstate(divide="ignore", invalid="ignore"):
         df["theta_over_psf"] = np.where(psf > 0, theta / psf, np.nan)
     df["theta_e_arcsec"] = theta
+    # arc_snr exists for simulated positives only: real data (no column, or nulls) leaves it NaN, and the
+    # arc_snr strata and matched-filter references are then empty, never wrong
+    df["arc_snr"] = df["arc_snr"].to_numpy(np.float64) if "arc_snr" in names else np.full(len(df), np.nan)
     return df
+
+
+# ----------------------------------------------------------------------------------------------------
+# The matched-filter reference (analytic)
+# ----------------------------------------------------------------------------------------------------
+# An ideal detector that knew each arc and its background exactly would score a lens as N(arc_snr, 1) and a
+# control as N(0, 1). arc_snr is the r-band S/N of the arc over its pixels above 1 sigma, so a real matched
+# filter over all pixels and the three bands can do somewhat better at low arc_snr, and a finder that does
+# not know where the arc is does worse: a reference for "how findable is this stratum", not a hard bound.
+# Written out (scipy gives Phi) because no library evaluates these mixtures.
+
+def _snr_or_none(snr) -> np.ndarray | None:
+    s = np.asarray(snr, dtype=np.float64).ravel()
+    return s if s.size and np.isfinite(s).all() else None
+
+
+def mf_tpr_at_fpr(snr, fpr: float) -> float:
+    """Mean over positives of 1 - Phi(Phi^-1(1 - fpr) - arc_snr); NaN if any arc_snr is missing."""
+    from scipy.stats import norm
+
+    s = _snr_or_none(snr)
+    return math.nan if s is None else float(norm.sf(norm.isf(fpr) - s).mean())
+
+
+def mf_fpr_at_tpr(snr, tpr: float) -> float:
+    """The FPR 1 - Phi(c) at the cut c where the mean TPR over positives reaches ``tpr``."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    s = _snr_or_none(snr)
+    if s is None:
+        return math.nan
+    lo, hi = -40.0 + s.min(), 40.0 + s.max()  # mean TPR is ~1 at lo and ~0 at hi, monotonic between
+    c = brentq(lambda c: norm.sf(c - s).mean() - tpr, lo, hi, xtol=1e-10)
+    return float(norm.sf(c))
+
+
+def mf_auroc(snr) -> float:
+    """P(lens > control) = mean Phi(arc_snr / sqrt(2))."""
+    from scipy.stats import norm
+
+    s = _snr_or_none(snr)
+    return math.nan if s is None else float(norm.cdf(s / math.sqrt(2.0)).mean())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,6 +184,7 @@ class Stratum:
     lo: float
     hi: float
     pos_rank: np.ndarray  # ranking keys of the stratum's positives
+    pos_snr: np.ndarray   # their arc_snr (NaN where unknown)
 
 
 def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -127,15 +194,20 @@ def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return idx
 
 
-def make_strata(df: pd.DataFrame, theta_bins: np.ndarray, res_bins: np.ndarray) -> list[Stratum]:
+def make_strata(df: pd.DataFrame, theta_bins: np.ndarray, res_bins: np.ndarray,
+                snr_bins: np.ndarray | None = None) -> list[Stratum]:
+    """The ``all`` stratum, then theta_E, theta_E/PSF and arc_snr bins (``snr_bins`` None: the default)."""
+    snr_bins = parse_bins(DEFAULT_SNR_BINS, open_top=True) if snr_bins is None else snr_bins
     pos = df[df["y"] == 1]
     rank = pos["rank"].to_numpy()
-    out = [Stratum(STRATUM_ALL, math.nan, math.nan, rank)]
-    for name, column, edges in ((STRATUM_THETA, "theta_e_arcsec", theta_bins),
-                                (STRATUM_RES, "theta_over_psf", res_bins)):
-        idx = bin_index(pos[column].to_numpy(np.float64), edges)
+    snr = pos["arc_snr"].to_numpy(np.float64) if "arc_snr" in pos else np.full(len(pos), np.nan)
+    out = [Stratum(STRATUM_ALL, math.nan, math.nan, rank, snr)]
+    for name, values, edges in ((STRATUM_THETA, pos["theta_e_arcsec"].to_numpy(np.float64), theta_bins),
+                                (STRATUM_RES, pos["theta_over_psf"].to_numpy(np.float64), res_bins),
+                                (STRATUM_SNR, snr, snr_bins)):
+        idx = bin_index(values, edges)
         for b in range(edges.size - 1):
-            out.append(Stratum(name, float(edges[b]), float(edges[b + 1]), rank[idx == b]))
+            out.append(Stratum(name, float(edges[b]), float(edges[b + 1]), rank[idx == b], snr[idx == b]))
     return out
 
 
@@ -145,20 +217,21 @@ def _points(stratum: Stratum, neg_rank: np.ndarray) -> metrics.RocPoints:
 
 
 def stratified_table(df: pd.DataFrame, theta_bins, res_bins, tpr_targets, fpr_targets,
-                     min_neg_per_fpr: float = 1.0) -> pd.DataFrame:
+                     min_neg_per_fpr: float = 1.0, snr_bins=None) -> pd.DataFrame:
     """One row per (stratum, metric, target). Empty (NaN) value/CI/threshold where it cannot be
     estimated: no positives in the stratum, no controls, or (tpr@fpr) fewer than
-    ``min_neg_per_fpr / target`` controls."""
+    ``min_neg_per_fpr / target`` controls. ``mf_value``: the matched-filter reference (needs only the
+    positives' arc_snr, so it is there even where the controls are too few for the model's value)."""
     neg_rank = df.loc[df["y"] == 0, "rank"].to_numpy()
     n_neg = int(neg_rank.size)
     rows = []
-    for st in make_strata(df, theta_bins, res_bins):
+    for st in make_strata(df, theta_bins, res_bins, snr_bins):
         n_pos = int(st.pos_rank.size)
         pts = _points(st, neg_rank) if n_pos and n_neg else None
         base = {"stratum": st.name, "bin_lo": st.lo, "bin_hi": st.hi, "n_pos": n_pos, "n_neg": n_neg}
         for t in fpr_targets:
             row = dict(base, metric="tpr@fpr", target=t, value=math.nan, ci_low=math.nan, ci_high=math.nan,
-                       threshold=math.nan)
+                       threshold=math.nan, mf_value=mf_tpr_at_fpr(st.pos_snr, t))
             if pts is not None and metrics.fpr_target_estimable(n_neg, t, min_neg_per_fpr):
                 tpr, thr = metrics.tpr_at_fpr(pts, t)
                 k = int(round(tpr * n_pos))
@@ -167,7 +240,7 @@ def stratified_table(df: pd.DataFrame, theta_bins, res_bins, tpr_targets, fpr_ta
             rows.append(row)
         for t in tpr_targets:
             row = dict(base, metric="fpr@tpr", target=t, value=math.nan, ci_low=math.nan, ci_high=math.nan,
-                       threshold=math.nan)
+                       threshold=math.nan, mf_value=mf_fpr_at_tpr(st.pos_snr, t))
             if pts is not None:
                 fpr, thr = metrics.fpr_at_tpr(pts, t)
                 k = int(round(fpr * n_neg))
@@ -177,13 +250,14 @@ def stratified_table(df: pd.DataFrame, theta_bins, res_bins, tpr_targets, fpr_ta
     return _typed(pd.DataFrame(rows, columns=TABLE_COLUMNS))
 
 
-def auroc_table(df: pd.DataFrame, theta_bins, res_bins) -> pd.DataFrame:
+def auroc_table(df: pd.DataFrame, theta_bins, res_bins, snr_bins=None) -> pd.DataFrame:
     neg_rank = df.loc[df["y"] == 0, "rank"].to_numpy()
     rows = []
-    for st in make_strata(df, theta_bins, res_bins):
+    for st in make_strata(df, theta_bins, res_bins, snr_bins):
         y = np.r_[np.ones(st.pos_rank.size, np.int8), np.zeros(neg_rank.size, np.int8)]
         rows.append({"stratum": st.name, "bin_lo": st.lo, "bin_hi": st.hi, "n_pos": int(st.pos_rank.size),
-                     "n_neg": int(neg_rank.size), "auroc": metrics.auroc(y, np.r_[st.pos_rank, neg_rank])})
+                     "n_neg": int(neg_rank.size), "auroc": metrics.auroc(y, np.r_[st.pos_rank, neg_rank]),
+                     "mf_auroc": mf_auroc(st.pos_snr)})
     return _typed(pd.DataFrame(rows, columns=AUROC_COLUMNS))
 
 
@@ -197,9 +271,10 @@ def completeness_target(n_neg: int, fpr_targets, min_neg_per_fpr: float = 1.0,
     return usable[0] if usable else math.nan
 
 
-def completeness_table(df: pd.DataFrame, theta_bins, res_bins, fpr_targets,
-                       min_neg_per_fpr: float = 1.0) -> pd.DataFrame:
-    """Recall per (theta_E bin, theta_E/PSF bin) cell at the global tpr@fpr threshold of all positives."""
+def _completeness(df: pd.DataFrame, axes, fpr_targets, min_neg_per_fpr: float, columns,
+                  with_mf: bool = False) -> pd.DataFrame:
+    """Recall per cell of two binned positive columns, ``axes`` = ((column, edges, prefix), x2), at the
+    global tpr@fpr threshold of all positives (completeness_target picks the FPR)."""
     pos = df[df["y"] == 1]
     neg_rank = df.loc[df["y"] == 0, "rank"].to_numpy()
     target = completeness_target(neg_rank.size, fpr_targets, min_neg_per_fpr)
@@ -208,25 +283,46 @@ def completeness_table(df: pd.DataFrame, theta_bins, res_bins, fpr_targets,
         pts = metrics.roc_points(np.r_[np.ones(len(pos), np.int8), np.zeros(neg_rank.size, np.int8)],
                                  np.r_[pos["rank"].to_numpy(), neg_rank])
         threshold = metrics.tpr_at_fpr(pts, target)[1]
-    ti = bin_index(pos["theta_e_arcsec"].to_numpy(np.float64), theta_bins)
-    ri = bin_index(pos["theta_over_psf"].to_numpy(np.float64), res_bins)
+    (col_a, edges_a, pre_a), (col_b, edges_b, pre_b) = axes
+    ia = bin_index(pos[col_a].to_numpy(np.float64), edges_a)
+    ib = bin_index(pos[col_b].to_numpy(np.float64), edges_b)
     rank = pos["rank"].to_numpy()
+    snr = pos["arc_snr"].to_numpy(np.float64) if "arc_snr" in pos else np.full(len(pos), np.nan)
     rows = []
-    for a in range(theta_bins.size - 1):
-        for b in range(res_bins.size - 1):
-            cell = rank[(ti == a) & (ri == b)]
-            row = {"theta_lo": theta_bins[a], "theta_hi": theta_bins[a + 1], "res_lo": res_bins[b],
-                   "res_hi": res_bins[b + 1], "n_pos": int(cell.size), "n_recovered": math.nan,
+    for a in range(edges_a.size - 1):
+        for b in range(edges_b.size - 1):
+            sel = (ia == a) & (ib == b)
+            cell = rank[sel]
+            row = {f"{pre_a}_lo": edges_a[a], f"{pre_a}_hi": edges_a[a + 1], f"{pre_b}_lo": edges_b[b],
+                   f"{pre_b}_hi": edges_b[b + 1], "n_pos": int(cell.size), "n_recovered": math.nan,
                    "recall": math.nan, "ci_low": math.nan, "ci_high": math.nan, "fpr_target": target,
                    "threshold": threshold}
             if cell.size and math.isfinite(threshold):
                 k, n = metrics.recall_at_threshold(cell, threshold)
                 row.update(n_recovered=k, recall=k / n)
                 row["ci_low"], row["ci_high"] = metrics.wilson_interval(k, n)
+            if with_mf:
+                row["mf_recall"] = mf_tpr_at_fpr(snr[sel], target) if cell.size and math.isfinite(target) \
+                    else math.nan
             rows.append(row)
-    out = pd.DataFrame(rows, columns=COMPLETENESS_COLUMNS)
+    out = pd.DataFrame(rows, columns=columns)
     out["n_recovered"] = out["n_recovered"].astype("Int64")
     return out
+
+
+def completeness_table(df: pd.DataFrame, theta_bins, res_bins, fpr_targets,
+                       min_neg_per_fpr: float = 1.0) -> pd.DataFrame:
+    """Recall per (theta_E bin, theta_E/PSF bin) cell at the global tpr@fpr threshold of all positives."""
+    return _completeness(df, (("theta_e_arcsec", theta_bins, "theta"), ("theta_over_psf", res_bins, "res")),
+                         fpr_targets, min_neg_per_fpr, COMPLETENESS_COLUMNS)
+
+
+def completeness_snr_table(df: pd.DataFrame, res_bins, snr_bins, fpr_targets,
+                           min_neg_per_fpr: float = 1.0) -> pd.DataFrame:
+    """Recall per (theta_E/PSF bin, arc_snr bin) cell at the same global threshold, with the matched-filter
+    reference recall of the cell at that FPR: the plane that decides whether an arc can be found."""
+    return _completeness(df, (("theta_over_psf", res_bins, "res"), ("arc_snr", snr_bins, "snr")),
+                         fpr_targets, min_neg_per_fpr, COMPLETENESS_SNR_COLUMNS, with_mf=True)
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -242,6 +338,12 @@ def sibling_paths(out_csv) -> tuple[Path, Path]:
     """(``<stem>_auroc.csv``, ``<stem>_completeness.csv``) next to ``out_csv``."""
     out_csv = Path(out_csv)
     return (out_csv.with_name(f"{out_csv.stem}_auroc.csv"), out_csv.with_name(f"{out_csv.stem}_completeness.csv"))
+
+
+def snr_completeness_path(out_csv) -> Path:
+    """``<stem>_completeness_snr.csv`` next to ``out_csv``."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(f"{out_csv.stem}_completeness_snr.csv")
 
 
 def write_csv(df: pd.DataFrame, path) -> None:
@@ -263,6 +365,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "<stem>_completeness.csv are written next to it")
     parser.add_argument("--theta_bins", default=DEFAULT_THETA_BINS, help="theta_E bin edges, arcsec")
     parser.add_argument("--res_bins", default=DEFAULT_RES_BINS, help="theta_E/PSF bin edges")
+    parser.add_argument("--snr_bins", default=DEFAULT_SNR_BINS,
+                        help="arc_snr bin edges; the last may be inf (an open top bin)")
     parser.add_argument("--tpr_targets", default=DEFAULT_TPR_TARGETS)
     parser.add_argument("--fpr_targets", default=DEFAULT_FPR_TARGETS)
     parser.add_argument("--min_neg_per_fpr", type=float, default=1.0,
@@ -302,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     theta_bins = parse_bins(args.theta_bins, "--theta_bins")
     res_bins = parse_bins(args.res_bins, "--res_bins")
+    snr_bins = parse_bins(args.snr_bins, "--snr_bins", open_top=True)
     tpr_targets = parse_targets(args.tpr_targets, "--tpr_targets")
     fpr_targets = parse_targets(args.fpr_targets, "--fpr_targets")
     if not args.min_neg_per_fpr > 0:
@@ -317,7 +422,10 @@ def run(args: argparse.Namespace) -> int:
     log.info("%s: %d positives, %d controls", args.scores, n_pos, n_neg)
     if n_pos == 0 or n_neg == 0:
         log.warning("no %s: every rate in the table is empty", "positives" if n_pos == 0 else "controls")
-    table = stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets, args.min_neg_per_fpr)
+    table = stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets, args.min_neg_per_fpr, snr_bins)
+    if not np.isfinite(df.loc[df["y"] == 1, "arc_snr"].to_numpy()).any():
+        log.warning("no positive has an arc_snr (real data?): the arc_snr strata and matched-filter "
+                    "references are empty")
     skipped = [t for t in fpr_targets if not metrics.fpr_target_estimable(n_neg, t, args.min_neg_per_fpr)]
     if skipped:
         log.warning("fpr targets %s left empty: %d controls is fewer than %g/target", skipped, n_neg,
@@ -329,9 +437,11 @@ def run(args: argparse.Namespace) -> int:
         report_inputs = report.ReportInputs.from_args(args, primary=(args.report_label, args.scores),
                                                       fpr_csv=args.out_csv)
         report.check_inputs(report_inputs)
+    comp_snr = completeness_snr_table(df, res_bins, snr_bins, fpr_targets, args.min_neg_per_fpr)
     write_csv(table, args.out_csv)
-    write_csv(auroc_table(df, theta_bins, res_bins), auroc_path)
+    write_csv(auroc_table(df, theta_bins, res_bins, snr_bins), auroc_path)
     write_csv(comp, comp_path)
+    write_csv(comp_snr, snr_completeness_path(args.out_csv))
     log.info("wrote %s, %s, %s (completeness at fpr %g)", args.out_csv, auroc_path, comp_path,
              comp["fpr_target"].iloc[0] if len(comp) else math.nan)
     if args.report:

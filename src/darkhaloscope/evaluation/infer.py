@@ -33,7 +33,7 @@ log = logging.getLogger("dhs.infer")
 
 # Copied from the data into the score file (those present), in this order, after task_id.
 PASSTHROUGH_COLUMNS = ("ra", "dec", "brickname", "region_split", "is_control", "theta_e_arcsec", "psf_fwhm_used_r",
-                       "psfsize_r", "psfdepth_r", "arc_snr", "control_kind")
+                       "psfsize_r", "psfdepth_r", "arc_snr", "control_kind", "confuser_kind")
 
 
 # ----------------------------------------------------------------------------------------------------

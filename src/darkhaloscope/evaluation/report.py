@@ -61,6 +61,7 @@ class ReportInputs:
     fpr_csv: str | None = None
     theta_bins: str | None = None
     res_bins: str | None = None
+    snr_bins: str | None = None
     gallery_n: int = DEFAULT_GALLERY_N
 
     @classmethod
@@ -73,7 +74,8 @@ class ReportInputs:
             raise DHSError("the report needs at least one --scores LABEL=PATH")
         return cls(scores=scores, histories=parse_labelled(args.history, "--history"), hard_negs=args.hard_negs,
                    data=args.data, fpr_csv=fpr_csv or getattr(args, "fpr_csv", None),
-                   theta_bins=args.theta_bins, res_bins=args.res_bins, gallery_n=args.gallery_n)
+                   theta_bins=args.theta_bins, res_bins=args.res_bins, snr_bins=getattr(args, "snr_bins", None),
+                   gallery_n=args.gallery_n)
 
 
 def add_report_inputs(parser: argparse.ArgumentParser, with_scores: bool = True) -> None:
@@ -193,6 +195,63 @@ def completeness_figure(comp: pd.DataFrame) -> str:
     ax.set_ylabel("theta_E (arcsec)")
     fig.colorbar(im, ax=ax, label="recall")
     return _img(fig, "completeness", "completeness heat map, recall per theta_E x theta_E/PSF cell")
+
+
+def _bin_labels(lo, hi) -> list[str]:
+    return [f"{a:g}-{b:g}" if np.isfinite(b) else f">= {a:g}" for a, b in zip(lo, hi)]
+
+
+def snr_figure(tables, target: float) -> str:
+    """tpr@fpr per arc_snr bin (categorical axis: the top bin is open), each model with Wilson intervals,
+    and the matched-filter reference of the same positives as black bars."""
+    from darkhaloscope.evaluation.evaluate import STRATUM_SNR
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    mf_drawn = False
+    for i, (label, table) in enumerate(tables.items()):
+        rows = table[(table["stratum"] == STRATUM_SNR) & (table["metric"] == "tpr@fpr") & np.isclose(table["target"], target)]
+        x = np.arange(len(rows)) + (i - (len(tables) - 1) / 2) * 0.12
+        value = rows["value"].to_numpy()
+        err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
+        err = np.where(np.isfinite(err), np.maximum(err, 0.0), np.nan)
+        ax.errorbar(x, value, yerr=err, fmt="o", capsize=3, label=label)
+        if not mf_drawn:
+            ax.hlines(rows["mf_value"], np.arange(len(rows)) - 0.35, np.arange(len(rows)) + 0.35, colors="k",
+                      label="matched-filter reference")
+            ax.set_xticks(range(len(rows)), [f"{t}\nn={n}" for t, n in zip(_bin_labels(rows["bin_lo"], rows["bin_hi"]),
+                                                                              rows["n_pos"])], fontsize=8)
+            mf_drawn = True
+    ax.set_xlabel("arc_snr (integrated r-band S/N of the injected arc)")
+    ax.set_ylabel(f"tpr @ fpr {target:g}")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _img(fig, "tpr-vs-snr", f"tpr at fpr {target:g} against arc_snr, 95% Wilson intervals, "
+                "matched-filter reference as black bars")
+
+
+def completeness_snr_figure(comp: pd.DataFrame) -> str:
+    """Recall per (theta_E/PSF x arc_snr) cell, each cell annotated with the matched-filter recall."""
+    plt = _plt()
+    res = sorted(set(zip(comp["res_lo"], comp["res_hi"])))
+    snr = sorted(set(zip(comp["snr_lo"], comp["snr_hi"])))
+    grid = np.full((len(snr), len(res)), np.nan)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for _, row in comp.iterrows():
+        a, b = snr.index((row.snr_lo, row.snr_hi)), res.index((row.res_lo, row.res_hi))
+        grid[a, b] = row.recall
+        text = (f"{row.recall:.2f} (MF {row.mf_recall:.2f})\nn={row.n_pos}" if np.isfinite(row.recall)
+                else f"n={row.n_pos}")
+        ax.text(b, a, text, ha="center", va="center", fontsize=6.5)
+    im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(res)), [f"{lo:g}-{hi:g}" for lo, hi in res], rotation=45, fontsize=8)
+    ax.set_yticks(range(len(snr)), _bin_labels([lo for lo, _ in snr], [hi for _, hi in snr]), fontsize=8)
+    ax.set_xlabel("theta_E / PSF FWHM")
+    ax.set_ylabel("arc_snr")
+    fig.colorbar(im, ax=ax, label="recall")
+    return _img(fig, "completeness-snr", "completeness heat map, recall per theta_E/PSF x arc_snr cell, "
+                "matched-filter recall in brackets")
 
 
 def _history_epochs(path) -> list[dict]:
@@ -350,13 +409,16 @@ def build_html(inputs: ReportInputs) -> str:
 
     theta_bins = ev.parse_bins(inputs.theta_bins or ev.DEFAULT_THETA_BINS, "--theta_bins")
     res_bins = ev.parse_bins(inputs.res_bins or ev.DEFAULT_RES_BINS, "--res_bins")
+    snr_bins = ev.parse_bins(inputs.snr_bins or ev.DEFAULT_SNR_BINS, "--snr_bins", open_top=True)
     fpr_targets = list(REPORT_FPR_TARGETS)
     tpr_targets = ev.parse_targets(ev.DEFAULT_TPR_TARGETS)
     frames = {label: ev.load_scores(path) for label, path in inputs.scores}
     primary_label = inputs.scores[0][0]
     primary = frames[primary_label]
     target = _operating_fpr(frames)
-    tables = {label: ev.stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets) for label, df in frames.items()}
+    tables = {label: ev.stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets, snr_bins=snr_bins)
+              for label, df in frames.items()}
+    has_snr = bool(np.isfinite(primary.loc[primary["y"] == 1, "arc_snr"].to_numpy()).any())
     parts = []
 
     # Summary
@@ -384,10 +446,17 @@ def build_html(inputs: ReportInputs) -> str:
                       "tpr vs theta_E") if math.isfinite(target) else _missing("too few controls for any FPR target")
     fig_res = _safe(lambda: stratum_figure(tables, ev.STRATUM_RES, target, "theta_E / PSF FWHM", "tpr-vs-res"),
                     "tpr vs theta_E/PSF") if math.isfinite(target) else _missing("too few controls for any FPR target")
-    parts.append(_section("stratified", f"tpr @ fpr {target:g} by Einstein radius and resolution", fig_theta + fig_res))
+    no_snr = _missing("no positive has an arc_snr (real data?): the arc_snr strata are empty")
+    fig_snr = (_safe(lambda: snr_figure(tables, target), "tpr vs arc_snr") if has_snr else no_snr) \
+        if math.isfinite(target) else _missing("too few controls for any FPR target")
+    parts.append(_section("stratified", f"tpr @ fpr {target:g} by Einstein radius, resolution and arc S/N",
+                          fig_theta + fig_res + fig_snr))
     comp = ev.completeness_table(primary, theta_bins, res_bins, fpr_targets)
+    comp_snr = ev.completeness_snr_table(primary, res_bins, snr_bins, fpr_targets)
     parts.append(_section("completeness", f"Completeness ({primary_label}, recall at fpr {target:g})",
-                          _safe(lambda: completeness_figure(comp), "completeness")))
+                          _safe(lambda: completeness_figure(comp), "completeness")
+                          + (_safe(lambda: completeness_snr_figure(comp_snr), "completeness by arc_snr")
+                             if has_snr else no_snr)))
 
     # Training curves
     if inputs.histories:
@@ -484,6 +553,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fpr_csv", default=None, help="stratified table from dhs eval, shown in the summary")
     parser.add_argument("--theta_bins", default=None, help="theta_E bin edges (default: the seed's)")
     parser.add_argument("--res_bins", default=None, help="theta_E/PSF bin edges (default: the seed's)")
+    parser.add_argument("--snr_bins", default=None, help="arc_snr bin edges, the last may be inf (default 0,3,5,10,20,50,inf)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,8 +4,9 @@ Also the checkpoint format (docs/architecture.md) and the one meta standardisati
 inference share. ``load_model`` is the only way a network is rebuilt from a checkpoint.
 
 64x64 adaptation: timm's ConvNeXt has a 4x4/stride-4 patch stem, so a 64x64 stamp becomes a 16x16 map
-and the last stage sees 2x2. ``stem_stride=2`` (timm's ``patch_size``) keeps 2x the resolution
-(32x32 -> 4x4 at the last stage), at about 4x the compute and activation memory. The default is the
+and the last stage sees 2x2. ``stem_stride=2`` keeps 2x the resolution (32x32 -> 4x4 at the last
+stage), at about 4x the compute and activation memory. ResNet-family stems (conv1 + max-pool, stride 4
+together) take ``stem_stride`` 2 (no max-pool) or 1 (CIFAR-style: conv1 stride 1, no max-pool). The default is the
 seed's unmodified timm model (stride 4); the choice is recorded in the checkpoint's ``model_kwargs``.
 """
 
@@ -64,14 +65,27 @@ class LensClassifier(nn.Module):
         self.head = nn.Linear(n_feat, 1)
 
     def _set_stem_stride(self, stride: int) -> None:
-        """Replace ConvNeXt's 4x4/4 patch stem by a 4x4/2 convolution (padding 1): every stage then runs
-        at twice the resolution. (timm's ``patch_size=2`` would not do this: it moves the missing
-        stride-2 into the first stage.)"""
+        """Make the stem downsample by ``stride`` instead of 4, so every later stage runs at a finer scale.
+
+        ConvNeXt (a 4x4/4 patch stem): stride 2 replaces it by a 4x4/2 convolution (padding 1). (timm's
+        ``patch_size=2`` would not do this: it moves the missing stride-2 into the first stage.)
+        ResNet-family models (``conv1`` + ``maxpool``, stride 2 each): stride 2 drops the max-pool, stride 1
+        also makes ``conv1`` stride 1 (the CIFAR-style stem for small images)."""
         stem = getattr(self.backbone, "stem", None)
         conv = stem[0] if isinstance(stem, nn.Sequential) and len(stem) else None
-        if stride != 2 or not isinstance(conv, nn.Conv2d) or conv.stride != (4, 4):
-            raise DHSError(f"stem_stride {stride} is only supported as 2, for ConvNeXt patch stems, not '{self.arch}'")
-        stem[0] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=4, stride=2, padding=1)
+        if isinstance(conv, nn.Conv2d) and conv.stride == (4, 4) and stride == 2:
+            stem[0] = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=4, stride=2, padding=1)
+            return
+        conv1 = getattr(self.backbone, "conv1", None)
+        if stride in (1, 2) and isinstance(getattr(self.backbone, "maxpool", None), nn.MaxPool2d):
+            first = conv1[0] if isinstance(conv1, nn.Sequential) else conv1  # deep stems: the first conv strides
+            if isinstance(first, nn.Conv2d) and first.stride == (2, 2):
+                self.backbone.maxpool = nn.Identity()
+                if stride == 1:
+                    first.stride = (1, 1)
+                return
+        raise DHSError(f"stem_stride {stride} is supported as 2 for ConvNeXt patch stems and as 1 or 2 for "
+                       f"ResNet-style stems (conv1 + maxpool), not for '{self.arch}'")
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         feats = self.backbone(images)

@@ -56,8 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight_decay", type=float, default=1e-2)
     p.add_argument("--dropout", type=float, default=0.10)
     p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
-    p.add_argument("--stem_stride", type=int, default=4, choices=(2, 4),
-                   help="ConvNeXt stem stride: 4 = timm default, 2 = finer features for 64x64 stamps (~4x cost)")
+    p.add_argument("--stem_stride", type=int, default=4, choices=(1, 2, 4),
+                   help="stem stride: 4 = timm default; 2 = finer features for 64x64 stamps (ConvNeXt, ResNet; "
+                        "~4x cost); 1 = ResNet-style stems only")
     p.add_argument("--timm_kwargs", default="",
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
     p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")

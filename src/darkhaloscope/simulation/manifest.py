@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy.special import ndtr
 
@@ -488,6 +489,40 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     return pa.table(arrays).replace_schema_metadata(meta)
 
 
+def add_test_controls(table: pa.Table, n_extra: int, seed: int, control_frac: float = 0.5,
+                      split_fracs=(0.7, 0.15, 0.15), source_priors: str = "realistic", confuser_frac: float = 0.1,
+                      clumps: ClumpPrior = ClumpPrior(), host_priors: str = "dr10") -> pa.Table:
+    """Append ``n_extra`` control tasks in test-split sky regions, so that a test split can resolve low FPRs
+    (1e-4 needs >= 10^4 controls) without growing the training set.
+
+    The extra rows are drawn by ``build_manifest`` itself (all controls, a seed derived from ``seed``), then
+    only the rows of test regions are kept: hosts, neighbours, stars, confusers and observing conditions
+    follow exactly the distribution of the ordinary controls. task_ids continue after the table's."""
+    if n_extra < 0:
+        raise DHSError(f"--extra_test_controls must be >= 0, got {n_extra}")
+    if n_extra == 0:
+        return table
+    test_frac = parse_split_fracs(",".join(str(f) for f in split_fracs))[2]
+    if test_frac <= 0:
+        raise DHSError("--extra_test_controls needs a test split: the test fraction of --split_fracs is 0")
+    extra_seed = int(np.random.SeedSequence([int(seed), 0x7E57C7]).generate_state(1)[0])
+    n_draw = int(np.ceil(1.3 * n_extra / test_frac)) + 100
+    while True:  # regions are clustered, so the test share of a draw varies: draw more until enough
+        extra = build_manifest(n_draw, extra_seed, 1.0, split_fracs, source_priors, confuser_frac, clumps=clumps,
+                               host_priors=host_priors)
+        is_test = np.asarray(extra.column("region_split").to_pylist(), dtype=object) == "test"
+        if is_test.sum() >= n_extra:
+            break
+        n_draw *= 2
+    extra = extra.take(pa.array(np.flatnonzero(is_test)[:n_extra]))
+    start = int(pc.max(table.column("task_id")).as_py()) + 1 if table.num_rows else 0
+    extra = extra.set_column(extra.schema.get_field_index("task_id"), "task_id",
+                             pa.array(np.arange(start, start + n_extra, dtype=np.int64)))
+    extra = extra.cast(table.schema)
+    text = table.schema.metadata[b"dhs_manifest"].decode() + f";extra_test_controls={n_extra}"
+    return pa.concat_tables([table, extra]).replace_schema_metadata({b"dhs_manifest": text.encode()})
+
+
 MANIFEST_ROW_GROUP = 65536
 
 
@@ -556,6 +591,8 @@ def add_arguments(parser) -> None:
                         help="host LRGs like the DR10 parent sample (dr10) or the seed's n ~ 4 hosts (sota)")
     parser.add_argument("--confuser_frac", type=float, default=0.1,
                         help="fraction of stamps (both classes) with a lens-like confuser")
+    parser.add_argument("--extra_test_controls", type=int, default=0,
+                        help="extra control tasks in test-split regions only (low-FPR estimates; training unchanged)")
     parser.add_argument("--n_regions", type=int, default=None,
                         help="number of distinct sky cells the tasks are drawn from (default n_tasks/40, at least 24)")
     d = ClumpPrior()
@@ -588,6 +625,9 @@ def run(args) -> int:
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
                            args.host_priors)
+    table = add_test_controls(table, args.extra_test_controls, args.seed, args.control_frac,
+                              parse_split_fracs(args.split_fracs), args.source_priors, args.confuser_frac,
+                              clump_prior(args), args.host_priors)
     write_manifest(table, args.out)
     splits = table.column("region_split").to_pylist()
     print(f"manifest: {table.num_rows} tasks ({int(table.column('is_control').to_numpy().sum())} controls), "

@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""The finder-quality tables (issue 10) from score parquets: a finished workflow run directory or any scores.
+
+    python benchmarks/finder_table.py --run_dir results                 # gen3_test + gen2_test of a run
+    python benchmarks/finder_table.py --scores gen3=a.parquet --scores gen2=b.parquet [--json out.json]
+
+Per model, on its test split (rows joined with the stamps' truth columns by `dhs infer`):
+* the summary row: AUROC (all positives, 95% Hanley-McNeil interval), tpr@fpr 1e-2 / 1e-3 / 1e-4 of all
+  positives and of the "resolved bright" ones (theta_E/PSF >= 1.4 and arc_snr >= 20), with 95% Wilson
+  intervals, empty where the controls cannot resolve the FPR (fewer than 1/FPR of them);
+* the arc_snr strata: AUROC and tpr@fpr1e-2 per bin, beside the matched-filter reference of the same
+  positives (darkhaloscope.evaluation.evaluate.mf_*: lens ~ N(arc_snr, 1), control ~ N(0, 1));
+* what the false positives are: per confuser kind of the controls (``confuser_kind``: none, ring, tidal_arc,
+  spiral_arm, blue_companion), how many there are and the fraction above the all-positives threshold at
+  FPR 1e-2 and 1e-3 (a ring or tidal-arc confuser *is* arc-like light: the matched-filter reference, whose
+  controls are pure noise, does not know about them);
+* with --run_dir, the wall seconds of each rule from Snakemake's benchmark files and their sum.
+
+Prints Markdown; --json also saves the numbers. No network, no training: seconds on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from darkhaloscope.evaluation import evaluate as ev
+from darkhaloscope.evaluation import metrics
+
+FPRS = (1e-2, 1e-3, 1e-4)
+RESOLVED_MIN_RATIO = 1.4
+BRIGHT_MIN_SNR = 20.0
+SNR_BINS = (0, 3, 5, 10, 20, 50, math.inf)
+
+
+def auroc_interval(auc: float, n_pos: int, n_neg: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95% interval of an AUROC from the Hanley & McNeil (1982, Radiology 143:29) standard error."""
+    if not (math.isfinite(auc) and n_pos and n_neg):
+        return math.nan, math.nan
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (n_pos - 1) * (q1 - auc * auc) + (n_neg - 1) * (q2 - auc * auc)) / (n_pos * n_neg)
+    se = math.sqrt(max(var, 0.0))
+    return max(0.0, auc - z * se), min(1.0, auc + z * se)
+
+
+def rates(pos: np.ndarray, neg: np.ndarray, snr: np.ndarray) -> dict:
+    """AUROC and tpr@fpr (with intervals) of one set of positives against all controls, and the
+    matched-filter reference of the same positives."""
+    out = {"n_pos": int(pos.size), "n_neg": int(neg.size)}
+    y = np.r_[np.ones(pos.size, np.int8), np.zeros(neg.size, np.int8)]
+    auc = metrics.auroc(y, np.r_[pos, neg]) if pos.size and neg.size else math.nan
+    out["auroc"], out["auroc_ci"] = auc, auroc_interval(auc, pos.size, neg.size)
+    out["mf_auroc"] = ev.mf_auroc(snr) if pos.size else math.nan
+    pts = metrics.roc_points(y, np.r_[pos, neg]) if pos.size and neg.size else None
+    for f in FPRS:
+        key = f"tpr@{f:g}"
+        value, ci = math.nan, (math.nan, math.nan)
+        if pts is not None and metrics.fpr_target_estimable(neg.size, f):
+            value = metrics.tpr_at_fpr(pts, f)[0]
+            ci = metrics.wilson_interval(int(round(value * pos.size)), int(pos.size))
+        out[key], out[key + "_ci"] = value, ci
+        out["mf_" + key] = ev.mf_tpr_at_fpr(snr, f) if pos.size else math.nan
+    return out
+
+
+def confuser_rows(df: pd.DataFrame, scores_path) -> list[dict]:
+    """Controls by confuser kind: count and fraction at or above the all-positives tpr@fpr thresholds."""
+    import pyarrow.parquet as pq
+
+    if "confuser_kind" not in pq.read_schema(scores_path).names:
+        return []
+    kind = pq.read_table(scores_path, columns=["confuser_kind"]).column("confuser_kind").to_pandas()
+    y, rank = df["y"].to_numpy(), df["rank"].to_numpy()
+    pts = metrics.roc_points(y, rank)
+    ctrl = y == 0
+    rows = []
+    thresholds = {f: metrics.tpr_at_fpr(pts, f)[1] for f in (1e-2, 1e-3)
+                  if metrics.fpr_target_estimable(int(ctrl.sum()), f)}
+    for k in sorted(kind[ctrl].fillna("none").unique()):
+        sel = ctrl & (kind.fillna("none").to_numpy() == k)
+        row = {"kind": k, "n": int(sel.sum())}
+        for f, thr in thresholds.items():
+            row[f"above@{f:g}"] = int((rank[sel] >= thr).sum())
+            row[f"frac_above@{f:g}"] = float((rank[sel] >= thr).mean())
+        rows.append(row)
+    return rows
+
+
+def model_tables(scores_path) -> dict:
+    df = ev.load_scores(scores_path)
+    pos, neg = df[df.y == 1], df.loc[df.y == 0, "rank"].to_numpy()
+    rank, snr, ratio = pos["rank"].to_numpy(), pos["arc_snr"].to_numpy(), pos["theta_over_psf"].to_numpy()
+    bright = (ratio >= RESOLVED_MIN_RATIO) & (snr >= BRIGHT_MIN_SNR)
+    strata = []
+    edges = np.asarray(SNR_BINS, float)
+    idx = ev.bin_index(snr, edges)
+    for b in range(edges.size - 1):
+        strata.append({"lo": edges[b], "hi": edges[b + 1], **rates(rank[idx == b], neg, snr[idx == b])})
+    return {"all": rates(rank, neg, snr), "resolved_bright": rates(rank[bright], neg, snr[bright]),
+            "snr_strata": strata, "confusers": confuser_rows(df, scores_path), "path": str(scores_path)}
+
+
+def rule_seconds(run_dir: Path) -> dict:
+    out: dict[str, float] = {}
+    for tsv in sorted((run_dir / "benchmarks").rglob("*.tsv")):
+        rel = tsv.relative_to(run_dir / "benchmarks")
+        rule = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        out[rule] = out.get(rule, 0.0) + float(pd.read_csv(tsv, sep="\t")["s"].iloc[0])
+    return out
+
+
+def _f(x, nd=3) -> str:
+    return "" if x is None or not math.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _ci(value, ci, nd=2) -> str:
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:.{nd + 1}f} [{ci[0]:.{nd}f}, {ci[1]:.{nd}f}]"
+
+
+def markdown(results: dict) -> str:
+    lines = ["| model | n_pos / n_neg | AUROC (all) | tpr@1e-2 (all) | tpr@1e-3 (all) | tpr@1e-4 (all) | "
+             "resolved-bright n | RB tpr@1e-2 | RB tpr@1e-3 | RB tpr@1e-4 |", "|---" * 10 + "|"]
+    for label, r in results.items():
+        a, rb = r["all"], r["resolved_bright"]
+        lines.append(f"| {label} | {a['n_pos']} / {a['n_neg']} | {_ci(a['auroc'], a['auroc_ci'])} | "
+                     + " | ".join(_ci(a[f'tpr@{f:g}'], a[f'tpr@{f:g}_ci']) for f in FPRS)
+                     + f" | {rb['n_pos']} | " + " | ".join(_ci(rb[f'tpr@{f:g}'], rb[f'tpr@{f:g}_ci']) for f in FPRS) + " |")
+    first = next(iter(results.values()))
+    a, rb = first["all"], first["resolved_bright"]
+    lines.append(f"| matched-filter reference | | {_f(a['mf_auroc'])} | "
+                 + " | ".join(_f(a[f'mf_tpr@{f:g}']) for f in FPRS) + " | | "
+                 + " | ".join(_f(rb[f'mf_tpr@{f:g}']) for f in FPRS) + " |")
+    lines += ["", "| arc_snr | n_pos | " + " | ".join(f"{k} AUROC | {k} tpr@1e-2" for k in results)
+              + " | MF AUROC | MF tpr@1e-2 |", "|---" * (4 + 2 * len(results)) + "|"]
+    for i, st in enumerate(first["snr_strata"]):
+        cells = []
+        for r in results.values():
+            s = r["snr_strata"][i]
+            cells += [_ci(s["auroc"], s["auroc_ci"]), _ci(s["tpr@0.01"], s["tpr@0.01_ci"])]
+        hi = "inf" if not math.isfinite(st["hi"]) else f"{st['hi']:g}"
+        lines.append(f"| {st['lo']:g}-{hi} | {st['n_pos']} | " + " | ".join(cells)
+                     + f" | {_f(st['mf_auroc'])} | {_f(st['mf_tpr@0.01'])} |")
+    for label, r in results.items():
+        if not r["confusers"]:
+            continue
+        lines += ["", f"{label}: controls by confuser kind, above the all-positives threshold at FPR 1e-2 / 1e-3",
+                  "", "| confuser_kind | n | above @1e-2 | frac | above @1e-3 | frac |", "|---|---|---|---|---|---|"]
+        for c in r["confusers"]:
+            lines.append(f"| {c['kind']} | {c['n']} | {c.get('above@0.01', '')} | {_f(c.get('frac_above@0.01', math.nan))} | "
+                         f"{c.get('above@0.001', '')} | {_f(c.get('frac_above@0.001', math.nan))} |")
+    return "\n".join(lines)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run_dir", help="a finished workflow run directory (scores/gen3_test, gen2_test)")
+    ap.add_argument("--scores", action="append", default=[], help="label=path of a score parquet (repeatable)")
+    ap.add_argument("--json", help="also write the numbers here")
+    args = ap.parse_args(argv)
+    pairs = [s.split("=", 1) for s in args.scores]
+    if args.run_dir:
+        run = Path(args.run_dir)
+        pairs = [(k, str(run / "scores" / f"{k}_test_scores.parquet")) for k in ("gen3", "gen2")] + pairs
+    if not pairs or any(len(p) != 2 for p in pairs):
+        ap.error("give --run_dir or --scores label=path")
+    results = {label: model_tables(path) for label, path in pairs}
+    print(markdown(results))
+    doc = {"models": results}
+    if args.run_dir:
+        secs = rule_seconds(Path(args.run_dir))
+        doc["rule_seconds"] = secs
+        print("\nrule wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
+              + f"; sum {sum(secs.values()):.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(doc), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
