@@ -5,7 +5,7 @@ over bands with ``np.median`` for the annulus median and MAD, per-row rot90/flip
 and a default collate per batch. Both run in this process, single-threaded, on the same blobs, batch
 by batch (each batch is dropped after a checksum, as a training step would consume it), so the ratio
 is a per-core figure. The baseline gets the blobs as a ready Python list (its ``to_pylist`` is not
-timed: conservative); the stream gets the Arrow column that ``iter_table_batches`` / the row reader
+timed: conservative); the stream gets the Arrow column that ``Split.iter_batches`` / the row reader
 hand it; the stream is also timed on the Python list. Writes benchmarks/out/bench_stream.json.
 
     python benchmarks/bench_stream.py [--n 2048] [--repeat 3]

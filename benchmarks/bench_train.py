@@ -60,7 +60,8 @@ def bare_loop(arch, batch, steps, device, bf16):
 
 
 def pipeline_loop(arch, batch, steps, device, bf16, data, workers):
-    fs, files, _ = stream.open_split(str(data), "train")
+    sp = stream.open_split(str(data), "train")
+    fs, files = sp.fs, sp.files
     index = stream.build_index(fs, files, ["psfsize_r", "psfdepth_r"])
     ds = stream.StampStream(index, fs, ["psfsize_r", "psfdepth_r"], [1.25, 24.3], [0.2, 0.4], batch_size=batch,
                             shuffle=True, augment=True, seed=0, num_workers=workers)

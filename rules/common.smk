@@ -1,6 +1,7 @@
 # Helpers shared by the rules: config validation, run-directory layout, and argument builders.
 # Rules stay declarative; anything computed from the config is computed here.
 import os
+import shlex
 from pathlib import Path
 
 import jsonschema
@@ -37,18 +38,34 @@ def validate_config(cfg, schema_path):
                                 f"({clumps['max']} x {clumps['flux_frac'][1]}) exceeds 1, the whole source")
 
 
+def check_config_files(cfg):
+    """Keys that name files or models are checked now, at parse time, not by a job (or never)."""
+    for section, key, what in (("gen2", "checkpoint", "an existing Gen2 checkpoint"),
+                               ("mine", "known_lenses", "a known-lens catalogue")):
+        path = cfg[section].get(key)
+        if path is not None and not Path(path).is_file():
+            raise WorkflowError(f"invalid config key '{section}.{key}': {path} is not a file ({what} is expected)")
+    import timm  # the architecture is whatever timm knows; ask it
+
+    arch = cfg["train"]["arch"]
+    if not timm.is_model(arch):
+        raise WorkflowError(f"invalid config key 'train.arch': '{arch}' is not a timm model name")
+
+
 validate_config(config, REPO / "schemas" / "config.schema.yaml")
+check_config_files(config)
 
 RUN_DIR = config["run_dir"] if os.path.isabs(config["run_dir"]) else str(REPO / config["run_dir"])
 N_SHARDS = config["simulation"]["n_shards"]
 SHARDS = [f"{i:05d}" for i in range(N_SHARDS)]
 
 # The simulator's code is an input of the simulation rules, so editing it reruns everything downstream.
+# local(): with a default storage provider (object storage as the run directory) these stay repository files.
 SIM_CODE = sorted(
-    str(p)
-    for p in [*(REPO / "src/darkhaloscope/simulation/physics").glob("*.py")]
+    local(str(p))
+    for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
-       for f in ("simulation/manifest.py", "simulation/scene.py", "simulation/inject.py", "stamps/contract.py")]
+       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 
@@ -72,9 +89,14 @@ def existing(variant):
     return config["variants"][variant].get("existing")
 
 
-def data_dir(variant):
-    """Where a variant's Phase 4c parquet lives: existing real data, or the simulated directory."""
-    return existing(variant) or f"data/{variant}"
+def data_root(variant, input_files):
+    """The Phase 4c root a job reads: the existing data's path, else the directory holding the job's shard inputs
+    (`<root>/region_split=<split>/part-<shard>.parquet`). Taken from the job's input paths rather than written
+    out, so it is right also when the run directory is object storage and the inputs are local copies
+    under .snakemake/storage/."""
+    if existing(variant):
+        return existing(variant)
+    return str(Path(input_files[0]).parents[1])
 
 
 def data_files(variant, splits=SPLITS):
@@ -92,14 +114,15 @@ def audit_file(variant):
 
 
 def flag(name, value):
-    """Render one CLI flag: booleans as switches, lists comma-joined, None omitted."""
+    """Render one CLI flag: booleans as switches, lists comma-joined, None omitted. The value is
+    shell-quoted (shlex.quote): a config value is one argument, never a second word or command."""
     if value is None or value is False:
         return ""
     if value is True:
         return f"--{name}"
     if isinstance(value, (list, tuple)):
-        return f"--{name} {','.join(str(v) for v in value)}" if value else ""
-    return f"--{name} {value}"
+        return f"--{name} {shlex.quote(','.join(str(v) for v in value))}" if value else ""
+    return f"--{name} {shlex.quote(str(value))}"
 
 
 def clump_args(sim):
@@ -138,6 +161,6 @@ def stage_inputs(wildcards):
     return inputs
 
 
-def stage_extra(wildcards):
+def stage_extra(wildcards, input):
     st = STAGES[wildcards.stage]
-    return " ".join(flag(k, st[k]) for k in ("hard_negs", "init_from") if k in st)
+    return " ".join(flag(k, input[k]) for k in ("hard_negs", "init_from") if k in st)

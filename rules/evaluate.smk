@@ -7,6 +7,7 @@ rule evaluate:
         gen2_scores="scores/gen2_test_scores.parquet",
         histories=expand("runs/{stage}/history.json", stage=STAGES),
         hard_negs="hard_negs/gen2_top50k.parquet",
+        gallery_data=data_files("v4_sota_moffat", ["test"]),
     output:
         csv="gen3_stratified_fpr.csv",
         auroc="gen3_stratified_fpr_auroc.csv",
@@ -14,8 +15,8 @@ rule evaluate:
         report=report("report/gen3_report.html", caption="../docs/report_caption.rst", category="Gen3"),
     params:
         bins=" ".join(flag(k, config["eval"][k]) for k in ("theta_bins", "res_bins", "tpr_targets", "fpr_targets")),
-        gallery_data=data_dir("v4_sota_moffat"),
-        histories=lambda w, input: " ".join(f"--history {s}={h}" for s, h in zip(STAGES, input.histories)),
+        gallery_data=lambda w, input: data_root("v4_sota_moffat", input.gallery_data),
+        histories=lambda w, input: " ".join(flag("history", f"{s}={h}") for s, h in zip(STAGES, input.histories)),
     log:
         "logs/evaluate.log",
     benchmark:
@@ -27,7 +28,7 @@ rule evaluate:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs eval --scores {input.scores} --out_csv {output.csv}"
+        "dhs eval --scores {input.scores:q} --out_csv {output.csv:q}"
         " {params.bins}"
-        " --report {output.report} --compare gen2={input.gen2_scores} {params.histories}"
-        " --hard_negs {input.hard_negs} --data {params.gallery_data} > {log} 2>&1"
+        " --report {output.report:q} --compare gen2={input.gen2_scores:q} {params.histories}"
+        " --hard_negs {input.hard_negs:q} --data {params.gallery_data:q} > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule infer:
     output:
         "scores/{name}_scores.parquet",
     params:
-        data=lambda w: data_dir(SCORES[w.name][1]),
+        data=lambda w, input: data_root(SCORES[w.name][1], input.data),
         split=lambda w: SCORES[w.name][2],
         batch_size=config["infer"]["batch_size"],
         bf16=flag("use_bf16", config["infer"]["use_bf16"]),
@@ -23,5 +23,5 @@ rule infer:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs infer --data {params.data} --ckpt {input.ckpt} --out {output}"
-        " --split {params.split} --batch_size {params.batch_size} {params.bf16} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dhs infer --data {params.data:q} --ckpt {input.ckpt:q} --out {output:q}"
+        " --split {params.split:q} --batch_size {params.batch_size:q} {params.bf16} > {log:q} 2>&1"

@@ -7,7 +7,7 @@ rule mine:
     output:
         "hard_negs/gen2_top50k.parquet",
     params:
-        m=config["mine"],
+        args=" ".join(flag(k, config["mine"][k]) for k in ("topk", "min_score", "exclude_radius_arcsec")),
         known=flag("known_lenses", config["mine"].get("known_lenses")),
     log:
         "logs/mine.log",
@@ -20,5 +20,4 @@ rule mine:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs mine --scores {input} --out {output} --topk {params.m[topk]} --min_score {params.m[min_score]}"
-        " --exclude_radius_arcsec {params.m[exclude_radius_arcsec]} {params.known} > {log} 2>&1"
+        "dhs mine --scores {input:q} --out {output:q} {params.args} {params.known} > {log:q} 2>&1"

@@ -8,7 +8,7 @@ rule manifest:
         "manifest/manifest.parquet",
     params:
         args=" ".join(
-            [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "confuser_frac")]
+            [flag(k, config["simulation"][k]) for k in ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")]
             + [flag("seed", config["seed"])]
             + clump_args(config["simulation"])
         ),
@@ -23,7 +23,7 @@ rule manifest:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "dhs manifest --out {output} {params.args} > {log} 2>&1"
+        "dhs manifest --out {output:q} {params.args} > {log:q} 2>&1"
 
 
 rule inject:
@@ -33,6 +33,7 @@ rule inject:
     output:
         expand("data/{{variant}}/region_split={split}/part-{{shard}}.parquet", split=SPLITS),
     params:
+        out_dir=lambda w, output: Path(output[0]).parents[1],
         psf_model=lambda w: config["variants"][w.variant]["psf_model"],
         beta=lambda w: config["variants"][w.variant]["moffat_beta"],
         shard=lambda w: int(w.shard),
@@ -50,10 +51,10 @@ rule inject:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest} --out_dir data/{wildcards.variant}"
-        " --variant {wildcards.variant} --psf-model {params.psf_model} --moffat-beta {params.beta}"
-        " --shard {params.shard} --n_shards {params.n_shards} --batch_size {params.batch_size} {params.write_arc}"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest:q} --out_dir {params.out_dir:q}"
+        " --variant {wildcards.variant:q} --psf-model {params.psf_model:q} --moffat-beta {params.beta:q}"
+        " --shard {params.shard:q} --n_shards {params.n_shards:q} --batch_size {params.batch_size:q} {params.write_arc}"
+        " > {log:q} 2>&1"
 
 
 rule audit:
@@ -62,7 +63,7 @@ rule audit:
     output:
         "audit/{variant}.json",
     params:
-        data=lambda w: data_dir(w.variant),
+        data=lambda w, input: data_root(w.variant, input),
         gates=" ".join(flag(k, v) for k, v in config["audit"].items()),
     log:
         "logs/audit/{variant}.log",
@@ -75,5 +76,5 @@ rule audit:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} dhs audit --data {params.data} --out {output} --split train"
-        " {params.gates} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} dhs audit --data {params.data:q} --out {output:q} --split train"
+        " {params.gates} > {log:q} 2>&1"

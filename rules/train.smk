@@ -10,7 +10,8 @@ rule train:
         ckpt="runs/{stage}/best.pt",
         history="runs/{stage}/history.json",
     params:
-        data=lambda w: data_dir(STAGES[w.stage]["variant"]),
+        data=lambda w, input: data_root(STAGES[w.stage]["variant"], input.data),
+        out_dir=lambda w, output: Path(output.ckpt).parent,
         args=lambda w: train_args(w.stage),
         extra=stage_extra,
         launcher=train_launcher(),
@@ -26,9 +27,9 @@ rule train:
     conda:
         "../envs/train.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} --data {params.data} --out_dir runs/{wildcards.stage}"
-        " --state_dir state/{wildcards.stage} --auto_resume {params.args} {params.extra}"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launcher} --data {params.data:q} --out_dir {params.out_dir:q}"
+        " --state_dir state/{wildcards.stage:q} --auto_resume {params.args} {params.extra}"
+        " > {log:q} 2>&1"
 
 
 if config["gen2"].get("checkpoint"):
@@ -37,7 +38,7 @@ if config["gen2"].get("checkpoint"):
 
     rule use_existing_gen2:
         input:
-            config["gen2"]["checkpoint"],
+            local(config["gen2"]["checkpoint"]),
         output:
             ckpt="runs/gen2/best.pt",
             history="runs/gen2/history.json",
@@ -46,5 +47,5 @@ if config["gen2"].get("checkpoint"):
         conda:
             "../envs/train.yaml"
         shell:
-            "cp {input} {output.ckpt} && echo '[]' > {output.history}"
-            " && echo 'using existing Gen2 checkpoint {input}' > {log}"
+            "cp {input:q} {output.ckpt:q} && echo '[]' > {output.history:q}"
+            " && echo using existing Gen2 checkpoint {input:q} > {log:q}"

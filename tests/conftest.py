@@ -11,9 +11,22 @@ def fake_phase4c(tmp_path_factory):
     return write_fake_phase4c(root, {"train": 256, "val": 128, "test": 128})
 
 
+class MotoS3:
+    """A local moto S3 server (a real S3 stand-in, no network) with one bucket, ``dhs``."""
+
+    def __init__(self, client, port: int):
+        self.client, self.port = client, port
+
+    def upload_dir(self, local: Path, prefix: str) -> str:
+        """Upload every file under ``local`` (``_SUCCESS`` and hidden files too) -> its s3:// URI."""
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file():
+                self.client.upload_file(str(path), "dhs", f"{prefix}/{path.relative_to(local).as_posix()}")
+        return f"s3://dhs/{prefix}?endpoint_override=127.0.0.1:{self.port}&scheme=http&region=us-east-1"
+
+
 @pytest.fixture
-def s3_phase4c(fake_phase4c, monkeypatch):
-    """``fake_phase4c`` uploaded to a local moto S3 server (a real S3 stand-in, no network): its s3:// URI."""
+def moto_s3(monkeypatch):
     boto3 = pytest.importorskip("boto3")
     moto_server = pytest.importorskip("moto.server")
     with socket.socket() as sock:
@@ -27,8 +40,12 @@ def s3_phase4c(fake_phase4c, monkeypatch):
             monkeypatch.setenv(key, value)
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
         s3.create_bucket(Bucket="dhs")
-        for path in fake_phase4c.rglob("*.parquet"):
-            s3.upload_file(str(path), "dhs", f"phase4c/{path.relative_to(fake_phase4c).as_posix()}")
-        yield f"s3://dhs/phase4c?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        yield MotoS3(s3, port)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3_phase4c(fake_phase4c, moto_s3):
+    """``fake_phase4c`` uploaded to a local moto S3 server: its s3:// URI."""
+    return moto_s3.upload_dir(fake_phase4c, "phase4c")

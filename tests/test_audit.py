@@ -64,10 +64,10 @@ def test_metadata_leak_fails_meta_gate(tmp_path):
 
 
 def test_bad_input(tmp_path, simulated):
-    with pytest.raises(DHSError, match="not a directory"):
+    with pytest.raises(DHSError, match="does not exist"):
         audit.audit(tmp_path / "missing")
     with pytest.raises(DHSError, match="split must be one of"):
         audit.audit(simulated, "holdout")
     data = write_fake_phase4c(tmp_path / "only_train", {"train": 40})
-    with pytest.raises(DHSError, match="no rows in split 'val'"):
+    with pytest.raises(DHSError, match="no parquet files for split 'val'"):
         audit.audit(data, "val")

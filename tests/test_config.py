@@ -15,11 +15,17 @@ from workflow_helpers import REPO, snakemake, write_config
         ({"variants": {"v4_sota_moffat": {"psf_model": "airy"}}}, "variants.v4_sota_moffat.psf_model"),
         ({"eval": {"theta_bins": [1.0, 0.5, 2.0]}}, "eval.theta_bins"),
         ({"simulation": {"split_fracs": [0.5, 0.3, 0.3]}}, "simulation.split_fracs"),
+        ({"simulation": {"host_priors": "real"}}, "simulation.host_priors"),
         ({"mine": {"top_k": 5}}, "mine"),
         ({"simulation": {"source_clumps": {"max": -1}}}, "simulation.source_clumps.max"),
         ({"simulation": {"source_clumps": {"max": 4, "flux_frac": [0.1, 0.4]}}}, "simulation.source_clumps.flux_frac"),
         ({"simulation": {"source_clumps": {"sigma_arcsec": [0.1, 0.05]}}}, "simulation.source_clumps.sigma_arcsec"),
         ({"simulation": {"source_clumps": {"sigma_arcsec": [0.01, 0.05]}}}, "simulation.source_clumps.sigma_arcsec.0"),
+        # files and models named by the config are checked at parse time (issue 9, defect 3)
+        ({"gen2": {"checkpoint": "/nonexistent/gen2_best.pt"}}, "gen2.checkpoint"),
+        ({"mine": {"known_lenses": "/nonexistent/lenses.csv"}}, "mine.known_lenses"),
+        ({"train": {"arch": "convnext_atto --timm_kwargs {}"}}, "train.arch"),
+        ({"train": {"arch": "no_such_net"}}, "train.arch"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):
@@ -54,3 +60,16 @@ def test_full_config_is_the_seeds_recipe():
     assert full["eval"]["res_bins"] == [0.5, 0.7, 0.9, 1.1, 1.4, 2.0]
     assert full["eval"]["fpr_targets"] == [1e-5, 1e-4, 1e-3, 1e-2]
     assert full["variants"]["v4_sota_moffat"] == {"psf_model": "moffat", "moffat_beta": 3.5, "existing": None}
+    # the seed's data: grid_sota injections into the seed's n ~ 4 hosts (the demo draws DR10-like hosts)
+    assert full["simulation"]["source_priors"] == "grid_sota" and full["simulation"]["host_priors"] == "sota"
+
+
+def test_config_values_reach_the_shell_quoted(tmp_path):
+    """A value with a space and a ';' is one argument of the command, not two words and a second command."""
+    known = tmp_path / "x y.csv; touch injected"
+    known.write_text("ra,dec\n1.0,2.0\n")
+    cfg = write_config(tmp_path / "q.yaml", tmp_path / "run", {"mine": {"known_lenses": str(known)}})
+    result = snakemake("gen3_stratified_fpr.csv", "-n", "-p", "--configfile", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(ln for ln in (result.stdout + result.stderr).splitlines() if "dhs mine" in ln)
+    assert f"--known_lenses '{known}'" in line

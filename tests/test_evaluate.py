@@ -179,3 +179,34 @@ def test_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("dhs eval: error:") and word in err, err
         assert not out.exists() and not list(tmp_path.glob("t_*.csv"))
+
+
+def test_values_on_bin_edges_fall_in_half_open_bins(tmp_path):
+    """Bins are [lo, hi) as documented: a theta_E or theta_E/PSF exactly on an inner edge belongs to the
+    bin above it, one on the lowest edge is in the first bin, one on the top edge is in no bin. The
+    expected counts are written out by hand from the values below."""
+    theta = np.array([0.5, 1.0, 1.0, 1.5, 2.0, 9.0, 0.7, 1.2, 6.25, 0.375])
+    # PSF 1.25": theta/PSF = 0.4, 0.8, 0.8, 1.2, 1.6, 7.2, 0.56, 0.96, 5.0, 0.3 (each edge value exact)
+    assert (theta / 1.25)[[1, 3, 8, 9]].tolist() == [0.8, 1.2, 5.0, 0.3]
+    n_neg = 50
+    df = pd.DataFrame({
+        "task_id": np.arange(theta.size + n_neg, dtype=np.int64),
+        "is_control": np.r_[np.zeros(theta.size, np.int32), np.ones(n_neg, np.int32)],
+        "theta_e_arcsec": np.r_[theta, np.full(n_neg, np.nan)],
+        "psf_fwhm_used_r": np.r_[np.full(theta.size, 1.25), np.full(n_neg, np.nan)],
+        "psfsize_r": np.full(theta.size + n_neg, 1.1),
+        "logit": np.r_[np.linspace(1, 3, theta.size), np.linspace(-3, 1.5, n_neg)].astype(np.float32),
+    })
+    frame = ev.load_scores(write(df, tmp_path / "s.parquet"))
+    theta_bins, res_bins = ev.parse_bins(THETA), ev.parse_bins(RES)  # 0.5,1,1.5,2,9 and 0.3,0.8,1.2,5
+    assert ev.bin_index(theta, theta_bins).tolist() == [0, 1, 1, 2, 3, -1, 0, 1, 3, -1]
+    table = ev.stratified_table(frame, theta_bins, res_bins, [0.5], [0.1])
+    per_bin = lambda name: table[(table.stratum == name) & (table.metric == "tpr@fpr")].n_pos.tolist()  # noqa: E731
+    assert per_bin("theta_e") == [2, 3, 1, 2]
+    assert per_bin("theta_e_over_psf") == [3, 3, 2]
+    assert per_bin("all") == [10]
+    comp = ev.completeness_table(frame, theta_bins, res_bins, [0.1])
+    cells = {(r.theta_lo, r.res_lo): r.n_pos for r in comp.itertuples() if r.n_pos}
+    assert cells == {(0.5, 0.3): 2, (1.0, 0.8): 3, (1.5, 1.2): 1, (2.0, 1.2): 1}
+    auroc = ev.auroc_table(frame, theta_bins, res_bins)
+    assert auroc[auroc.stratum == "theta_e"].n_pos.tolist() == [2, 3, 1, 2]

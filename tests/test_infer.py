@@ -1,5 +1,6 @@
 """`dhs infer`: logits equal the model's forward pass, float32 under bf16, bad stamps, temp names, memory."""
 
+import io
 import json
 import logging
 import os
@@ -18,7 +19,6 @@ import torch
 from darkhaloscope import cli
 from darkhaloscope.evaluation.infer import PASSTHROUGH_COLUMNS, sigmoid32
 from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
-from darkhaloscope.learning.stream import decode_batch, iter_table_batches
 from factory import fake_rows, write_fake_phase4c
 
 META = ["psfsize_r", "psfdepth_r"]
@@ -56,14 +56,32 @@ def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
     got = table.to_pandas()
     assert set(got["region_split"]) == {"test"} and len(got) == 128
 
+    # reference: np.load of each stored stamp, the documented normalisation written in numpy (median and
+    # 1.4826 x MAD of the pixels > 16 px from the centre, clip +-10) and (x - mean) / std of the meta
+    # columns with the checkpoint's statistics; the model's forward pass in the same 48-row batches per file
     from darkhaloscope.learning.model import load_model
     model, ck = load_model(ckpt)
+    yy, xx = np.mgrid[:64, :64]
+    annulus = np.hypot(xx - 31.5, yy - 31.5) > 16
     expected, ids = [], []
-    for batch in iter_table_batches(fake_phase4c, "test", ["task_id", "stamp_npz", "cutout_ok", *META], 48):
-        images, meta, ok = decode_batch(batch, META, ck["meta_mean"], ck["meta_std"])
-        with torch.no_grad():
-            expected.append(model(torch.from_numpy(images), torch.from_numpy(meta)).numpy())
-        ids.append(batch.column("task_id").to_numpy()[ok])
+    for path in sorted((Path(fake_phase4c) / "region_split=test").glob("*.parquet")):
+        rows = pq.read_table(path, columns=["task_id", "stamp_npz", *META])
+        for lo in range(0, rows.num_rows, 48):
+            part = rows.slice(lo, 48)
+            stamps = []
+            for blob in part.column("stamp_npz").to_pylist():
+                with np.load(io.BytesIO(blob)) as npz:
+                    stamps.append(np.stack([npz["image_g"], npz["image_r"], npz["image_z"]]))
+            images = np.stack(stamps).astype(np.float32)
+            outer = images[..., annulus]
+            med = np.median(outer, axis=-1)
+            mad = np.maximum(np.median(np.abs(outer - med[..., None]), axis=-1) * 1.4826, 1e-8)
+            images = np.clip((images - med[..., None, None]) / mad[..., None, None], -10, 10).astype(np.float32)
+            raw = np.column_stack([part.column(c).to_numpy() for c in META])
+            meta = ((raw - np.array(ck["meta_mean"])) / np.array(ck["meta_std"])).astype(np.float32)
+            with torch.no_grad():
+                expected.append(model(torch.from_numpy(images), torch.from_numpy(meta)).numpy())
+            ids.append(part.column("task_id").to_numpy())
     expected = np.concatenate(expected)
     assert expected.dtype == np.float32
     np.testing.assert_array_equal(got["task_id"].to_numpy(), np.concatenate(ids))
@@ -94,7 +112,8 @@ def _infer_path(data, ckpt, tmp_path):
     return out
 
 
-def _dataset_with_bad_stamps(root, n_bad):
+def _dataset_with_bad_stamps(root, n_bad, no_cutout=()):
+    """100 test rows: ``n_bad`` corrupt stamps, and valid stamps marked cutout_ok = 0 at ``no_cutout``."""
     root = Path(root)
     d = root / "region_split=test"
     d.mkdir(parents=True)
@@ -104,17 +123,23 @@ def _dataset_with_bad_stamps(root, n_bad):
         blobs[3 + 7 * i] = b"not an npz"
     import pyarrow as pa
     table = table.set_column(table.column_names.index("stamp_npz"), "stamp_npz", pa.array(blobs, pa.binary()))
+    cut = np.ones(100, np.int32)
+    cut[list(no_cutout)] = 0
+    table = table.set_column(table.column_names.index("cutout_ok"), "cutout_ok", pa.array(cut))
     pq.write_table(table, d / "part-0000.parquet", row_group_size=20)
     return root
 
 
 def test_bad_stamps_are_counted_and_stop_above_threshold(tmp_path, ckpt, capsys, caplog):
-    data = _dataset_with_bad_stamps(tmp_path / "d", 3)
+    # rows 50 and 51 hold valid stamps but cutout_ok = 0: not scored, counted with the 3 corrupt ones
+    data = _dataset_with_bad_stamps(tmp_path / "d", 3, no_cutout=(50, 51))
     out = tmp_path / "s.parquet"
     caplog.set_level(logging.INFO, logger="dhs.infer")
     assert _infer(data, ckpt, out, "--max_skip_frac", "0.05") == 0
-    assert pq.read_metadata(out).num_rows == 97
-    assert "skipped 3 unscorable" in caplog.text
+    assert pq.read_metadata(out).num_rows == 95
+    scored = set(pq.read_table(out, columns=["task_id"]).column("task_id").to_pylist())
+    assert scored == set(range(100)) - {3, 10, 17, 50, 51}
+    assert "skipped 5 unscorable" in caplog.text
     out2 = tmp_path / "s2.parquet"
     assert _infer(data, ckpt, out2, "--max_skip_frac", "0.02") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

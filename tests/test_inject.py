@@ -254,3 +254,23 @@ def test_stamp_writer_is_a_valid_deterministic_npz():
     other = {"a": np.arange(12, dtype=np.int64).reshape(3, 4).T, "b": np.zeros((0,), np.float64)}
     with np.load(io.BytesIO(write_npz(other))) as npz:
         assert np.array_equal(npz["a"], other["a"]) and npz["b"].shape == (0,)
+
+
+def test_stale_shards_of_another_layout_are_refused(manifest_path, tmp_path, capsys):
+    """Re-sharding into the same directory left the old shard beside the new one: 22 rows of 17 tasks."""
+    for shard in range(2):
+        assert _inject(manifest_path, tmp_path, shard=shard, n_shards=2, write_arc=False) == 0
+    before = sorted(p.name for p in tmp_path.rglob("*.parquet"))
+    assert _inject(manifest_path, tmp_path, shard=0, n_shards=1, write_arc=False) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("dhs inject: error:") and "another shard layout" in err and "part-00001.parquet" in err
+    assert sorted(p.name for p in tmp_path.rglob("*.parquet")) == before
+    # same layout, other batch size: refused too (the block assignment differs)
+    assert cli.main(["inject", "--manifest", str(manifest_path), "--out_dir", str(tmp_path), "--shard", "0",
+                     "--n_shards", "2", "--batch_size", str(2 * BATCH)]) == 2
+    assert "--batch_size 16" in capsys.readouterr().err
+    # a rerun of the same layout is fine, and cleans the temporary a killed (dead) run left behind
+    stale = tmp_path / "region_split=train" / ".part-00000.parquet.tmp-999999999"
+    stale.write_bytes(b"x" * 100)
+    assert _inject(manifest_path, tmp_path, shard=0, n_shards=2, write_arc=False) == 0
+    assert not stale.exists()

@@ -54,6 +54,17 @@ def test_losses_use_float32_logits_and_stay_finite_when_saturated():
     assert bce_loss(torch.tensor([40.0]), torch.tensor([0.0])).item() == pytest.approx(40.0, rel=1e-4)
 
 
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.6, 0.5)])
+def test_make_loss_focal_passes_alpha_and_gamma_in_order(alpha, gamma):
+    """``--loss focal --focal_alpha a --focal_gamma g`` is the focal loss with alpha = a and gamma = g
+    (the values differ from each other and from the defaults, so a swap or a dropped argument shows)."""
+    rng = np.random.default_rng(4)
+    z, y = rng.normal(0, 2, 200), rng.integers(0, 2, 200)
+    got = make_loss("focal", alpha, gamma)(torch.tensor(z, dtype=torch.float32), torch.tensor(y)).item()
+    assert got == pytest.approx(_focal_direct(z, y, alpha, gamma), rel=1e-5)
+    assert got != pytest.approx(_focal_direct(z, y, gamma, alpha), rel=1e-3)
+
+
 def test_gradients_flow_and_empty_batches_are_zero():
     z = torch.zeros(4, requires_grad=True)
     focal_loss(z, torch.tensor([1.0, 0.0, 1.0, 0.0])).backward()

@@ -124,6 +124,8 @@ def test_known_lenses_file_and_radius(tmp_path):
 @pytest.mark.parametrize("ties", [False, True])
 def test_topk_matches_full_sort(tmp_path, ties):
     df = _score_table(5000, seed=1, ties=ties)
+    if ties:  # rows in shuffled task-id order, as `dhs inject` writes them: ties meet a full top-K's floor
+        df = df.sample(frac=1.0, random_state=7).reset_index(drop=True)
     path = _write(df, tmp_path / "s.parquet", row_group_size=700)
     table, counts = mine(path, topk=321, min_score=0.9, radius_arcsec=0.0, batch_size=97)
     ref = df[(df.is_control == 1) & (df.score >= 0.9)].sort_values(["logit", "task_id"], ascending=[False, True])
@@ -137,11 +139,52 @@ def test_topk_matches_full_sort(tmp_path, ties):
     assert table.schema.equals(OUTPUT_SCHEMA)
 
 
-def test_topk_class_keeps_floor_ties_by_task_id():
-    top = TopK(3)
+def test_topk_floor_tie_admits_a_lower_task_id():
+    """The issue's case: the heap is full at floor 1.0 and a later row ties the floor with a lower task id.
+    The documented rule (ties by task id ascending) and a full sort keep it; a '> floor' filter would not."""
+    top = TopK(2)
     top.push({"task_id": np.array([5, 6]), "logit": np.array([1.0, 1.0], np.float32)})
-    top.push({"task_id": np.array([1, 9, 2]), "logit": np.array([1.0, 2.0, 0.5], np.float32)})
-    assert top.cols["task_id"].tolist() == [9, 1, 5]
+    assert top.floor == 1.0
+    top.push({"task_id": np.array([1]), "logit": np.array([1.0], np.float32)})
+    assert top.cols["task_id"].tolist() == [1, 5]
+    top.push({"task_id": np.array([9, 2, 7]), "logit": np.array([2.0, 0.5, 1.0], np.float32)})
+    assert top.cols["task_id"].tolist() == [9, 1]
+
+
+def _full_sort_head(ids, logit, k):
+    """Reference: Python's own sort of (-logit, task_id) over every row, written without numpy."""
+    rows = sorted(zip((-float(v) for v in logit), ids))
+    return [i for _, i in rows[:k]]
+
+
+@pytest.mark.parametrize("id_kind", ["int", "str"])
+def test_topk_equals_a_full_sort_for_any_arrival_order(id_kind):
+    """Property: whatever the arrival order and batch boundaries, TopK(k) keeps exactly the first k rows
+    of a full sort by logit descending, ties by task id ascending. Logits take only a few distinct
+    values, so most pushes meet a full heap whose floor is tied. String ids tie-break in code-point
+    order (Python's str order; "a10" < "a9"), the order the TopK docstring documents."""
+    rng = np.random.default_rng(14)
+    for case in range(150):
+        n = int(rng.integers(1, 120))
+        k = int(rng.integers(1, 40))
+        logit = rng.choice(np.array([-1.0, 0.0, 0.5, 1.0, 2.5], np.float32), size=n)
+        if id_kind == "int":
+            ids = rng.choice(10 * n + 10, size=n, replace=False).astype(np.int64) - 3 * n  # negatives too
+        else:
+            nums = rng.choice(10 * n + 10, size=n, replace=False)
+            ids = np.array([f"{rng.choice(['a', 'b', 'B'])}{v}" for v in nums], dtype=object)
+            ids = np.array(list(dict.fromkeys(ids.tolist())), dtype=object)  # unique ids
+            logit = logit[: ids.size]
+        order = rng.permutation(ids.size)  # shuffled arrival, as `dhs inject` writes rows
+        ids, logit = ids[order], logit[order]
+        inner = rng.choice(np.arange(1, ids.size + 1), size=min(ids.size, int(rng.integers(0, 8))), replace=False)
+        top, lo = TopK(k), 0
+        for hi in [*np.sort(inner).tolist(), ids.size]:  # random batch boundaries, empty batches included
+            top.push({"task_id": ids[lo:hi], "logit": logit[lo:hi]})
+            lo = hi
+        want = _full_sort_head(ids.tolist(), logit, k)
+        assert top.cols["task_id"].tolist() == want, (case, id_kind)
+        assert top.cols["logit"].tolist() == sorted(logit.tolist(), reverse=True)[:k]
 
 
 def test_per_psf_bin(tmp_path):

@@ -64,15 +64,28 @@ def test_einstein_radius_area_inside_kappa_half(q):
     assert area == pytest.approx(np.pi * theta_e**2, rel=0.01)
 
 
-def test_einstein_radius_test_catches_missing_sqrt_q():
-    # The pitfall: b = theta_E instead of theta_E sqrt(q) inflates the area by 1/q (radius by 1/sqrt(q)).
-    theta_e, q = 1.3, 0.5
-
-    def kappa_without_sqrt_q(x, y):
-        return theta_e / (2 * np.sqrt((q * x) ** 2 + y**2))
-
-    area = _area_kappa_half(kappa_without_sqrt_q, theta_e, q)
-    assert abs(area / (np.pi * theta_e**2) - 1) > 0.5
+@pytest.mark.parametrize("q", (0.3, 0.5, 0.8))
+def test_sie_normalisation_keeps_the_einstein_radius_for_any_q(q):
+    """The library's SIE with b = theta_E sqrt(q) (the pitfall is b = theta_E, which grows the Einstein
+    radius as 1/sqrt(q)). (1) Its kappa = 1/2 contour is the ellipse with semi-axes theta_E / sqrt(q) along
+    phi and theta_E sqrt(q) across it, area pi theta_E^2 (b = theta_E would give theta_E / q and theta_E).
+    (2) Its deflection carries the mass inside that ellipse: div(alpha) = 2 kappa, so the outward flux of
+    alpha through the ellipse is 2 x (enclosed kappa) = 2 pi theta_E^2 (b = theta_E: 2 pi theta_E^2 / q).
+    Shear is divergence-free and is included."""
+    theta_e, phi, x0, y0 = 1.3, 0.7, 0.2, -0.1
+    a, b = theta_e / np.sqrt(q), theta_e * np.sqrt(q)
+    ux, uy = np.cos(phi), np.sin(phi)
+    for r, (dx, dy) in ((a, (ux, uy)), (b, (-uy, ux))):
+        for sign in (1.0, -1.0):
+            kappa = lens.sie_convergence(x0 + sign * r * dx, y0 + sign * r * dy, theta_e, q, phi, x0, y0)
+            assert kappa == pytest.approx(0.5, rel=1e-12)
+    t = np.linspace(0.0, 2 * np.pi, 4096, endpoint=False)
+    xe, ye = a * np.cos(t), b * np.sin(t)  # the ellipse in the lens frame, anticlockwise
+    x, y = x0 + ux * xe - uy * ye, y0 + uy * xe + ux * ye
+    dx_dt, dy_dt = -ux * a * np.sin(t) - uy * b * np.cos(t), -uy * a * np.sin(t) + ux * b * np.cos(t)
+    ax, ay = lens.deflection(x, y, theta_e, q, phi, 0.07, -0.04, x0, y0)
+    flux = np.mean(ax * dy_dt - ay * dx_dt) * 2 * np.pi  # periodic trapezoid rule: spectrally accurate
+    assert flux == pytest.approx(2 * np.pi * theta_e**2, rel=1e-8)
 
 
 def test_sis_ring_maps_to_the_source_at_the_centre():

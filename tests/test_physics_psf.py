@@ -64,26 +64,43 @@ def _centroid_offset(kernel):
     return (k.sum(axis=1) @ idx - c * k.sum()) / k.sum(), (k.sum(axis=0) @ idx - c * k.sum()) / k.sum()
 
 
-def _point_response_peak(kernel):
-    img = np.zeros((1, 64, 64))
-    img[0, 31, 40] = 1.0
-    out = psf.convolve(img, kernel[None])[0]
-    return np.unravel_index(np.argmax(out), out.shape)
-
-
-def _assert_centred(kernel):
-    dy, dx = _centroid_offset(kernel)
-    assert abs(dy) < 1e-9 and abs(dx) < 1e-9, f"kernel centroid off by ({dy:.3f}, {dx:.3f}) px"
-    assert _point_response_peak(kernel) == (31, 40), "a point source moved under convolution"
+def _point_responses(k, model, fwhm, img):
+    """The library's three convolution entry points on the same image: convolve (full kernel),
+    convolve_psf (model + FWHM) and convolve_quadrants (the renderer's path)."""
+    c = k.shape[-1] // 2
+    return {"convolve": psf.convolve(img, k[None])[0],
+            "convolve_psf": psf.convolve_psf(img, np.array([fwhm]), model, beta=3.5)[0],
+            "convolve_quadrants": psf.convolve_quadrants(img, k[None, c:, c:])[0]}
 
 
 @pytest.mark.parametrize("model", psf.PSF_MODELS)
-def test_kernels_are_centred_and_off_centre_kernel_fails(model):
-    k = psf.make_kernels(1.2, model)
-    _assert_centred(k)
-    shifted = np.roll(k, 1, axis=1)  # one pixel off: the classic FFT-kernel bug
-    with pytest.raises(AssertionError):
-        _assert_centred(shifted)
+def test_kernels_are_centred_and_convolution_keeps_a_point_source_in_place(model):
+    k = psf.make_kernels(1.2, model, beta=3.5)
+    dy, dx = _centroid_offset(k)
+    assert abs(dy) < 1e-9 and abs(dx) < 1e-9, f"kernel centroid off by ({dy:.3f}, {dx:.3f}) px"
+    assert np.unravel_index(np.argmax(k), k.shape) == (k.shape[0] // 2, k.shape[1] // 2)
+    img = np.zeros((1, 64, 64))
+    img[0, 31, 40] = 1.0
+    for name, out in _point_responses(k, model, 1.2, img).items():
+        assert np.unravel_index(np.argmax(out), out.shape) == (31, 40), name
+        # symmetric about the source pixel: the kernel is applied centred, not shifted by a pixel
+        patch = out[31 - 8:31 + 9, 40 - 8:40 + 9]
+        np.testing.assert_allclose(patch, patch[::-1, ::-1], atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("shift", [(0, 1), (1, 0), (-2, 3)])
+def test_convolve_takes_the_middle_element_as_the_kernel_centre(shift):
+    """With a kernel that is one off-centre spike (the general, non-symmetric path), convolve moves
+    the image by exactly that offset: element (K//2, K//2) is the kernel's origin, as documented."""
+    dy, dx = shift
+    k = np.zeros((7, 7))
+    k[3 + dy, 3 + dx] = 1.0
+    img = np.random.default_rng(0).normal(size=(1, 64, 64))
+    out = psf.convolve(img, k[None])[0]
+    want = np.zeros((64, 64))
+    want[max(dy, 0):64 + min(dy, 0), max(dx, 0):64 + min(dx, 0)] = \
+        img[0, max(-dy, 0):64 + min(-dy, 0), max(-dx, 0):64 + min(-dx, 0)]
+    np.testing.assert_allclose(out, want, atol=1e-12)
 
 
 def test_convolve_matches_direct_convolution_same_mode():
@@ -125,21 +142,23 @@ def test_symmetric_spectrum_equals_rfft2_of_the_wrapped_kernel(dtype):
         assert np.abs(want.imag).max() < 1e-12
 
 
-def test_point_source_at_edge_does_not_wrap_around():
+@pytest.mark.parametrize("where", [(0, 20), (30, 63), (63, 63)])
+def test_point_source_at_edge_does_not_wrap_around(where):
+    """A point on an edge or corner: every convolution entry point equals scipy's zero-filled linear
+    convolution (mode "same"), so flux that leaves the stamp is dropped and none reappears on the
+    opposite side, as it would with a circular (unpadded) FFT."""
     img = np.zeros((1, 64, 64))
-    img[0, 0, 20] = 1.0  # on the bottom edge
-    k = psf.moffat_kernel(1.6, 4.5)[None]  # 51 px: reaches 25 rows up, not the top rows
-    assert k.shape[-1] < 64
-    out = psf.convolve(img, k)[0]
-    assert out[-8:].sum() == pytest.approx(0.0, abs=1e-12)  # nothing may appear on the top rows
-    assert out[:3].sum() > 0.1
-    # The same check catches a circular (unpadded) FFT convolution:
-    kpad = np.zeros((64, 64))
-    c = k.shape[-1] // 2
-    kpad[: 2 * c + 1, : 2 * c + 1] = k[0]
-    kpad = np.roll(kpad, (-c, -c), (0, 1))  # correctly centred, but no padding of the image
-    wrapped = np.real(np.fft.ifft2(np.fft.fft2(img[0]) * np.fft.fft2(kpad)))
-    assert wrapped[-8:].sum() > 1e-3
+    img[0, where[0], where[1]] = 1.0
+    k = psf.moffat_kernel(1.6, 3.5)  # 127 px: reaches across the whole stamp
+    lopsided = k * np.linspace(0.5, 1.5, k.shape[0])[None, :]  # not symmetric: the general FFT path
+    ref = scipy.signal.fftconvolve(img[0], k, mode="same")
+    far = (63 - where[0], 63 - where[1])
+    assert ref[far] < 1e-4 * ref[where]  # the opposite side gets (almost) nothing in the reference
+    for name, out in _point_responses(k, "moffat", 1.6, img).items():
+        np.testing.assert_allclose(out, ref, atol=1e-12, err_msg=name)
+        assert out.sum() == pytest.approx(ref.sum(), rel=1e-10) and out.sum() < 0.9  # flux left the stamp
+    out = psf.convolve(img, lopsided[None])[0]
+    np.testing.assert_allclose(out, scipy.signal.fftconvolve(img[0], lopsided, mode="same"), atol=1e-12)
 
 
 def test_convolution_conserves_flux_away_from_edges_and_keeps_float32():

@@ -6,8 +6,20 @@ import pytest
 from darkhaloscope.stamps import contract, robust
 
 
+# The contract's outer annulus written out independently of contract.OUTER_ANNULUS: pixel centres more
+# than 16 px from the stamp centre (31.5, 31.5), i.e. 3284 of the 4096 pixels.
+_yy, _xx = np.mgrid[:64, :64]
+LITERAL_ANNULUS = np.hypot(_xx - 31.5, _yy - 31.5) > 16
+
+
+def test_outer_annulus_is_r_greater_than_16_px():
+    assert LITERAL_ANNULUS.sum() == 3284
+    assert np.array_equal(contract.OUTER_ANNULUS, LITERAL_ANNULUS)
+    assert contract.OUTER_ANNULUS.sum() == 3284
+
+
 def _reference(images):
-    outer = images[..., contract.OUTER_ANNULUS]
+    outer = images[..., LITERAL_ANNULUS]
     med = np.median(outer, axis=-1)
     mad = np.maximum(np.median(np.abs(outer - med[..., None]), axis=-1) * np.float32(1.4826), np.float32(1e-8))
     out = np.clip((images - med[..., None, None]) / mad[..., None, None], -10, 10)

@@ -43,19 +43,38 @@ def _history(out: Path) -> dict:
     return json.loads((out / "history.json").read_text())
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(data, tmp_path, capsys):
+def _record_set_epoch(monkeypatch) -> list:
+    """Record (epoch, start_batch) of every StampStream.set_epoch call on a shuffled (training) stream,
+    then run the real method: the epoch handed to the stream is what reshuffles each epoch."""
+    calls, real = [], stream.StampStream.set_epoch
+
+    def set_epoch(self, epoch, start_batch=0):
+        if self.shuffle:
+            calls.append((epoch, start_batch))
+        return real(self, epoch, start_batch)
+
+    monkeypatch.setattr(stream.StampStream, "set_epoch", set_epoch)
+    return calls
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(data, tmp_path, capsys, monkeypatch):
     full, cut = tmp_path / "full", tmp_path / "cut"
+    epochs_seen = _record_set_epoch(monkeypatch)
     rc, _ = _train(capsys, "--data", data, "--out_dir", full, *BASE, "--augment", "--save_every_steps", 1)
     assert rc == 0
+    assert epochs_seen == [(0, 0), (1, 0)]  # each epoch its own order: epoch 0, then 1
     # killed in the middle of epoch 2 (2 batches per epoch): the last state is from step 1 of epoch 2
+    epochs_seen.clear()
     rc, _ = _train(capsys, "--data", data, "--out_dir", cut, *BASE, "--augment", "--save_every_steps", 1,
                    "--auto_resume", "--stop_after_steps", 3)
-    assert rc == 0
+    assert rc == 0 and epochs_seen == [(0, 0), (1, 0)]
     last = load_checkpoint(cut / "last.pt")
     assert (last["sampler"]["epoch"], last["sampler"]["batches_done"]) == (1, 1) and not last["finished"]
+    epochs_seen.clear()
     rc, err = _train(capsys, "--data", data, "--out_dir", cut, *BASE, "--augment", "--save_every_steps", 1,
                      "--auto_resume")
     assert rc == 0 and "continuing the interrupted run" in err
+    assert epochs_seen == [(1, 1)]  # the resumed epoch's order, from its second batch
     a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")
     assert a["finished"] and b["finished"]
     for k, v in a["state_dict"].items():
@@ -108,31 +127,85 @@ def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, a1_best, tmp_pa
     assert rc == 0 and "--init_from" in err and "fresh optimizer at lr 0.0001" in err
 
 
-def test_outputs_history_and_best_checkpoint(data, tmp_path, capsys):
+def test_best_checkpoint_keeps_the_best_epoch_and_history_holds_its_values(data, tmp_path, capsys, monkeypatch):
+    """Two epochs, the second forced to validate worse: best.pt must keep epoch 1's weights and metrics,
+    and the recorded values must be those of the run (metrics reproduced from best.pt's logits with
+    scikit-learn, counts from the parquet, LR from the warm-up + cosine schedule, meta statistics)."""
+    from sklearn.metrics import roc_auc_score
+
+    from darkhaloscope.learning import train
+    from darkhaloscope.learning.model import unwrap
+
+    weights, real_evaluate = [], train.evaluate
+
+    def evaluate_worse_in_epoch_2(net, *args):
+        """The real validation; epoch 2's selection metrics are then replaced by the worst possible
+        values (0 tpr, AUROC 0), so that a later epoch is worse than an earlier one."""
+        val = real_evaluate(net, *args)
+        weights.append({k: v.detach().clone() for k, v in unwrap(net).state_dict().items()})
+        if len(weights) == 2:
+            worst = {k: 0.0 for k in val["val_cut"] if k.startswith("tpr@") or k == "auroc"}
+            val["val_cut"] = {**val["val_cut"], **worst}
+        return val
+
+    monkeypatch.setattr(train, "evaluate", evaluate_worse_in_epoch_2)
     out = tmp_path / "run"
-    fs, files, _ = stream.open_split(str(data), "train")
+    _sp = stream.open_split(str(data), "train")
+    fs, files = _sp.fs, _sp.files
     index = stream.build_index(fs, files, [])
     mined = tmp_path / "hard.parquet"
     pq.write_table(pa.table({"task_id": index.task_id[index.label == 0][:5]}), mined)
-    rc, err = _train(capsys, "--data", data, "--out_dir", out, *ONE_EPOCH, "--loss", "bce",
+    rc, err = _train(capsys, "--data", data, "--out_dir", out, *BASE, "--loss", "bce",
                      "--variant", "v4_sota_moffat", "--state_dir", tmp_path / "state", "--hard_negs", mined)
     assert rc == 0 and "metadata-only AUC" in err and "tpr@1e-4" in err
-    assert "hard negatives: 5 controls" in err
+    assert "hard negatives: 5 controls" in err and "done: best epoch 1" in err
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "history.json"]
-    assert (tmp_path / "state" / "last.pt").exists()
     hist = _history(out)
-    row = hist["epochs"][0]
-    for key in ("tpr@fpr0.01", "tpr@fpr0.001", "tpr@fpr0.0001", "fpr@tpr0.85", "auroc", "n_neg", "n_tied_top"):
-        assert key in row["val_cut"] and key in row["val_all"]
-    assert row["val_all"]["n_neg"] + row["val_all"]["n_pos"] == 48
+    assert len(hist["epochs"]) == 2 and len(weights) == 2
+    assert hist["epochs"][0]["val_cut"]["auroc"] > 0.0  # so epoch 2's forced 0.0 is worse
+    assert hist["best"]["epoch"] == 1
+    # best.pt holds epoch 1's weights (not the last epoch's), last.pt epoch 2's
     ckpt = load_checkpoint(out / "best.pt")
+    last = load_checkpoint(tmp_path / "state" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["finished"] and last["epoch"] == 2
+    assert all(torch.equal(v, weights[0][k]) for k, v in ckpt["state_dict"].items())
+    assert not all(torch.equal(v, weights[1][k]) for k, v in ckpt["state_dict"].items())
+    assert all(torch.equal(v, weights[1][k]) for k, v in last["state_dict"].items())
+    assert ckpt["metrics"]["val_cut"]["auroc"] == hist["epochs"][0]["val_cut"]["auroc"]
+    # epoch 1's validation metrics are those of best.pt's logits on the val split (dhs infer + sklearn)
+    scores = tmp_path / "val_scores.parquet"
+    assert cli.main(["infer", "--data", str(data), "--ckpt", str(out / "best.pt"), "--out", str(scores),
+                     "--split", "val", "--batch_size", "256"]) == 0
+    sc = pq.read_table(scores, columns=["is_control", "logit"]).to_pandas()
+    val_all = hist["epochs"][0]["val_all"]
+    assert (val_all["n_pos"], val_all["n_neg"]) == ((sc.is_control == 0).sum(), (sc.is_control == 1).sum())
+    assert val_all["n_pos"] + val_all["n_neg"] == 48
+    assert val_all["auroc"] == pytest.approx(roc_auc_score(sc.is_control == 0, sc.logit), abs=1e-12)
+    assert hist["epochs"][0]["val_cut"] == val_all  # no cuts: the same rows
+    # the schedule: LR at each epoch's last step, warm-up 0.5 epoch then cosine to 0 at epoch 2
+    steps = [r["steps"] for r in hist["epochs"]]
+    for e, row in enumerate(hist["epochs"]):
+        n_batches = steps[e] - (steps[e - 1] if e else 0)
+        progress = e + (n_batches - 1) / n_batches
+        want = 3e-4 * 0.5 * (1 + np.cos(np.pi * (progress - 0.5) / 1.5)) if progress >= 0.5 else \
+            3e-4 * (progress + 1e-3) / 0.5
+        assert row["lr"] == pytest.approx(want, rel=1e-12)
+        assert 0 < row["train_loss"] < 5 and row["n_skipped"] == 0 and row["n_train"] >= 32 * (n_batches - 1)
+    # checkpoint contents: the names given, the meta standardisation of the training split's columns
     assert ckpt["variant"] == "v4_sota_moffat" and ckpt["arch"] == "convnext_atto"
-    assert ckpt["meta_cols"] == ["psfsize_r", "psfdepth_r"] and len(ckpt["meta_std"]) == 2
-    assert "selected_by" in ckpt["metrics"] and ckpt["model_kwargs"]["n_meta"] == 2
+    assert ckpt["meta_cols"] == ["psfsize_r", "psfdepth_r"] and ckpt["model_kwargs"]["n_meta"] == 2
+    train_rows = pq.read_table(str(data / "region_split=train"), columns=["psfsize_r", "psfdepth_r"])
+    for i, c in enumerate(ckpt["meta_cols"]):
+        col = train_rows.column(c).to_numpy()
+        assert ckpt["meta_mean"][i] == pytest.approx(col.mean(), rel=1e-12)
+        assert ckpt["meta_std"][i] == pytest.approx(col.std(), rel=1e-12)
+    assert hist["hard_negatives"]["n_matched"] == 5 and hist["hard_negatives"]["weight"] == 5.0
+    assert hist["curriculum"]["n_train_kept"] == hist["curriculum"]["n_train_all"] == 64
 
 
 def test_a_tiny_model_overfits_a_tiny_set(data):
-    fs, files, _ = stream.open_split(str(data), "train")
+    _sp = stream.open_split(str(data), "train")
+    fs, files = _sp.fs, _sp.files
     index = stream.build_index(fs, files, [])
     index = index.take(np.arange(len(index)) < 16)
     ds = stream.StampStream(index, fs, batch_size=16, seed=0)

@@ -166,3 +166,31 @@ def test_existing_gen2_checkpoint_skips_gen2_training(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     planned = jobs_planned(result)
     assert planned["train"] == 2 and planned["use_existing_gen2"] == 1
+
+
+def test_whole_workflow_on_the_stage4c_layout_local_and_s3(run, tmp_path, moto_s3):
+    """The original pipeline's layout (tests/phase4c_layout.py: string ids, gzip parts with uuids, _SUCCESS,
+    failed-cutout rows, extra columns) as `variants.*.existing`, one variant on a local directory and one on
+    s3:// (moto): the workflow runs through and the stratified table has the same rows as on the
+    simulator's own layout."""
+    from phase4c_layout import write_phase4c_layout
+
+    _, run_dir, _ = run
+    local = write_phase4c_layout(run_dir / "data/v4_sota", tmp_path / "phase4c_v4_sota")
+    moffat = write_phase4c_layout(run_dir / "data/v4_sota_moffat", tmp_path / "phase4c_v4_sota_moffat")
+    uri = moto_s3.upload_dir(moffat, "phase4c_v4_sota_moffat")
+    results = tmp_path / "results"
+    cfg = write_config(tmp_path / "phase4c.yaml", results,
+                       {"variants": {"v4_sota": {"existing": str(local)}, "v4_sota_moffat": {"existing": uri}}})
+    result = snakemake(TARGET, "--configfile", str(cfg))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert not (results / "data").exists() and not (results / "manifest").exists()  # nothing simulated
+    pd.testing.assert_frame_equal(pd.read_csv(results / TARGET), pd.read_csv(run_dir / TARGET))
+    hard = pq.read_table(results / "hard_negs/gen2_top50k.parquet")
+    assert str(hard.schema.field("task_id").type) == "string" and hard.num_rows > 0
+    assert all(t.startswith("v4sm_") for t in hard.column("task_id").to_pylist())
+    history = json.loads((results / "runs/gen3_stageA1/history.json").read_text())
+    assert history["hard_negatives"]["n_matched"] == hard.num_rows  # matched by string id
+    assert history["cutout_failed"] == {"train": 3, "val": 3}
+    log = (results / "logs/infer/gen3_test.log").read_text()
+    assert "3 declared cutout failures (cutout_ok != 1) not scored; skipped 0 unscorable" in log

@@ -42,8 +42,10 @@ def write_config(path: Path, run_dir: Path, *overrides: dict) -> Path:
     return path
 
 
-def snakemake(*args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` from the repository root (the default workflow profile supplies --cores)."""
+def snakemake(*args: str, env: dict | None = None, timeout: int | None = None) -> subprocess.CompletedProcess:
+    """`snakemake ARGS` from the repository root (the default workflow profile supplies --cores). The
+    timeout (900 s) can be raised with DHS_SNAKEMAKE_TIMEOUT on a loaded machine."""
+    timeout = timeout or int(os.environ.get("DHS_SNAKEMAKE_TIMEOUT", "900"))
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     return subprocess.run([SNAKEMAKE, *args], cwd=REPO, env=full_env, capture_output=True, text=True,

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except DHSError as exc:
         print(f"dhs {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: one line, no traceback; outputs are atomic, nothing half-written
+        print(f"dhs {args.command}: interrupted", file=sys.stderr)
+        return 130
     return int(rc or 0)
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation import metrics
@@ -88,32 +87,18 @@ def load_scores(path, extra_columns=()) -> pd.DataFrame:
     """Read a score parquet (from ``dhs infer``) into a frame with ``y`` (1 = lens, 0 = control),
     ``rank`` (the float64 ranking key: ``logit``, or ``score`` when there is no logit) and
     ``theta_over_psf``. Raises DHSError on a file that cannot be evaluated."""
+    from darkhaloscope.evaluation.scorefile import read_checked  # the one score-file validator
+
     path = Path(path)
-    if not path.exists():
-        raise DHSError(f"score file {path} does not exist")
-    try:
-        schema = pq.read_schema(path)
-    except Exception as exc:
-        raise DHSError(f"score file {path} is not a readable parquet file ({exc.__class__.__name__})") from None
-    names = set(schema.names)
-    if "is_control" not in names:
-        raise DHSError(f"score file {path} has no is_control column")
-    if "logit" not in names and "score" not in names:
-        raise DHSError(f"score file {path} has neither a logit nor a score column")
-    wanted = [c for c in dict.fromkeys((*_SCORE_COLUMNS, *extra_columns)) if c in names]
-    df = pq.read_table(path, columns=wanted).to_pandas()
-    if len(df) == 0:
-        raise DHSError(f"score file {path} has no rows (empty split?)")
+    table = read_checked(path, (*_SCORE_COLUMNS, *extra_columns))
+    names = set(table.schema.names)
+    df = table.to_pandas()
     is_control = df["is_control"]
-    if is_control.isna().any() or not is_control.isin([0, 1]).all():
-        raise DHSError(f"score file {path}: is_control must be 0 or 1 on every row")
     df["y"] = (is_control.to_numpy() == 0).astype(np.int8)
     key = "logit" if "logit" in names else "score"
     if key == "score":
         log.warning("%s has no logit column: ranking by score, which ties when probabilities saturate", path)
     df["rank"] = df[key].to_numpy(dtype=np.float64)
-    if not np.isfinite(df["rank"].to_numpy()).all():
-        raise DHSError(f"score file {path}: column {key} has non-finite values")
     theta = df["theta_e_arcsec"].to_numpy(np.float64) if "theta_e_arcsec" in names else np.full(len(df), np.nan)
     psf = resolution_psf(df["psf_fwhm_used_r"].to_numpy(np.float64) if "psf_fwhm_used_r" in names else np.nan,
                          df["psfsize_r"].to_numpy(np.float64) if "psfsize_r" in names else np.nan)
@@ -288,6 +273,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_report_inputs(parser, with_scores=False)
 
 
+def _check_inputs_and_outputs(args, outputs: dict) -> None:
+    """Before anything is written: no output is an input or another output, every output is writable,
+    and every input file named on the command line exists."""
+    from darkhaloscope.io import check_writable, refuse_overwrite, same_file
+
+    inputs = {"--scores": args.scores, "--hard_negs": getattr(args, "hard_negs", None)}
+    for item in getattr(args, "compare_scores", None) or []:
+        inputs[f"--compare {item}"] = item.partition("=")[2] or item
+    for item in getattr(args, "history", None) or []:
+        inputs[f"--history {item}"] = item.partition("=")[2] or item
+    if getattr(args, "data", None):
+        inputs["--data"] = args.data
+    names = [(k, v) for k, v in outputs.items() if v is not None]
+    for i, (flag, path) in enumerate(names):
+        refuse_overwrite(path, inputs, flag)
+        for flag2, path2 in names[:i]:
+            if same_file(path, path2):
+                raise DHSError(f"{flag} {path} is the same file as {flag2}")
+        check_writable(path, flag)
+    for flag, path in inputs.items():
+        if path and flag != "--data" and "://" not in str(path) and not Path(path).is_file():
+            raise DHSError(f"{flag.split(' ')[0]} {path} does not exist" if not Path(path).exists()
+                           else f"{flag.split(' ')[0]} {path} is not a file")
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     theta_bins = parse_bins(args.theta_bins, "--theta_bins")
@@ -296,6 +306,12 @@ def run(args: argparse.Namespace) -> int:
     fpr_targets = parse_targets(args.fpr_targets, "--fpr_targets")
     if not args.min_neg_per_fpr > 0:
         raise DHSError(f"--min_neg_per_fpr must be > 0, got {args.min_neg_per_fpr}")
+    if theta_bins[0] < 0 or res_bins[0] < 0:
+        raise DHSError("--theta_bins and --res_bins must be >= 0 (an Einstein radius and a ratio of radii)")
+    auroc_path, comp_path = sibling_paths(args.out_csv)
+    outputs = {"--out_csv": args.out_csv, "the AUROC table": auroc_path, "the completeness table": comp_path,
+               "--report": args.report}
+    _check_inputs_and_outputs(args, outputs)
     df = load_scores(args.scores)
     n_pos, n_neg = int(df["y"].sum()), int((df["y"] == 0).sum())
     log.info("%s: %d positives, %d controls", args.scores, n_pos, n_neg)
@@ -306,15 +322,18 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         log.warning("fpr targets %s left empty: %d controls is fewer than %g/target", skipped, n_neg,
                     args.min_neg_per_fpr)
-    auroc_path, comp_path = sibling_paths(args.out_csv)
     comp = completeness_table(df, theta_bins, res_bins, fpr_targets, args.min_neg_per_fpr)
+    report_inputs = None
+    if args.report:  # every input of the report is read and checked before the first CSV is written
+        from darkhaloscope.evaluation import report
+        report_inputs = report.ReportInputs.from_args(args, primary=(args.report_label, args.scores),
+                                                      fpr_csv=args.out_csv)
+        report.check_inputs(report_inputs)
     write_csv(table, args.out_csv)
     write_csv(auroc_table(df, theta_bins, res_bins), auroc_path)
     write_csv(comp, comp_path)
     log.info("wrote %s, %s, %s (completeness at fpr %g)", args.out_csv, auroc_path, comp_path,
              comp["fpr_target"].iloc[0] if len(comp) else math.nan)
     if args.report:
-        from darkhaloscope.evaluation import report
-        report.render(report.ReportInputs.from_args(args, primary=(args.report_label, args.scores),
-                                                    fpr_csv=args.out_csv), args.report)
+        report.render(report_inputs, args.report)
     return 0

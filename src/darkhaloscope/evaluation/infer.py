@@ -4,13 +4,15 @@ The network, its meta columns and their standardisation come from the checkpoint
 (``model.load_model``); stamps go through the training stream's decode + normalise + meta path
 (``stream.decode_batch``), so training and inference cannot disagree on normalisation.
 
-Memory is bounded: the split is streamed in record batches (``stream.iter_table_batches``), decoded one
+Memory is bounded: the split is streamed in record batches (``stamps.dataset.Split.iter_batches``), decoded one
 batch at a time (a background thread or ``--num_workers`` processes prepare the next batches while the
 network runs), and each scored batch is appended to a ``ParquetWriter`` on a temporary name that is
 renamed only when the whole split is done. ``logit`` is float32 and computed in float32 even under
 ``--use_bf16`` (bf16 autocast covers the backbone; the model's head runs in float32), ``score`` =
-sigmoid(logit). Rows whose stamp is unusable (cutout_ok != 1, undecodable, wrong shape, non-finite) are
-not written; they are counted, and the run stops once they exceed ``--max_skip_frac`` of the split.
+sigmoid(logit). Declared cutout failures (``cutout_ok != 1``, ``stamps.dataset.cutout_usable``) are not
+scored and counted on their own; stamps that do not decode, have the wrong shape or are not finite are
+counted as skipped, and the run stops once those exceed ``--max_skip_frac`` of the rows with a cutout.
+``task_id`` is copied with its own Arrow type (string ids stay strings).
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ PASSTHROUGH_COLUMNS = ("ra", "dec", "brickname", "region_split", "is_control", "
 def _prepare(batch: pa.RecordBatch, passthrough, meta_cols, meta_mean, meta_std) -> dict:
     from darkhaloscope.learning.stream import decode_batch
 
-    images, meta, ok = decode_batch(batch, meta_cols, meta_mean, meta_std)
+    images, meta, ok, cutout = decode_batch(batch, meta_cols, meta_mean, meta_std)
     keep = pa.array(ok)
     table = pa.Table.from_batches([batch.select(["task_id", *passthrough])]).filter(keep)
     return {"table": table, "images": images, "meta": meta, "n_rows": batch.num_rows,
-            "n_skipped": int((~ok).sum())}
+            "n_skipped": int((cutout & ~ok).sum()), "n_no_cutout": int((~cutout).sum())}
 
 
 def _prepared_batches_class():
@@ -63,19 +65,17 @@ class _PreparedBatches:
     (each worker streams the split; only the decoding, the expensive part, is divided), which a
     DataLoader's round-robin fetching returns in the original order."""
 
-    def __init__(self, data, split, read_columns, batch_size, passthrough, ckpt):
-        self.args = (data, split, read_columns, batch_size)
+    def __init__(self, split, read_columns, batch_size, passthrough, ckpt):  # split: stamps.dataset.Split
+        self.split, self.args = split, (read_columns, batch_size)
         self.passthrough = passthrough
         self.meta = (list(ckpt["meta_cols"]), ckpt["meta_mean"], ckpt["meta_std"])
 
     def __iter__(self):
         from torch.utils.data import get_worker_info
 
-        from darkhaloscope.learning.stream import iter_table_batches
-
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, batch in enumerate(iter_table_batches(*self.args)):
+        for i, batch in enumerate(self.split.iter_batches(*self.args)):
             if i % n_workers == worker:
                 yield _prepare(batch, self.passthrough, *self.meta)
 
@@ -117,8 +117,9 @@ def _in_background(iterable, depth: int = 2):
         thread.join(timeout=5)
 
 
-def prepared_batches(data, split, read_columns, batch_size, passthrough, ckpt, num_workers: int = 0):
-    source = _prepared_batches_class()(data, split, read_columns, batch_size, passthrough, ckpt)
+def prepared_batches(split, read_columns, batch_size, passthrough, ckpt, num_workers: int = 0):
+    """``split``: a ``stamps.dataset.Split``."""
+    source = _prepared_batches_class()(split, read_columns, batch_size, passthrough, ckpt)
     if num_workers <= 0:
         return _in_background(source)
     from torch.utils.data import DataLoader
@@ -158,17 +159,6 @@ def sigmoid32(logits: np.ndarray) -> np.ndarray:
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
-def _split_rows(data, split) -> int:
-    from darkhaloscope.learning.stream import open_split
-
-    fs, files, _ = open_split(data, split)
-    total = 0
-    for path in files:
-        with fs.open_input_file(path) as fh:
-            total += pq.ParquetFile(fh).metadata.num_rows
-    return total
-
-
 # ----------------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------------
@@ -187,11 +177,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...")
 
 
+def resolve_device(name: str):
+    """``--device`` -> torch.device, refusing unknown names and CUDA devices this machine lacks."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DHSError(f"--device '{name}' is not a device name (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DHSError(f"--device {name}: no CUDA GPU is available on this machine (use --device cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DHSError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise DHSError(f"--device '{name}' is not supported (auto, cpu, cuda, cuda:N)")
+    return device
+
+
+def scan_split(split, where: str) -> tuple[int, int]:
+    """(rows, rows with a cutout) of a split; refuses repeated task ids (they would be scored and
+    counted twice downstream) before any stamp is decoded."""
+    from darkhaloscope.stamps import dataset
+
+    cols = ["task_id", *(["cutout_ok"] if "cutout_ok" in split.schema.names else [])]
+    ids, n_rows, n_cutout = [], 0, 0
+    for batch in split.iter_batches(cols, batch_size=65536):
+        ids.append(dataset.as_id_values(batch.column("task_id"), where))
+        n_rows += batch.num_rows
+        n_cutout += int(dataset.cutout_usable(batch).sum())
+    if ids:
+        dataset.check_unique_ids(np.concatenate(ids), where, dataset.STALE_SHARD_HINT)
+    return n_rows, n_cutout
+
+
+def _non_finite_meta(table: pa.Table, meta_cols) -> int:
+    n = 0
+    for c in meta_cols:
+        v = np.asarray(table.column(c).to_numpy(zero_copy_only=False), np.float64)
+        n += int((~np.isfinite(v)).sum())
+    return n
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    import torch
     from tqdm import tqdm
 
+    from darkhaloscope.io import check_writable, refuse_overwrite
     from darkhaloscope.learning.model import load_model
     from darkhaloscope.learning.stream import open_split
 
@@ -201,42 +235,55 @@ def run(args: argparse.Namespace) -> int:
         raise DHSError(f"--max_skip_frac must be in [0, 1], got {args.max_skip_frac}")
     if args.num_workers < 0:
         raise DHSError(f"--num_workers must be >= 0, got {args.num_workers}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    model, ckpt = load_model(args.ckpt, map_location=device)
+    refuse_overwrite(args.out, {"--data": args.data, "--ckpt": args.ckpt}, "--out")
+    check_writable(args.out, "--out")
+    device = resolve_device(args.device)
+    model, ckpt = load_model(args.ckpt, map_location="cpu")
     model.to(device)
-    _, _, schema = open_split(args.data, args.split)
-    passthrough = [c for c in PASSTHROUGH_COLUMNS if c in schema.names]
+    split = open_split(args.data, args.split)
+    passthrough = [c for c in PASSTHROUGH_COLUMNS if c in split.schema.names]
     meta_cols = list(ckpt["meta_cols"])
-    read_columns = ["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in schema.names else []), *passthrough,
-                    *meta_cols]
-    n_total = _split_rows(args.data, args.split)
+    read_columns = list(dict.fromkeys(["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in split.schema.names else []),
+                                       *passthrough, *meta_cols]))
+    split.require(read_columns)
+    n_total, n_cutout = scan_split(split, split.where)
     if n_total == 0:
         raise DHSError(f"split '{args.split}' of {args.data} has no rows (empty split)")
-    max_skipped = args.max_skip_frac * n_total
-    log.info("scoring %d rows of %s split '%s' with %s (%s, meta %s) on %s%s", n_total, args.data, args.split,
-             args.ckpt, ckpt["model_kwargs"].get("arch"), ",".join(meta_cols) or "none", device,
-             " with bf16 autocast" if args.use_bf16 else "")
-    n_rows = n_skipped = n_scored = 0
+    if n_cutout == 0:
+        raise DHSError(f"split '{args.split}' of {args.data}: all {n_total} rows are declared cutout failures "
+                       "(cutout_ok != 1)")
+    max_skipped = args.max_skip_frac * n_cutout
+    log.info("scoring %d rows of %s split '%s' (%d declared cutout failures not scored) with %s (%s, meta %s) on %s%s",
+             n_cutout, args.data, args.split, n_total - n_cutout, args.ckpt, ckpt["model_kwargs"].get("arch"),
+             ",".join(meta_cols) or "none", device, " with bf16 autocast" if args.use_bf16 else "")
+    n_rows = n_skipped = n_scored = n_no_cutout = n_meta_nan = 0
     with atomic_output(args.out) as tmp:
         writer = None
         bar = tqdm(total=n_total, unit="stamp", desc="dhs infer", leave=False)
         try:
-            for item in prepared_batches(args.data, args.split, read_columns, args.batch_size, passthrough, ckpt,
-                                         args.num_workers):
+            for item in prepared_batches(split, read_columns, args.batch_size, passthrough, ckpt, args.num_workers):
                 n_rows += item["n_rows"]
                 n_skipped += item["n_skipped"]
+                n_no_cutout += item["n_no_cutout"]
                 bar.update(item["n_rows"])
                 if n_skipped > max_skipped:
-                    raise DHSError(f"{n_skipped} of the first {n_rows} rows of split '{args.split}' are not "
-                                   f"scorable (bad stamps), above --max_skip_frac {args.max_skip_frac} of {n_total}")
+                    raise DHSError(f"{n_skipped} stamps of split '{args.split}' (of the first {n_rows} rows) are not "
+                                   f"scorable (did not decode, not 3x64x64 float or not finite): above "
+                                   f"--max_skip_frac {args.max_skip_frac} of the {n_cutout} rows with a cutout")
                 table = item["table"]
                 if table.num_rows:
+                    n_meta_nan += _non_finite_meta(table, meta_cols) if meta_cols else 0
                     logits = forward_logits(model, item["images"], item["meta"], device, args.use_bf16)
                     table = table.append_column("logit", pa.array(logits, pa.float32()))
                     table = table.append_column("score", pa.array(sigmoid32(logits), pa.float32()))
                     if writer is None:
                         writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                    elif table.schema != writer.schema:
+                        try:
+                            table = table.cast(writer.schema)
+                        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                            raise DHSError(f"files of split '{args.split}' of {args.data} disagree on column types "
+                                           f"({table.schema} vs {writer.schema})") from None
                     writer.write_table(table)
                     n_scored += table.num_rows
         finally:
@@ -245,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
                 writer.close()
         if writer is None:
             raise DHSError(f"no row of split '{args.split}' could be scored ({n_skipped} bad stamps)")
-    log.info("scored %d rows, skipped %d unscorable (%.3g%%); wrote %s", n_scored, n_skipped,
-             100.0 * n_skipped / max(n_rows, 1), args.out)
+    if n_meta_nan:
+        log.warning("%d meta value(s) (%s) were NaN/inf and were replaced by the training mean", n_meta_nan,
+                    ",".join(meta_cols))
+    log.info("scored %d rows; %d declared cutout failures (cutout_ok != 1) not scored; skipped %d unscorable "
+             "stamps (did not decode / not 3x64x64 / not finite, %.3g%% of %d rows with a cutout); wrote %s", n_scored,
+             n_no_cutout, n_skipped, 100.0 * n_skipped / max(n_cutout, 1), n_cutout, args.out)
     return 0

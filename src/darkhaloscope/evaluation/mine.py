@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
+from darkhaloscope.stamps import dataset
 
 log = logging.getLogger("dhs.mine")
 
@@ -32,6 +33,11 @@ OUTPUT_SCHEMA = pa.schema([("task_id", pa.int64()), ("ra", pa.float64()), ("dec"
                            ("score", pa.float32()), ("logit", pa.float32()), ("psfsize_r", pa.float32()),
                            ("rank", pa.int64())])
 DEFAULT_PSF_BINS = "0.5,1.1,1.3,1.5,1.7,3.0"
+
+
+def output_schema(task_id_type: pa.DataType = pa.int64()) -> pa.Schema:
+    """OUTPUT_SCHEMA with ``task_id`` of the score file's own type (string ids stay strings)."""
+    return OUTPUT_SCHEMA.set(0, pa.field("task_id", task_id_type))
 ARCSEC_PER_RAD = 180.0 / math.pi * 3600.0
 _COLUMNS = ("task_id", "ra", "dec", "score", "logit", "psfsize_r")
 
@@ -128,6 +134,9 @@ def _latlon(ra_deg, dec_deg) -> np.ndarray:
 class TopK:
     """The ``k`` rows with the highest logit (ties: lower task_id first) seen so far.
 
+    "Lower" is numeric order for integer task ids and code-point order for string ids (Python's ``str``
+    order, e.g. "a10" < "a9"); a row tied with a full top-K's floor still enters when its id is lower.
+
     Each push merges the kept rows with the new ones and truncates, so memory is O(k + batch) whatever
     the number of rows streamed (a numpy merge-and-truncate: vectorised, unlike a per-row heap)."""
 
@@ -160,7 +169,7 @@ class TopK:
 def _batch_columns(batch: pa.RecordBatch, has_logit: bool, has_score: bool, has_psf: bool) -> dict:
     n = batch.num_rows
     get = batch.column
-    out = {"task_id": get("task_id").to_numpy(zero_copy_only=False).astype(np.int64),
+    out = {"task_id": dataset.as_id_values(get("task_id"), "score file"),
            "ra": get("ra").to_numpy(zero_copy_only=False).astype(np.float64),
            "dec": get("dec").to_numpy(zero_copy_only=False).astype(np.float64)}
     if has_logit:
@@ -188,22 +197,13 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         raise DHSError(f"--exclude_radius_arcsec must be >= 0, got {radius_arcsec}")
     if per_psf_bin is not None and per_psf_bin < 1:
         raise DHSError(f"--per_psf_bin must be >= 1, got {per_psf_bin}")
+    from darkhaloscope.evaluation import scorefile  # the one score-file validator
+
     scores_path = Path(scores_path)
-    if not scores_path.exists():
-        raise DHSError(f"score file {scores_path} does not exist")
-    try:
-        pf = pq.ParquetFile(scores_path, pre_buffer=False)  # pre-buffering reads ahead whole files
-    except Exception as exc:
-        raise DHSError(f"score file {scores_path} is not a readable parquet file ({exc.__class__.__name__})") from None
+    pf = scorefile.open_score_file(scores_path, ("task_id", "ra", "dec", "is_control"))
     names = set(pf.schema_arrow.names)
-    missing = [c for c in ("task_id", "ra", "dec", "is_control") if c not in names]
-    if missing:
-        raise DHSError(f"score file {scores_path} lacks column(s) {','.join(missing)}")
     has_logit, has_score, has_psf = "logit" in names, "score" in names, "psfsize_r" in names
-    if not (has_logit or has_score):
-        raise DHSError(f"score file {scores_path} has neither a logit nor a score column")
-    if pf.metadata.num_rows == 0:
-        raise DHSError(f"score file {scores_path} has no rows (empty split?)")
+    id_type = pf.schema_arrow.field("task_id").type
     if per_psf_bin is not None and not has_psf:
         raise DHSError(f"--per_psf_bin needs a psfsize_r column, which {scores_path} lacks")
     edges = None
@@ -213,40 +213,49 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         edges = parse_bins(psf_bins or DEFAULT_PSF_BINS, "--psf_bins")
 
     index = KnownLensIndex(*load_known_lenses(known_lenses)) if radius_arcsec > 0 else None
-    counts = {"rows": 0, "not_control": 0, "below_min_score": 0, "near_known_lens": 0, "outside_psf_bins": 0,
+    counts = {"rows": 0, "not_control": 0, "below_min_score": 0, "no_position": 0, "near_known_lens": 0,
+              "outside_psf_bins": 0,
               "beyond_topk": 0, "kept": 0}
     tops = [TopK(per_psf_bin) for _ in range(edges.size - 1)] if edges is not None else [TopK(topk)]
-    columns = ["is_control", *[c for c in _COLUMNS if c in names]]
+    # the validator's columns are read too, so that mine refuses what eval refuses
+    columns = list(dict.fromkeys(["is_control", *[c for c in (*_COLUMNS, *scorefile.CHECKED_COLUMNS) if c in names]]))
     from tqdm import tqdm
 
     bar = tqdm(total=pf.metadata.num_rows, unit="row", desc="dhs mine", leave=False)
     candidates = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-        bar.update(batch.num_rows)
-        counts["rows"] += batch.num_rows
-        is_control = batch.column("is_control").to_numpy(zero_copy_only=False)
-        control = np.asarray(is_control == 1)
-        counts["not_control"] += int((~control).sum())
-        cols = _batch_columns(batch, has_logit, has_score, has_psf)
-        cols = {c: v[control] for c, v in cols.items()}
-        high = cols["score"] >= min_score
-        counts["below_min_score"] += int((~high).sum())
-        cols = {c: v[high] for c, v in cols.items()}
-        if index is not None:
-            near = index.near(cols["ra"], cols["dec"], radius_arcsec)
-            counts["near_known_lens"] += int(near.sum())
-            cols = {c: v[~near] for c, v in cols.items()}
-        if edges is None:
-            candidates += cols["logit"].size
-            tops[0].push(cols)
-            continue
-        b = bin_index(cols["psfsize_r"].astype(np.float64), edges)
-        counts["outside_psf_bins"] += int((b < 0).sum())
-        for i, top in enumerate(tops):
-            sel = b == i
-            candidates += int(sel.sum())
-            top.push({c: v[sel] for c, v in cols.items()})
-    bar.close()
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+            bar.update(batch.num_rows)
+            counts["rows"] += batch.num_rows
+            scorefile.check_rows(batch, scores_path)
+            is_control = batch.column("is_control").to_numpy(zero_copy_only=False)
+            control = np.asarray(is_control == 1)
+            counts["not_control"] += int((~control).sum())
+            cols = _batch_columns(batch, has_logit, has_score, has_psf)
+            cols = {c: v[control] for c, v in cols.items()}
+            high = cols["score"] >= min_score
+            counts["below_min_score"] += int((~high).sum())
+            cols = {c: v[high] for c, v in cols.items()}
+            if index is not None:
+                # a control without a position cannot be cleared of being a known lens: it is not mined
+                unplaced = ~(np.isfinite(cols["ra"]) & np.isfinite(cols["dec"]))
+                counts["no_position"] += int(unplaced.sum())
+                cols = {c: v[~unplaced] for c, v in cols.items()}
+                near = index.near(cols["ra"], cols["dec"], radius_arcsec)
+                counts["near_known_lens"] += int(near.sum())
+                cols = {c: v[~near] for c, v in cols.items()}
+            if edges is None:
+                candidates += cols["logit"].size
+                tops[0].push(cols)
+                continue
+            b = bin_index(cols["psfsize_r"].astype(np.float64), edges)
+            counts["outside_psf_bins"] += int((b < 0).sum())
+            for i, top in enumerate(tops):
+                sel = b == i
+                candidates += int(sel.sum())
+                top.push({c: v[sel] for c, v in cols.items()})
+    finally:
+        bar.close()
     parts = [t.cols for t in tops if len(t)]
     if parts:
         merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
@@ -254,12 +263,19 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         final.push(merged)
         kept = final.cols
     else:
-        kept = {c: np.zeros(0, OUTPUT_SCHEMA.field(c).type.to_pandas_dtype()) for c in _COLUMNS}
+        kept = {c: np.zeros(0, object if c == "task_id" else OUTPUT_SCHEMA.field(c).type.to_pandas_dtype())
+                for c in _COLUMNS}
+    # bounded memory: repeated ids are looked for among the kept rows (where they would do harm: one task
+    # mined twice); dhs infer and dhs eval refuse them in the whole file
+    dataset.check_unique_ids(kept["task_id"], f"score file {scores_path}",
+                             "the scored split holds a task more than once (stale shards?)")
     n_kept = int(kept["logit"].size)
     counts["beyond_topk"] = candidates - n_kept
     counts["kept"] = n_kept
     kept["rank"] = np.arange(1, n_kept + 1, dtype=np.int64)
-    table = pa.table({f.name: pa.array(kept[f.name], f.type) for f in OUTPUT_SCHEMA}, schema=OUTPUT_SCHEMA)
+    schema = output_schema(id_type)
+    table = pa.table({f.name: pa.array(kept[f.name].tolist() if f.name == "task_id" else kept[f.name], f.type)
+                      for f in schema}, schema=schema)
     return table, counts
 
 
@@ -279,13 +295,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    from darkhaloscope.io import check_writable, refuse_overwrite
+
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
+    refuse_overwrite(args.out, {"--scores": args.scores, "--known_lenses": args.known_lenses}, "--out")
+    check_writable(args.out, "--out")
     table, counts = mine(args.scores, args.topk, args.min_score, args.exclude_radius_arcsec, args.known_lenses,
                          args.per_psf_bin, args.psf_bins, args.batch_size)
-    log.info("%d rows read; removed: %d not controls, %d below min_score %g, %d within %g arcsec of a known "
-             "lens, %d outside psf bins, %d beyond top-k; kept %d", counts["rows"], counts["not_control"],
-             counts["below_min_score"], args.min_score, counts["near_known_lens"], args.exclude_radius_arcsec,
+    log.info("%d rows read; removed: %d not controls, %d below min_score %g, %d without ra/dec (cannot be checked "
+             "against known lenses), %d within %g arcsec of a known lens, %d outside psf bins, %d beyond top-k; "
+             "kept %d", counts["rows"], counts["not_control"], counts["below_min_score"], args.min_score,
+             counts["no_position"], counts["near_known_lens"], args.exclude_radius_arcsec,
              counts["outside_psf_bins"], counts["beyond_topk"], counts["kept"])
     if counts["kept"] == 0:
         log.warning("no control passed the rules: writing a zero-row %s", args.out)

@@ -258,34 +258,40 @@ def gallery_figure(images: list[np.ndarray], captions: list[str], name: str, alt
     return _img(fig, name, alt)
 
 
-def fetch_stamps(data: str, task_ids) -> dict[int, np.ndarray]:
-    """task_id -> decoded (3, 64, 64) stamp, scanning the dataset once (all splits) in record batches."""
+def fetch_stamps(data: str, task_ids) -> dict:
+    """task_id -> decoded (3, 64, 64) stamp, scanning every split once through the one Phase 4c reader
+    (``stamps.dataset``); ids keep their kind (int or str). Declared cutout failures have no stamp."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
 
+    from darkhaloscope.stamps import dataset
     from darkhaloscope.stamps.contract import decode_stamp
 
-    wanted = np.unique(np.asarray(list(task_ids), np.int64))
-    if wanted.size == 0:
+    wanted = [t.item() if hasattr(t, "item") else t for t in task_ids]
+    if not wanted:
         return {}
-    try:
-        fs, root = pafs.FileSystem.from_uri(data) if "://" in str(data) else (pafs.LocalFileSystem(), str(data))
-        fmt = pads.ParquetFileFormat(default_fragment_scan_options=pads.ParquetFragmentScanOptions(pre_buffer=False))
-        dataset = pads.dataset(root, format=fmt, partitioning="hive", filesystem=fs)
-    except Exception as exc:
-        raise DHSError(f"cannot read stamps from {data}: {type(exc).__name__}: {exc}") from None
-    if "task_id" not in dataset.schema.names or "stamp_npz" not in dataset.schema.names:
-        raise DHSError(f"{data} has no task_id/stamp_npz columns")
-    found: dict[int, np.ndarray] = {}
-    flt = pc.field("task_id").isin(pa.array(wanted))
-    for batch in dataset.to_batches(columns=["task_id", "stamp_npz"], filter=flt, batch_size=256,
-                                    batch_readahead=1, fragment_readahead=1):
-        for tid, blob in zip(batch.column("task_id").to_pylist(), batch.column("stamp_npz").to_pylist()):
-            img = decode_stamp(blob) if blob is not None else None
-            if img is not None:
-                found[int(tid)] = img
+    found: dict = {}
+    for split in dataset.splits_of(data):
+        sp = dataset.open_split(data, split)
+        sp.require(["task_id", "stamp_npz"])
+        kind = dataset.task_id_kind(sp.schema.field("task_id").type, sp.where)
+        try:
+            value_set = pa.array(wanted, pa.int64() if kind == "int" else pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            raise DHSError(f"the score files' task ids are not the {kind} ids of {data}: different datasets") from None
+        cols = ["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in sp.schema.names else [])]
+        for batch in sp.iter_batches(cols, batch_size=256):
+            ids = batch.column("task_id")
+            hit = pc.is_in(ids.cast(value_set.type), value_set=value_set)
+            hit = pc.and_(hit, pa.array(dataset.cutout_usable(batch)))
+            if not pc.any(hit).as_py():
+                continue
+            batch = batch.filter(hit)
+            for tid, blob in zip(dataset.as_id_values(batch.column("task_id"), sp.where),
+                                 batch.column("stamp_npz").to_pylist()):
+                img = decode_stamp(blob) if blob is not None else None
+                if img is not None:
+                    found[tid.item() if hasattr(tid, "item") else tid] = img
     return found
 
 
@@ -311,6 +317,32 @@ def _safe(fn, what: str) -> str:
     except (OSError, ValueError, KeyError) as exc:
         log.warning("%s failed: %s", what, exc)
         return _missing(f"{what} could not be drawn: {type(exc).__name__}: {exc}")
+
+
+def check_inputs(inputs: ReportInputs) -> None:
+    """Read and validate every input file the page needs (score files through the one validator, the
+    histories and the hard negatives), so that a caller can fail before writing anything."""
+    from darkhaloscope.evaluation.scorefile import read_checked
+
+    for label, path in inputs.scores:
+        read_checked(path, ("is_control", "logit", "score"))
+    for label, path in inputs.histories:
+        if not Path(path).is_file():
+            raise DHSError(f"--history {label}={path} does not exist")
+        try:
+            _history_epochs(path)
+        except (OSError, ValueError) as exc:
+            raise DHSError(f"--history {label}={path} is not a history.json: {exc}") from None
+    if inputs.hard_negs:
+        if not Path(inputs.hard_negs).is_file():
+            raise DHSError(f"--hard_negs {inputs.hard_negs} does not exist")
+        try:
+            import pyarrow.parquet as pq
+
+            pq.read_schema(inputs.hard_negs)
+        except Exception as exc:
+            raise DHSError(f"--hard_negs {inputs.hard_negs} is not a readable parquet file "
+                           f"({type(exc).__name__})") from None
 
 
 def build_html(inputs: ReportInputs) -> str:
@@ -419,18 +451,24 @@ def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, target: 
         if data_problem:
             out.append(_missing(data_problem))
             continue
-        rows = [r for _, r in df.iterrows() if int(r["task_id"]) in stamps]
+        rows = [r for _, r in df.iterrows() if _id(r["task_id"]) in stamps]
         if not rows:
             out.append(_missing(f"none of these {len(df)} task_ids were found in {inputs.data}"))
             continue
-        images = [stamps[int(r["task_id"])] for r in rows]
-        caps = [f"{int(r['task_id'])}\nlogit {float(r['logit'] if 'logit' in r else r['rank']):.2f}"
-                + (f"\nθE {r['theta_e_arcsec']:.2f}\"" if np.isfinite(r.get("theta_e_arcsec", np.nan)) else "")
+        images = [stamps[_id(r["task_id"])] for r in rows]
+        caps = [f"{_id(r['task_id'])}\nlogit {float(r['logit'] if 'logit' in r else r['rank']):.2f}"
+                + (f"\nθE {r['theta_e_arcsec']:.2f}\"" if np.isfinite(r.get("theta_e_arcsec", np.nan))
+                   and r.get("y", 1) == 1 else "")  # controls: theta_E is null or 0.0 (stage 4c), not shown
                 for r in rows]
         out.append(_safe(lambda: gallery_figure(images, caps, name, title), title))
         if len(rows) < len(df):
             out.append(_missing(f"{len(df) - len(rows)} of {len(df)} stamps not found in {inputs.data}"))
     return "\n".join(out)
+
+
+def _id(value):
+    """A task id as a dict key: numpy integers -> int, strings unchanged."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def render(inputs: ReportInputs, out_path) -> None:
@@ -450,5 +488,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    render(ReportInputs.from_args(args), args.out)
+    from darkhaloscope.io import check_writable, refuse_overwrite
+
+    inputs = ReportInputs.from_args(args)
+    refuse_overwrite(args.out, {**{f"--scores {lab}": p for lab, p in inputs.scores},
+                                **{f"--history {lab}": p for lab, p in inputs.histories},
+                                "--hard_negs": inputs.hard_negs, "--fpr_csv": inputs.fpr_csv, "--data": inputs.data}, "--out")
+    check_writable(args.out, "--out")
+    render(inputs, args.out)
     return 0

@@ -38,13 +38,19 @@ class LensClassifier(nn.Module):
 
         if not timm.is_model(arch):
             raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
+        for name, rate in (("dropout", dropout), ("drop_path", drop_path)):
+            if not (isinstance(rate, (int, float)) and 0.0 <= float(rate) < 1.0):
+                raise DHSError(f"{name} must be a probability in [0, 1), got {rate}")
+        if timm_kwargs is not None and not isinstance(timm_kwargs, Mapping):
+            raise DHSError(f"timm_kwargs must be a JSON object of timm.create_model arguments, got {timm_kwargs!r}")
         self.arch = arch
         self.n_meta = int(n_meta)
         try:
             self.backbone = timm.create_model(arch, pretrained=False, in_chans=3, num_classes=0,
                                               drop_path_rate=float(drop_path), **(timm_kwargs or {}))
-        except TypeError as exc:
-            raise DHSError(f"timm model '{arch}' does not accept {timm_kwargs}: {exc}") from None
+        except (TypeError, ValueError, AssertionError, IndexError, KeyError, RuntimeError) as exc:
+            raise DHSError(f"timm model '{arch}' does not accept {timm_kwargs}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         if stem_stride != DEFAULT_STEM_STRIDE:
             self._set_stem_stride(int(stem_stride))
         n_feat = self.backbone.num_features
@@ -150,6 +156,8 @@ def save_checkpoint(path: str | os.PathLike, **fields) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """Read a darkhaloscope checkpoint dict; any unreadable or foreign file -> DHSError naming it."""
     path = Path(path)
+    if path.is_dir():
+        raise DHSError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. {path}/best.pt)")
     if not path.is_file():
         raise DHSError(f"checkpoint {path} does not exist")
     try:
@@ -168,8 +176,33 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[LensClassifier, dict]:
     """Rebuild the network from the checkpoint alone -> (model in eval mode, checkpoint dict)."""
+    from darkhaloscope.stamps.contract import check_meta_columns
+
     ckpt = load_checkpoint(path, map_location)
-    model = build_model(**ckpt["model_kwargs"])
+    kwargs = ckpt["model_kwargs"]
+    try:  # the allow-list is re-checked: a checkpoint is input too
+        meta_cols = check_meta_columns(list(ckpt["meta_cols"]))
+    except DHSError as exc:
+        raise DHSError(f"checkpoint {path}: {exc}") from None
+    mean = np.asarray(ckpt["meta_mean"], np.float64)
+    std = np.asarray(ckpt["meta_std"], np.float64)
+    if not (mean.shape == std.shape == (len(meta_cols),)):
+        raise DHSError(f"checkpoint {path}: meta_mean/meta_std do not have one value per meta column "
+                       f"({','.join(meta_cols) or 'none'})")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise DHSError(f"checkpoint {path}: meta_std must be finite and > 0 and meta_mean finite "
+                       f"(meta_mean {mean.tolist()}, meta_std {std.tolist()})")
+    if not isinstance(kwargs, Mapping) or not isinstance(kwargs.get("arch"), str):
+        raise DHSError(f"checkpoint {path}: model_kwargs is not a dict with an 'arch'")
+    if int(kwargs.get("n_meta", 0)) != len(meta_cols):
+        raise DHSError(f"checkpoint {path}: model_kwargs n_meta {kwargs.get('n_meta')} != {len(meta_cols)} meta columns")
+    try:
+        model = build_model(**kwargs)
+    except DHSError as exc:
+        raise DHSError(f"checkpoint {path}: {exc}") from None
+    except (TypeError, ValueError, RuntimeError, AssertionError, KeyError, IndexError) as exc:
+        raise DHSError(f"checkpoint {path}: model_kwargs {dict(kwargs)} do not build a model: "
+                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as exc:

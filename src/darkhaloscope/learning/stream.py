@@ -1,8 +1,10 @@
 """Streaming Phase 4c parquet into training and inference batches.
 
-Two readers share one decode + normalise + meta path (``decode_batch`` / ``prepare_stamps``):
+A split is opened by the one Phase 4c reader (``stamps.dataset``: files, partition, task ids, declared
+cutout failures). Two consumers share one decode + normalise + meta path (``decode_batch`` /
+``prepare_stamps``):
 
-* ``iter_table_batches``: a plain sequential reader over one split (inference, mining, audits).
+* ``Split.iter_batches`` + ``decode_batch``: a plain sequential read of one split (inference).
 * ``StampStream``: the training/validation stream. It first reads the split's small scalar columns
   into an index (about 40 bytes per row; the stamps are never held beyond one shuffle window), applies
   the curriculum cuts, the control matching and the hard-negative weights, and then, every epoch, builds
@@ -31,8 +33,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 import torch.multiprocessing as tmp
@@ -41,70 +41,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 from darkhaloscope.errors import DHSError
 from darkhaloscope.learning.model import standardize_meta
 from darkhaloscope.stamps import contract
+from darkhaloscope.stamps import dataset
+from darkhaloscope.stamps.dataset import PARTITION, open_split  # noqa: F401  (the one reader of a split)
+from darkhaloscope.stamps.dataset import as_float as _as_float, control_flags
 
-PARTITION = "region_split"
 CUT_COLUMNS = ("theta_e_arcsec", "arc_snr", "psf_fwhm_used_r", "psfsize_r")
 MATCH_COLUMNS = ("psfsize_r", "psfdepth_r")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Opening a split
-# ----------------------------------------------------------------------------------------------------
-
-def _filesystem(data: str):
-    """(filesystem, path) for a local directory or an s3:// (or other pyarrow) URI."""
-    data = str(data)
-    if "://" in data:
-        try:
-            return pafs.FileSystem.from_uri(data)
-        except Exception as exc:
-            raise DHSError(f"cannot open data location {data}: {exc}") from None
-    return pafs.LocalFileSystem(), data
-
-
-def open_split(data: str, split: str) -> tuple[pafs.FileSystem, list[str], pa.Schema]:
-    """Files of one Hive partition ``region_split=<split>`` (sorted) and the dataset schema."""
-    fs, root = _filesystem(data)
-    try:
-        dataset = pads.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
-    except Exception as exc:
-        raise DHSError(f"cannot read parquet dataset at {data}: {type(exc).__name__}: {exc}") from None
-    if PARTITION not in dataset.schema.names:
-        raise DHSError(f"{data} is not Hive-partitioned by {PARTITION}=<split>")
-    files = sorted(f.path for f in dataset.get_fragments(filter=pads.field(PARTITION) == split))
-    if not files:
-        raise DHSError(f"no parquet files for split '{split}' under {data}/{PARTITION}={split}")
-    return fs, files, dataset.schema
-
-
-def check_columns(schema: pa.Schema, columns, where: str) -> None:
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise DHSError(f"{where} lacks column(s) {','.join(missing)}")
-
-
-def iter_table_batches(data: str, split: str, columns, batch_size: int = 1024):
-    """Yield pyarrow RecordBatches (at most ``batch_size`` rows) of ``columns`` of one split, file by file
-    in file order, with bounded memory. Missing columns -> DHSError.
-
-    Why not ``Dataset.to_batches``: pyarrow's dataset scanner pre-buffers whole files and reads 16 batches
-    x 4 files ahead, i.e. ~3 GB at the seed's batch 1024 (measured: 119 MB at batch 32 on 2.5 MB files).
-    ``ParquetFile.iter_batches(pre_buffer=False)`` holds one row group at a time."""
-    fs, files, schema = open_split(data, split)
-    columns = list(dict.fromkeys(columns))
-    check_columns(schema, columns, f"{data} split '{split}'")
-    file_columns = [c for c in columns if c != PARTITION]
-    for path in files:
-        with fs.open_input_file(path) as fh:
-            pf = pq.ParquetFile(fh, pre_buffer=False)
-            missing = [c for c in file_columns if c not in pf.schema_arrow.names]
-            if missing:
-                raise DHSError(f"{path} lacks column(s) {','.join(missing)}")
-            for batch in pf.iter_batches(batch_size=batch_size, columns=file_columns, use_threads=False):
-                if PARTITION in columns:
-                    batch = batch.append_column(PARTITION, pa.array([split] * batch.num_rows, pa.string()))
-                if batch.num_rows:
-                    yield batch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -132,28 +74,25 @@ def prepare_stamps(blobs, rng: np.random.Generator | None = None) -> tuple[np.nd
 
 def decode_batch(batch, meta_cols=(), meta_mean=None, meta_std=None, rng=None):
     """A RecordBatch/Table with ``stamp_npz`` (and ``cutout_ok``, meta columns if present) ->
-    (images (N_ok, 3, 64, 64) normalised, meta (N_ok, k) standardised float32, ok (N,) bool).
+    (images (N_ok, 3, 64, 64) normalised, meta (N_ok, k) standardised float32, ok (N,) bool,
+    cutout (N,) bool).
 
-    ok is False where cutout_ok != 1 or the stamp does not decode / is not 3x64x64 / is not finite.
-    ``meta_mean``/``meta_std`` are the checkpoint's (``model.standardize_meta``)."""
+    ``cutout`` is False for declared cutout failures (``dataset.cutout_usable``: cutout_ok != 1), which
+    are never decoded; ok is False for those and where the stamp does not decode / is not 3x64x64 / is
+    not finite. ``meta_mean``/``meta_std`` are the checkpoint's (``model.standardize_meta``)."""
     n = batch.num_rows
     blobs = batch.column("stamp_npz")
-    if "cutout_ok" in batch.schema.names:
-        ok_cut = batch.column("cutout_ok").to_numpy(zero_copy_only=False) == 1
-        if not ok_cut.all():  # rows without a cutout become nulls, i.e. not ok
-            blobs = pc.if_else(pa.array(ok_cut), blobs, pa.nulls(n, blobs.type))
+    cutout = dataset.cutout_usable(batch)
+    if not cutout.all():  # rows without a cutout become nulls: not decoded, not ok
+        blobs = pc.if_else(pa.array(cutout), blobs, pa.nulls(n, blobs.type))
     images, ok = prepare_stamps(blobs, rng)
     meta_cols = list(meta_cols)
     if meta_cols:
-        raw = np.column_stack([_as_float(batch.column(c)) for c in meta_cols])[ok]
+        raw = np.column_stack([_as_float(batch.column(c), c) for c in meta_cols])[ok]
         meta = standardize_meta(raw, meta_mean, meta_std)
     else:
         meta = np.zeros((int(ok.sum()), 0), np.float32)
-    return images, meta, ok
-
-
-def _as_float(column) -> np.ndarray:
-    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    return images, meta, ok, cutout
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,7 +107,7 @@ class SplitIndex:
     file_id: np.ndarray  # int32
     row_group: np.ndarray  # int32
     row: np.ndarray  # int32, row within its row group
-    task_id: np.ndarray  # int64
+    task_id: np.ndarray  # int64, or str objects for string ids (dataset.as_id_values)
     label: np.ndarray  # int8: 1 = lens (positive), 0 = control
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # float64 scalars
     n_cutout_failed: int = 0
@@ -183,29 +122,33 @@ class SplitIndex:
 
 
 def build_index(fs, files: list[str], scalar_columns) -> SplitIndex:
-    """Read only the scalar columns of every row group (streaming) into a SplitIndex."""
+    """Read only the scalar columns of every row group (streaming) into a SplitIndex of the rows with a
+    cutout (``dataset.cutout_usable``); the others are counted in ``n_cutout_failed``."""
     scalar_columns = list(dict.fromkeys(scalar_columns))
     parts = {k: [] for k in ("file_id", "row_group", "row", "task_id", "label", "ok")}
     cols = {c: [] for c in scalar_columns}
-    read = ["task_id", "is_control", "cutout_ok", *scalar_columns]
+    read = list(dict.fromkeys(["task_id", "is_control", "cutout_ok", *scalar_columns]))
     for f_id, path in enumerate(files):
         with fs.open_input_file(path) as fh:
             pf = pq.ParquetFile(fh)
+            lacking = [c for c in read if c not in pf.schema_arrow.names]
+            if lacking:
+                raise DHSError(f"{path} lacks column(s) {','.join(lacking)}")
             for rg in range(pf.num_row_groups):
                 t = pf.read_row_group(rg, columns=read)
                 n = t.num_rows
                 parts["file_id"].append(np.full(n, f_id, np.int32))
                 parts["row_group"].append(np.full(n, rg, np.int32))
                 parts["row"].append(np.arange(n, dtype=np.int32))
-                parts["task_id"].append(t.column("task_id").to_numpy(zero_copy_only=False).astype(np.int64))
-                parts["label"].append((t.column("is_control").to_numpy(zero_copy_only=False) == 0).astype(np.int8))
-                parts["ok"].append(t.column("cutout_ok").to_numpy(zero_copy_only=False) == 1)
+                parts["task_id"].append(dataset.as_id_values(t.column("task_id"), path))
+                parts["label"].append(1 - control_flags(t.column("is_control"), path))
+                parts["ok"].append(dataset.cutout_usable(t))
                 for c in scalar_columns:
-                    cols[c].append(_as_float(t.column(c)))
+                    cols[c].append(_as_float(t.column(c), f"{c} of {path}"))
     cat = {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
     ok = cat["ok"].astype(bool)
     index = SplitIndex(files, cat["file_id"].astype(np.int32), cat["row_group"].astype(np.int32),
-                       cat["row"].astype(np.int32), cat["task_id"].astype(np.int64), cat["label"].astype(np.int8),
+                       cat["row"].astype(np.int32), cat["task_id"], cat["label"].astype(np.int8),
                        {c: (np.concatenate(v) if v else np.zeros(0)) for c, v in cols.items()})
     index = index.take(ok)
     index.n_cutout_failed = int((~ok).sum())
@@ -302,16 +245,19 @@ def metadata_auc(cond: np.ndarray, label: np.ndarray, weight: np.ndarray | None 
 
 
 def read_hard_negatives(path: str) -> np.ndarray:
-    """task_ids of a mined hard-negative parquet; a missing or unreadable file is an error."""
+    """task_ids of a mined hard-negative parquet (int64 or str, as ``dataset.as_id_values``); a missing
+    or unreadable file is an error."""
     import os
 
     if not os.path.exists(path):
         raise DHSError(f"hard-negative file {path} does not exist")
+    if os.path.isdir(path):
+        raise DHSError(f"hard-negative file {path} is a directory")
     try:
         table = pq.read_table(path, columns=["task_id"])
     except Exception as exc:
         raise DHSError(f"hard-negative file {path} is unreadable or has no task_id column: {exc}") from None
-    return np.unique(table.column("task_id").to_numpy(zero_copy_only=False).astype(np.int64))
+    return np.unique(dataset.as_id_values(table.column("task_id"), f"hard-negative file {path}"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -377,7 +323,8 @@ def split_batches(n_draws: int, world_size: int, lanes: int, batch_size: int) ->
 
 class StampStream(IterableDataset):
     """Yields dict batches: images (n,3,64,64) float32, meta (n,k) float32, label (n,) float32 (1 = lens),
-    task_id (n,) int64, n_bad (stamps that did not decode, were not 3x64x64 or not finite), n_planned,
+    task_id (n,) (int64 tensor, or a list of str for string ids), row (n,) int64 positions in the index,
+    n_bad (stamps that did not decode, were not 3x64x64 or not finite), n_planned,
     batch_index (position in this rank's epoch order). Use with DataLoader(batch_size=None,
     num_workers=num_workers) and call ``set_epoch`` before each epoch."""
 
@@ -464,7 +411,9 @@ class StampStream(IterableDataset):
             "images": torch.from_numpy(images),
             "meta": torch.from_numpy(self.meta[good]),
             "label": torch.from_numpy(self.index.label[good].astype(np.float32)),
-            "task_id": torch.from_numpy(self.index.task_id[good]),
+            "task_id": (torch.from_numpy(self.index.task_id[good]) if self.index.task_id.dtype != object
+                        else self.index.task_id[good].tolist()),
+            "row": torch.from_numpy(good.astype(np.int64)),
             "n_bad": int((~ok).sum()),
             "n_planned": int(len(rows)),
             "batch_index": int(batch_index),

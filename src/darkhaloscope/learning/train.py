@@ -33,6 +33,7 @@ from darkhaloscope.learning.losses import LOSSES, make_loss
 from darkhaloscope.learning.model import (build_model, load_checkpoint, meta_statistics, model_kwargs,
                                           save_checkpoint, unwrap)
 from darkhaloscope.stamps import contract
+from darkhaloscope.stamps import dataset
 
 # Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
 # that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.
@@ -239,12 +240,13 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str]) -> No
 
 
 def _open_and_index(args, d: Dist, split: str, meta_cols: list[str], need_cuts: bool, need_match: bool):
-    fs, files, schema = stream.open_split(args.data, split)
+    sp = stream.open_split(args.data, split)
     scalars = list(meta_cols) + (list(stream.CUT_COLUMNS) if need_cuts else []) + \
         (list(stream.MATCH_COLUMNS) if need_match else [])
-    stream.check_columns(schema, list(contract.READ_COLUMNS) + scalars, f"{args.data} split '{split}'")
-    index = stream.build_index(fs, files, scalars)
-    return fs, files, index
+    sp.require(list(contract.READ_COLUMNS) + scalars)
+    index = stream.build_index(sp.fs, sp.files, scalars)
+    dataset.check_unique_ids(index.task_id, sp.where, dataset.STALE_SHARD_HINT)
+    return sp.fs, sp.files, index
 
 
 def _check_classes(index, split: str, what: str) -> None:
@@ -256,13 +258,44 @@ def _check_classes(index, split: str, what: str) -> None:
         raise DHSError(f"split '{split}' has no controls {what}")
 
 
+def check_numbers(args) -> None:
+    """Every numeric flag in its range (NaN fails every comparison, so it is refused too)."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise DHSError(what)
+
+    finite = math.isfinite
+    need(args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}")
+    need(args.batch_size >= 1, f"--batch_size must be >= 1, got {args.batch_size}")
+    need(finite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}")
+    need(finite(args.weight_decay) and args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
+    need(0.0 <= args.dropout < 1.0, f"--dropout must be a probability in [0, 1), got {args.dropout}")
+    need(0.0 <= args.drop_path < 1.0, f"--drop_path must be a probability in [0, 1), got {args.drop_path}")
+    need(0.0 <= args.focal_alpha <= 1.0, f"--focal_alpha must be in [0, 1], got {args.focal_alpha}")
+    need(finite(args.focal_gamma) and args.focal_gamma >= 0, f"--focal_gamma must be >= 0, got {args.focal_gamma}")
+    need(finite(args.min_theta_over_psf) and args.min_theta_over_psf >= 0,
+         f"--min_theta_over_psf must be >= 0, got {args.min_theta_over_psf}")
+    need(finite(args.min_arc_snr) and args.min_arc_snr >= 0, f"--min_arc_snr must be >= 0, got {args.min_arc_snr}")
+    need(finite(args.hard_neg_weight) and args.hard_neg_weight > 0,
+         f"--hard_neg_weight must be a finite number > 0, got {args.hard_neg_weight}")
+    need(args.num_workers >= 0, f"--num_workers must be >= 0, got {args.num_workers}")
+    need(finite(args.warmup_epochs) and args.warmup_epochs >= 0, f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
+    need(finite(args.grad_clip) and args.grad_clip >= 0, f"--grad_clip must be >= 0, got {args.grad_clip}")
+    need(0.0 <= args.max_skip_frac <= 1.0, f"--max_skip_frac must be in [0, 1], got {args.max_skip_frac}")
+    need(args.save_every_steps >= 0, f"--save_every_steps must be >= 0, got {args.save_every_steps}")
+
+
 class Setup:
     """Everything a run needs, validated."""
 
     def __init__(self, args, d: Dist):
         self.args = args
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-            raise DHSError("--epochs, --batch_size and --lr must be positive")
+        check_numbers(args)
+        from darkhaloscope.io import check_writable, check_writable_dir
+
+        check_writable_dir(args.out_dir, "--out_dir")  # before any work, not after the first epoch
+        check_writable(Path(args.out_dir) / "best.pt", "--out_dir")
+        check_writable_dir(args.state_dir or args.out_dir, "--state_dir")
         self.meta_cols = contract.parse_meta_columns(args.meta_cols)
         args.meta_cols = ",".join(self.meta_cols)
         import timm
@@ -360,6 +393,8 @@ class Setup:
         base = np.ones(len(idx))
         self.n_hard = 0
         if self.hard_ids is not None:
+            dataset.ids_compatible(self.hard_ids, idx.task_id, f"hard-negative file {args.hard_negs}",
+                                   f"split '{args.train_split}' of {args.data}")
             hard = ctrl & np.isin(idx.task_id, self.hard_ids)
             self.n_hard = int(hard.sum())
             if len(self.hard_ids) and self.n_hard == 0:
@@ -405,7 +440,8 @@ def _run(args, d: Dist) -> int:
     idx = s.train_index
     log(d, f"data {args.data} variant {args.variant}: train {len(idx)} rows kept of {s.n_train_all} "
            f"({int((idx.label == 1).sum())} positives, {int((idx.label == 0).sum())} controls, "
-           f"{idx.n_cutout_failed} with cutout_ok != 1 skipped); val {len(s.val_index)} rows")
+           f"{idx.n_cutout_failed} declared cutout failures (cutout_ok != 1) excluded); val {len(s.val_index)} rows "
+           f"({s.val_index.n_cutout_failed} declared cutout failures excluded)")
     if s.cuts:
         log(d, f"curriculum: theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}; "
                f"controls {'matched' if s.match else 'NOT matched'} to the kept positives on "
@@ -415,6 +451,11 @@ def _run(args, d: Dist) -> int:
     log(d, f"metadata-only AUC ({','.join(s.cond_cols) or 'no condition columns'}) of the training set: "
            f"{s.meta_auc_before:.3f} as filtered, {s.meta_auc_after:.3f} as sampled (0.5 = no leak)")
     log(d, s.resume_note)
+    for name, index in (("train", idx), ("val", s.val_index)):
+        bad = {c: int((~np.isfinite(index.columns[c])).sum()) for c in s.meta_cols}
+        if any(bad.values()):
+            log(d, f"warning: {name} meta values that are NaN/inf are replaced by the training mean: "
+                   + ", ".join(f"{c} {n}" for c, n in bad.items() if n))
 
     use_bf16 = bf16_enabled(args.use_bf16, d.device)
     if args.use_bf16 and not use_bf16:
@@ -553,10 +594,10 @@ def _train_step(net, model, opt, loss_fn, batch, device, use_bf16: bool, grad_cl
     return float(loss.detach())
 
 
-def _check_skips(n_bad: float, n_planned: float, max_frac: float, final: bool) -> None:
+def _check_skips(n_bad: float, n_planned: float, max_frac: float, final: bool, what: str = "training") -> None:
     if (final or n_planned >= 1000) and n_planned and n_bad / n_planned > max_frac:
-        raise DHSError(f"{int(n_bad)} of {int(n_planned)} stamps did not decode, were not 3x64x64 or not finite "
-                       f"({n_bad / n_planned:.2%} > --max_skip_frac {max_frac:.2%})")
+        raise DHSError(f"{int(n_bad)} of {int(n_planned)} stamps did not decode, were not 3x64x64 or not finite in "
+                       f"{what} ({n_bad / n_planned:.2%} > --max_skip_frac {max_frac:.2%})")
 
 
 @torch.no_grad()
@@ -572,19 +613,18 @@ def evaluate(net, loader, val_ds, s: Setup, d: Dist, use_bf16: bool) -> dict:
         with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model(images, meta)
         logits.append(out.float().cpu().numpy())
-        ids.append(batch["task_id"].numpy())
+        ids.append(batch["row"].numpy())
         n_bad += batch["n_bad"]
     parts = d.gather((np.concatenate(ids), np.concatenate(logits), n_bad))
     ids = np.concatenate([p[0] for p in parts])
     logit = np.concatenate([p[1] for p in parts])
     n_bad = sum(p[2] for p in parts)
-    _check_skips(n_bad, len(s.val_index), s.args.max_skip_frac, final=True)
-    pos = {t: i for i, t in enumerate(s.val_index.task_id.tolist())}
-    where = np.array([pos[t] for t in ids.tolist()], dtype=np.int64)
+    _check_skips(n_bad, len(s.val_index), s.args.max_skip_frac, final=True, what="validation")
+    where = ids.astype(np.int64)  # positions in the validation index
     label = s.val_index.label[where]
     cut = s.val_cut[where]
     return {"val_cut": metrics.roc_summary(label[cut], logit[cut]),
-            "val_all": metrics.roc_summary(label, logit)}
+            "val_all": metrics.roc_summary(label, logit), "val_skipped": int(n_bad)}
 
 
 def _fmt(m: dict) -> str:
@@ -593,7 +633,9 @@ def _fmt(m: dict) -> str:
 
 
 def _format_epoch(row: dict, improved: bool) -> str:
-    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} lr {row['lr']:.2e}\n"
+    return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} lr {row['lr']:.2e}, skipped stamps: "
+            f"{row['n_skipped']} of {row['n_skipped'] + row['n_train']} in training, {row.get('val_skipped', 0)} in "
+            f"validation (did not decode / not 3x64x64 / not finite)\n"
             f"    val (cuts)    {_fmt(row['val_cut'])}\n    val (no cuts) {_fmt(row['val_all'])}"
             + ("\n    -> new best.pt" if improved else ""))
 
@@ -614,6 +656,7 @@ def _write_history(path: Path, args, s: Setup, history: list, best: dict | None)
                           "match_controls": s.match, "condition_columns": s.cond_cols,
                           "n_train_kept": len(s.train_index), "n_train_all": s.n_train_all,
                           "meta_auc_filtered": s.meta_auc_before, "meta_auc_sampled": s.meta_auc_after},
+           "cutout_failed": {"train": s.train_index.n_cutout_failed, "val": s.val_index.n_cutout_failed},
            "hard_negatives": {"path": args.hard_negs, "n_matched": s.n_hard, "weight": args.hard_neg_weight},
            "best": best, "epochs": history}
     with atomic_output(path) as tmp:

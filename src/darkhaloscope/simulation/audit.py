@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as ds
+import pyarrow as pa
 from scipy.stats import ks_2samp
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits  # installed with scikit-learn
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation.metrics import auroc
 from darkhaloscope.io import atomic_output
+from darkhaloscope.stamps import dataset
 from darkhaloscope.stamps.contract import BANDS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
 
 CORE_PIX = 10
@@ -41,33 +42,43 @@ N_FOLDS = 5
 
 
 def load_split(data, split: str, max_rows: int | None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Read one split of a Hive-partitioned Phase 4c directory (at most ``max_rows`` rows, a seeded
-    random subset), returning the label, condition columns and decoded stamps of rows that decode."""
-    data = Path(data)
-    if not data.is_dir():
-        raise DHSError(f"--data {data} is not a directory")
+    """Read one split of a Phase 4c dataset (``stamps.dataset``: local or s3://, either writer's layout):
+    a seeded random subset of at most ``max_rows`` of the rows with a cutout, returning the label,
+    condition columns and decoded stamps of those that decode. Two streaming passes: the small columns
+    of every row, then the stamps of the chosen rows only."""
     if split not in SPLITS:
         raise DHSError(f"--split must be one of {SPLITS}, got '{split}'")
-    try:
-        dataset = ds.dataset(data, format="parquet", partitioning="hive")
-    except Exception as exc:  # unreadable directory content is bad input
-        raise DHSError(f"--data {data}: cannot open as a parquet dataset ({type(exc).__name__}: {exc})") from None
-    names = dataset.schema.names
+    sp = dataset.open_split(str(data), split)
     need = ["is_control", "stamp_npz", *META_COLUMNS]
-    missing = [c for c in need + ["region_split"] if c not in names]
-    if missing:
-        raise DHSError(f"--data {data} lacks column(s): {', '.join(missing)}")
-    cols = need + [c for c in CONDITION_COLUMNS if c in names and c not in need]
-    table = dataset.to_table(columns=cols, filter=ds.field("region_split") == split)
-    if table.num_rows == 0:
-        raise DHSError(f"--data {data} has no rows in split '{split}'")
-    if max_rows and table.num_rows > max_rows:
-        pick = np.sort(np.random.default_rng(seed).choice(table.num_rows, max_rows, replace=False))
-        table = table.take(pick)
-    images, ok = decode_stamps(table.column("stamp_npz"))
-    out = {c: table.column(c).to_numpy(zero_copy_only=False)[ok] for c in cols if c != "stamp_npz"}
+    sp.require(need)
+    small = ["is_control", *META_COLUMNS] + [c for c in CONDITION_COLUMNS if c in sp.schema.names and c not in need]
+    read = small + (["cutout_ok"] if "cutout_ok" in sp.schema.names else [])
+    values = {c: [] for c in small}
+    usable = []
+    for batch in sp.iter_batches(read, batch_size=65536):
+        usable.append(dataset.cutout_usable(batch))
+        values["is_control"].append(dataset.control_flags(batch.column("is_control"), sp.where))
+        for c in small[1:]:
+            values[c].append(dataset.as_float(batch.column(c), f"{c} of {sp.where}"))
+    usable = np.concatenate(usable) if usable else np.zeros(0, bool)
+    rows = np.flatnonzero(usable)
+    if rows.size == 0:
+        raise DHSError(f"--data {data} has no rows with a cutout in split '{split}' "
+                       f"({int((~usable).sum())} declared cutout failures)")
+    if max_rows and rows.size > max_rows:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    blobs, start = [], 0
+    for batch in sp.iter_batches(["stamp_npz"], batch_size=1024):
+        stop = start + batch.num_rows
+        sel = rows[(rows >= start) & (rows < stop)] - start
+        if sel.size:
+            blobs.append(batch.column(0).take(pa.array(sel)))
+        start = stop
+    images, ok = decode_stamps(pa.chunked_array(blobs, pa.binary()) if blobs else [])
+    out = {c: np.concatenate(v)[rows][ok] for c, v in values.items()}
     out["images"] = images
     out["n_undecodable"] = int((~ok).sum())
+    out["n_cutout_failed"] = int((~usable).sum())
     return out
 
 
@@ -118,7 +129,7 @@ def audit(data, split: str = "train", max_rows: int | None = 20000, core_auc_max
           meta_auc_max: float = 0.55, seed: int = 0) -> dict:
     """All gate figures for one split as a JSON-ready dict."""
     d = load_split(data, split, max_rows, seed)
-    y = (np.asarray(d["is_control"]) == 0).astype(int)  # 1 = injected lens
+    y = (np.asarray(d["is_control"]) == 0).astype(int)  # 1 = injected lens (control_flags checked 0/1)
     n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
     if min(n_pos, n_neg) < N_FOLDS:
         raise DHSError(f"split '{split}' has {n_pos} positives and {n_neg} controls; the audit needs at least "
@@ -140,7 +151,7 @@ def audit(data, split: str = "train", max_rows: int | None = 20000, core_auc_max
     }
     return {
         "data": str(data), "split": split, "n_rows": int(len(y)), "n_positives": n_pos, "n_controls": n_neg,
-        "n_undecodable": d["n_undecodable"], "max_rows": max_rows,
+        "n_undecodable": d["n_undecodable"], "n_cutout_failed": d["n_cutout_failed"], "max_rows": max_rows,
         "core_only_auc": core_auc, "metadata_only_auc": meta_auc,
         "thresholds": {"core_auc_max": core_auc_max, "meta_auc_max": meta_auc_max},
         "gates": gates, "class_balance": class_balance(d, y),
@@ -172,6 +183,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from darkhaloscope.io import check_writable, refuse_overwrite
+
+    refuse_overwrite(args.out, {"--data": args.data}, "--out")
+    check_writable(args.out, "--out")  # before the work, not after it
     report = audit(args.data, args.split, args.max_rows or None, args.core_auc_max, args.meta_auc_max, args.seed)
     report["on_fail"] = args.on_fail
     with atomic_output(args.out) as tmp:

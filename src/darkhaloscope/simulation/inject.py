@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -136,10 +138,53 @@ def output_path(out_dir, split: str, shard: int) -> Path:
     return Path(out_dir) / f"region_split={split}" / f"part-{shard:05d}.parquet"
 
 
+LAYOUT_KEY = b"dhs_inject_layout"
+_PART = re.compile(r"^part-(\d{5})\.parquet$")
+
+
+def layout_metadata(n_shards: int, batch_size: int) -> dict[bytes, bytes]:
+    """Parquet key-value metadata naming the shard layout a file belongs to."""
+    return {LAYOUT_KEY: json.dumps({"n_shards": int(n_shards), "batch_size": int(batch_size)}).encode()}
+
+
+def check_stale_shards(out_dir, shard: int, n_shards: int, batch_size: int) -> None:
+    """Refuse to write into ``out_dir`` when it holds data files of another shard layout (another
+    --n_shards or --batch_size, or not written by dhs inject): beside the new shards they would repeat
+    task ids, and every reader would count those rows twice."""
+    out_dir = Path(out_dir)
+    stale = []
+    for path in sorted(out_dir.glob("region_split=*/*.parquet")):
+        if path.name.startswith((".", "_")):
+            continue
+        m = _PART.match(path.name)
+        if m is None:
+            stale.append((path, "not written by dhs inject"))
+            continue
+        if int(m.group(1)) == shard:
+            continue  # this shard's own file: replaced by this run
+        if int(m.group(1)) >= n_shards:
+            stale.append((path, f"shard {int(m.group(1))} of a layout with more than {n_shards} shards"))
+            continue
+        try:
+            meta = pq.read_schema(path).metadata or {}
+            layout = json.loads(meta[LAYOUT_KEY]) if LAYOUT_KEY in meta else None
+        except Exception:
+            stale.append((path, "unreadable"))
+            continue
+        if layout is not None and (layout["n_shards"], layout["batch_size"]) != (n_shards, batch_size):
+            stale.append((path, f"written with --n_shards {layout['n_shards']} --batch_size {layout['batch_size']}"))
+    if stale:
+        path, why = stale[0]
+        raise DHSError(f"--out_dir {out_dir} holds {len(stale)} file(s) of another shard layout (e.g. {path}: {why}); "
+                       f"this run is --n_shards {n_shards} --batch_size {batch_size}. Their rows would repeat task "
+                       "ids: remove them (or the directory) or write to another --out_dir")
+
+
 def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard: int, n_shards: int,
                  batch_size: int = 256, write_arc: bool = False, progress: bool = True) -> dict[str, int]:
     """Render the manifest rows of one shard and write one parquet file per split; returns row counts."""
     check_args(psf_model, beta, shard, n_shards, batch_size)
+    check_stale_shards(out_dir, shard, n_shards, batch_size)
     _check_splits(manifest)
     task_id = manifest.column("task_id").to_numpy()
     if len(np.unique(task_id)) != len(task_id):
@@ -149,7 +194,7 @@ def render_shard(manifest: pa.Table, out_dir, psf_model: str, beta: float, shard
     order_rng = np.random.default_rng([int(shard), 0x4C])
     block_ids = np.unique(blocks)
     block_ids = block_ids[order_rng.permutation(len(block_ids))]
-    schema = output_schema(write_arc, clump_slots(manifest.schema))
+    schema = output_schema(write_arc, clump_slots(manifest.schema)).with_metadata(layout_metadata(n_shards, batch_size))
     counts = {s: 0 for s in SPLITS}
     with contextlib.ExitStack() as stack:
         writers, buffers = {}, {s: [] for s in SPLITS}
@@ -221,7 +266,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
+    from darkhaloscope.io import check_writable_dir
+
+    check_stale_shards(args.out_dir, args.shard, args.n_shards, args.batch_size)
     manifest = read_manifest(args.manifest, lambda ids: shard_mask(ids, args.shard, args.n_shards, args.batch_size))
+    check_writable_dir(args.out_dir, "--out_dir")  # after the manifest checks: a bad manifest creates nothing
     counts = render_shard(manifest, args.out_dir, args.psf_model, args.moffat_beta, args.shard, args.n_shards,
                           args.batch_size, args.write_arc)
     print(f"inject {args.variant or ''} shard {args.shard}/{args.n_shards} ({args.psf_model}"

@@ -31,6 +31,7 @@ from scipy.special import ndtr
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
+from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, load_conditions
 
 MAX_NEIGHBOURS = 4
@@ -53,6 +54,9 @@ CELL_N_SINDEC = 90
 CONDITION_COLUMNS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 HOST_COLUMNS = ("host_mag_r", "host_g_minus_r", "host_r_minus_z", "host_reff", "host_n", "host_q",
                 "host_phi", "host_x", "host_y")
+# Written by every manifest, not needed to render (an older manifest without it is still accepted):
+# the host's Tractor type, REX / EXP / DEV / SER (see simulation.hosts).
+HOST_TYPE_COLUMN = "host_type"
 NEIGHBOUR_COLUMNS = ("nb_x", "nb_y", "nb_mag_r", "nb_g_minus_r", "nb_r_minus_z", "nb_reff", "nb_n",
                      "nb_q", "nb_phi")
 STAR_COLUMNS = ("star_x", "star_y", "star_mag_r", "star_g_minus_r", "star_r_minus_z")
@@ -190,32 +194,6 @@ def draw_conditions(rng: np.random.Generator, region_index: np.ndarray, rho: flo
 # ----------------------------------------------------------------------------------------------------
 # Host, neighbours, stars, confusers
 # ----------------------------------------------------------------------------------------------------
-
-def draw_hosts(rng: np.random.Generator, n: int) -> dict:
-    """LRG hosts: de Vaucouleurs-like Sersic (n ~ 4), satisfying the parent cuts z < 20.4, r - z > 0.4.
-
-    z magnitudes follow rising number counts (p ~ 10^(0.3 m)) over 17.5-20.4; colours are those of
-    z ~ 0.3-0.8 LRGs; effective radius log-normal around 0.9 arcsec (~5 kpc at z ~ 0.5)."""
-    cuts = load_conditions()["lrg_parent_cuts"]
-    z_max = float(cuts["z_mag_max"])
-    a = 0.3 * np.log(10.0)
-    lo, hi = 17.5, z_max - 0.01
-    u = rng.random(n)
-    z_mag = np.log(np.exp(a * lo) + u * (np.exp(a * hi) - np.exp(a * lo))) / a
-    r_minus_z = np.clip(1.35 + 0.25 * rng.standard_normal(n), float(cuts["r_minus_z_min"]) + 0.05, 2.3)
-    g_minus_r = np.clip(1.6 + 0.25 * rng.standard_normal(n), 0.8, 2.4)
-    return {
-        "host_mag_r": z_mag + r_minus_z,
-        "host_g_minus_r": g_minus_r,
-        "host_r_minus_z": r_minus_z,
-        "host_reff": np.clip(np.exp(np.log(0.9) + 0.4 * rng.standard_normal(n)), 0.3, 3.0),
-        "host_n": np.clip(4.0 + 0.5 * rng.standard_normal(n), 2.5, 6.0),
-        "host_q": np.clip(0.75 + 0.15 * rng.standard_normal(n), 0.4, 1.0),
-        "host_phi": rng.random(n) * np.pi,
-        "host_x": rng.uniform(-0.3, 0.3, n) * PIXEL_SCALE_ARCSEC,
-        "host_y": rng.uniform(-0.3, 0.3, n) * PIXEL_SCALE_ARCSEC,
-    }
-
 
 def _annulus_positions(rng, shape, r_min, r_max):
     r = np.sqrt(rng.uniform(r_min**2, r_max**2, shape))
@@ -442,7 +420,8 @@ def parse_split_fracs(text) -> tuple[float, float, float]:
 
 def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fracs=(0.7, 0.15, 0.15),
                    source_priors: str = "realistic", confuser_frac: float = 0.1,
-                   n_regions: int | None = None, clumps: ClumpPrior = ClumpPrior()) -> pa.Table:
+                   n_regions: int | None = None, clumps: ClumpPrior = ClumpPrior(),
+                   host_priors: str = "dr10") -> pa.Table:
     """The Phase 4a table as a pyarrow Table (see the module docstring for conventions)."""
     clumps.check()
     if n_tasks < 1:
@@ -453,6 +432,8 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
         raise DHSError(f"--confuser_frac must be in [0, 1], got {confuser_frac}")
     if source_priors not in SOURCE_PRIORS:
         raise DHSError(f"unknown --source_priors '{source_priors}' (choose from {', '.join(SOURCE_PRIORS)})")
+    if host_priors not in HOST_PRIORS:
+        raise DHSError(f"unknown --host_priors '{host_priors}' (choose from {', '.join(HOST_PRIORS)})")
     if n_regions is None:
         n_regions = max(24, int(np.ceil(n_tasks / 40)))
     if n_regions < 1:
@@ -474,7 +455,7 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
         "noise_seed": _stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64),
     }
     cols.update(draw_conditions(_stream(seed, "conditions"), region_index))
-    hosts = draw_hosts(_stream(seed, "host"), n)
+    hosts = draw_hosts(_stream(seed, "host"), n, host_priors)
     cols.update(hosts)
     cols.update(draw_neighbours(_stream(seed, "neighbours"), n))
     cols.update(draw_stars(_stream(seed, "stars"), n))
@@ -497,7 +478,7 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
             arrays[k] = pa.array(list(v), pa.string())
         else:
             arrays[k] = pa.array(v)
-    text = (f"seed={seed};source_priors={source_priors};n_regions={n_regions};"
+    text = (f"seed={seed};host_priors={host_priors};source_priors={source_priors};n_regions={n_regions};"
             f"control_frac={control_frac};confuser_frac={confuser_frac};"
             f"split_fracs={','.join(map(str, split_fracs))}")
     if clumps.max > 0:
@@ -569,6 +550,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--control_frac", type=float, default=0.5, help="fraction of unpaired controls")
     parser.add_argument("--split_fracs", default="0.7,0.15,0.15", help="train,val,test fractions of sky regions")
     parser.add_argument("--source_priors", default="realistic", choices=SOURCE_PRIORS)
+    parser.add_argument("--host_priors", default="dr10", choices=HOST_PRIORS,
+                        help="host LRGs like the DR10 parent sample (dr10) or the seed's n ~ 4 hosts (sota)")
     parser.add_argument("--confuser_frac", type=float, default=0.1,
                         help="fraction of stamps (both classes) with a lens-like confuser")
     parser.add_argument("--n_regions", type=int, default=None,
@@ -591,8 +574,12 @@ def clump_prior(args) -> ClumpPrior:
 
 
 def run(args) -> int:
+    from darkhaloscope.io import check_writable
+
+    check_writable(args.out, "--out")  # before the work, not after it
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
-                           args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args))
+                           args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
+                           args.host_priors)
     write_manifest(table, args.out)
     splits = table.column("region_split").to_pylist()
     print(f"manifest: {table.num_rows} tasks ({int(table.column('is_control').to_numpy().sum())} controls), "

@@ -105,12 +105,18 @@ def encode_stamp(image: np.ndarray) -> bytes:
 
 
 def decode_stamp(blob: bytes) -> np.ndarray | None:
-    """Bytes of an .npz -> (3, 64, 64) float32, or None if it does not decode, has the wrong shape or is
-    not finite (the caller counts such rows as skipped)."""
+    """Bytes of an .npz -> (3, 64, 64) float32, or None if it does not decode, is not floating point,
+    has the wrong shape or is not finite (the caller counts such rows as skipped)."""
     try:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            image = np.stack([np.asarray(npz[key], dtype=np.float32) for key in STAMP_KEYS])
+            members = [np.asarray(npz[key]) for key in STAMP_KEYS]
     except Exception:  # any corrupt blob is a skipped row, never a crash
+        return None
+    if not all(m.dtype.kind == "f" for m in members):  # integer pixels are not nanomaggies: a bad stamp
+        return None
+    try:
+        image = np.stack(members).astype(np.float32)
+    except ValueError:
         return None
     if image.shape != (len(BANDS), STAMP_SIZE, STAMP_SIZE) or not np.isfinite(image).all():
         return None
@@ -140,6 +146,8 @@ def decode_stamps(blobs) -> tuple[np.ndarray, np.ndarray]:
             if blob is None:
                 continue
             members = read_npz_members(blob, STAMP_KEYS)
+            if members is not None and not all(m.dtype.kind == "f" for m in members):
+                continue  # integer (or other non-float) pixels are not nanomaggies: a bad stamp
             if members is not None and all(m.shape == shape for m in members):
                 image = np.stack(members).astype(np.float32, copy=False)
                 image = image if np.isfinite(image).all() else None

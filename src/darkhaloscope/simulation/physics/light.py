@@ -87,14 +87,30 @@ def _grid_r2(ux, uy, vx, vy, floor):
     return out
 
 
-def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32) -> np.ndarray:
+@numba.njit(cache=True)
+def _grid_r2_hole(ux, uy, vx, vy, floor, hole2):
+    """``_grid_r2`` with R^2 = +inf (a zero profile) where R^2 < hole2[m]: the samples inside profile m's
+    hole, whose flux ``sersic_inner_pixels`` supplies."""
+    out = _grid_r2(ux, uy, vx, vy, floor)
+    for m in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            for j in range(out.shape[2]):
+                if out[m, i, j] < hole2[m]:
+                    out[m, i, j] = np.inf
+    return out
+
+
+def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32, hole=None) -> np.ndarray:
     """``sersic`` for M profiles on the regular grid x = xs[None, :], y = ys[:, None] (1-D arcsec
     coordinates): parameters (M,) -> (M, len(ys), len(xs)) in ``dtype`` (float32 by default).
 
     Same formula as ``sersic``, evaluated with few full-size passes: the rotated, q-scaled coordinates
     are sums of a per-column and a per-row term (built on the 1-D axes), and
     I_e exp(-b ((R / r_eff)^(1/n) - 1)) becomes exp(b - b exp((ln R^2 / 2 - ln r_eff) / n)) I_e, all
-    in place. The background of a scene uses it (about 4x cheaper than ``sersic`` on full grids)."""
+    in place. The background of a scene uses it (about 4x cheaper than ``sersic`` on full grids).
+
+    ``hole`` (M,) arcsec, optional: samples with elliptical radius below it are zero (the cusp, whose
+    flux ``sersic_inner_pixels`` adds exactly)."""
     col = lambda v: np.asarray(v, dtype=np.float64).reshape(-1, 1, 1)  # noqa: E731
     r_eff, n, q = col(r_eff), col(n), col(q)
     if np.any(~(r_eff > 0)) or np.any(~(n > 0)) or np.any(~((q > 0) & (q <= 1))):
@@ -108,7 +124,11 @@ def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32) -> 
              (-s * (xs - x0) / sq).astype(dtype), (c * (ys - y0) / sq).astype(dtype))
     m = np.broadcast_shapes(*(a.shape[:1] for a in terms))  # parameters of length 1 broadcast, as before
     ux, uy, vx, vy = (np.ascontiguousarray(np.broadcast_to(a, m + a.shape[1:]).reshape(m[0], -1)) for a in terms)
-    u = _grid_r2(ux, uy, vx, vy, dtype(R_FLOOR**2))
+    if hole is None:
+        u = _grid_r2(ux, uy, vx, vy, dtype(R_FLOOR**2))
+    else:
+        hole2 = np.broadcast_to(np.asarray(hole, np.float64) ** 2, m).astype(dtype)
+        u = _grid_r2_hole(ux, uy, vx, vy, dtype(R_FLOOR**2), hole2)
     np.log(u, out=u)
     b = sersic_b(n)
     r_e = np.maximum(r_eff, R_FLOOR)
@@ -120,6 +140,55 @@ def sersic_on_grid(xs, ys, flux, r_eff, n, q, phi, x0, y0, dtype=np.float32) -> 
     np.exp(u, out=u)
     u *= sersic_norm(col(flux), r_eff, n).astype(dtype)
     return u
+
+
+def sersic_inner_pixels(r_eff, n, q, phi, x0, y0, radius, size: int = STAMP_SIZE, scale: float = PIXEL_SCALE_ARCSEC,
+                        n_log: int = 10, n_lin: int = 16, n_ang: int = 96) -> np.ndarray:
+    """(M, size, size) float64: the share of each unit-flux Sersic profile's flux inside elliptical radius
+    ``radius`` (arcsec, (M,) or scalar), per pixel, exact in radius.
+
+    Point samples cannot integrate a steep cusp (n >~ 3 at r_eff of a pixel or less): a sample that lands
+    near the centre of an n = 6 profile can carry tens of per cent of the flux. Inside ``radius`` this
+    takes the flux of elliptical annuli from the analytic enclosed fraction (``sersic_enclosed_fraction``;
+    ``n_log`` geometric radii from 1e-6 to 1/16 of ``radius`` where the cusp is steep, then ``n_lin`` linear
+    steps to ``radius`` where most of a shallow profile's flux is; the innermost disc included) and
+    spreads each, at its middle radius, over ``n_ang``
+    points uniform in the angle t of x' = R cos t / sqrt(q), y' = R sin t sqrt(q) (the area element is
+    R dR dt, so an elliptical annulus's flux is uniform in t), each point's share going to the pixel it
+    falls in (points outside the stamp are dropped). Pair with ``sersic_on_grid(..., hole=radius)``."""
+    col = lambda v: np.broadcast_to(np.asarray(v, np.float64), np.shape(r_eff)).reshape(-1, 1)  # noqa: E731
+    r_eff, n, q, phi, x0, y0, radius = (col(v) for v in (r_eff, n, q, phi, x0, y0, radius))
+    steps = np.concatenate([[0.0], np.geomspace(1e-6, 1.0 / 16, n_log), np.linspace(1.0 / 16, 1.0, n_lin + 1)[1:]])
+    edges = radius * steps                                                     # (M, annuli + 1)
+    shares = np.diff(sersic_enclosed_fraction(edges, r_eff, n), axis=1)       # (M, annuli)
+    mid = np.concatenate([edges[:, 1:2] / 2, (edges[:, 1:-1] + edges[:, 2:]) / 2], axis=1)
+    t = (np.arange(n_ang) + 0.5) * (2 * np.pi / n_ang)
+    out = np.zeros((len(r_eff), size, size))
+    _spread_inner(out, shares / n_ang, mid, np.cos(t), np.sin(t), np.sqrt(q[:, 0]), np.cos(phi[:, 0]),
+                  np.sin(phi[:, 0]), x0[:, 0], y0[:, 0], float(scale))
+    return out
+
+
+@numba.njit(cache=True)
+def _spread_inner(out, share, mid, cos_t, sin_t, sq, cos_phi, sin_phi, x0, y0, scale):
+    """out[m, row, col] += share[m, k] for each annulus k of profile m at each angle of (cos_t, sin_t):
+    the point x' = mid cos t / sqrt(q), y' = mid sin t sqrt(q), rotated by phi about (x0, y0), falls in
+    pixel (row, col); points off the stamp are dropped. Compiled: numpy needs ~15 passes over
+    (M, annuli, angles) temporaries and a bincount, ~10x slower for the 16 stamps of a chunk."""
+    size = out.shape[1]
+    half = size / 2.0
+    for m in range(out.shape[0]):
+        for k in range(mid.shape[1]):
+            a = mid[m, k] / sq[m]
+            b = mid[m, k] * sq[m]
+            w = share[m, k]
+            for j in range(cos_t.shape[0]):
+                xp = a * cos_t[j]
+                yp = b * sin_t[j]
+                col = int(np.floor((x0[m] + cos_phi[m] * xp - sin_phi[m] * yp) / scale + half))
+                row = int(np.floor((y0[m] + sin_phi[m] * xp + cos_phi[m] * yp) / scale + half))
+                if 0 <= row < size and 0 <= col < size:
+                    out[m, row, col] += w
 
 
 def pixel_grid(size: int = STAMP_SIZE, supersample: int = 1, scale: float = PIXEL_SCALE_ARCSEC):

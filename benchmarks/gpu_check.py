@@ -1,0 +1,310 @@
+"""A borrowed GPU turned into figures in one command (about ten minutes on one H100/H200-class node):
+
+    python benchmarks/gpu_check.py                 # full check on the NVIDIA GPUs torch sees
+    python benchmarks/gpu_check.py --reduced       # the same steps at toy sizes (what the test suite runs on CPU)
+
+Steps, in this order, each timed and recorded even when a later one fails:
+1. end to end: `config/full.yaml` scaled down (20k stamps per variant, 1 epoch per stage, the seed's
+   ConvNeXt-Tiny, batch 256, bf16) through the real `snakemake` command; it must produce the five targets.
+2. training throughput through the real pipeline (parquet -> StampStream with DataLoader workers ->
+   LensClassifier -> focal loss -> AdamW, i.e. `dhs train`'s step) on the stamps step 1 simulated, and the same
+   model bare (timm on a fixed tensor): images/s and their ratio.
+3. inference throughput: the whole `dhs infer` command against a bare forward pass of the same model.
+4. `torchrun --nproc_per_node 2` of `dhs train` (DDP) when two or more GPUs are visible.
+5. the projection: measured per-image cost -> hours for 6 epochs over the full recipe's training split, the
+   images/s that the budget in config/full.yaml (6 GPU-hours per stage) needs, and FLOPs per training image
+   (counted by torch.utils.flop_counter on the real model).
+
+With no CUDA device it runs the reduced mode by itself (convnext_atto, tiny batches, ~500 stamps, fp32): same
+code paths, so the script is known to work before anyone has a GPU. Writes one JSON (default
+benchmarks/out/gpu_check.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))
+
+from bench_train import bare_loop, pipeline_loop  # noqa: E402
+from factory import write_fake_phase4c  # noqa: E402
+
+# What the end-to-end step must produce (relative to its run directory): the evaluate rule's four files and
+# the Gen3 model they come from.
+TARGETS = ["gen3_stratified_fpr.csv", "gen3_stratified_fpr_auroc.csv", "gen3_stratified_fpr_completeness.csv",
+           "report/gen3_report.html", "runs/gen3_stageA2/best.pt"]
+
+# The full recipe's scale and the budget the projection is held against (config/full.yaml's header: about
+# 6 GPU-hours per stage on one H100-class GPU; 6 epochs per stage).
+BUDGET_HOURS_PER_STAGE = 6.0
+
+
+def sizes(reduced: bool, n_gpus: int, cpus: int) -> dict:
+    if reduced:
+        return {"reduced": True, "arch": "convnext_atto", "batch": 16, "bf16": False, "workers": 1, "train_steps": 2, "repeat": 1,
+                "infer_batch": 64, "e2e_tasks": 480, "e2e_shards": 1, "e2e_batch": 32, "e2e_workers": 0,
+                "torchrun_rows": 0}
+    return {"reduced": False, "arch": "convnext_tiny", "batch": 256, "bf16": True,
+            # ~1 DataLoader worker per ~3000 stamps/s (docs/benchmarks.md), leaving cores to the main process
+            "workers": max(2, min(16, cpus // max(1, n_gpus) - 2)), "train_steps": 40, "repeat": 2,
+            "infer_batch": 1024, "e2e_tasks": 20000, "e2e_shards": max(2, min(32, cpus)), "e2e_batch": 256,
+            "e2e_workers": max(2, min(8, cpus // 2)), "torchrun_rows": 4096}
+
+
+def machine() -> dict:
+    info = {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "gpus": []}
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                             "bf16": torch.cuda.is_bf16_supported()})
+    return info
+
+
+def step(results: dict, name: str, fn):
+    """Run one step; record its result or its error, and its wall time, without stopping the check."""
+    t = time.perf_counter()
+    try:
+        results[name] = {"ok": True, **fn()}
+    except Exception as exc:  # a failed step is a finding; the others still run
+        results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                         "traceback": traceback.format_exc()[-3000:]}
+    results[name]["seconds"] = round(time.perf_counter() - t, 1)
+    print(f"[gpu_check] {name}: {'ok' if results[name]['ok'] else 'FAILED: ' + results[name]['error']}"
+          f" ({results[name]['seconds']} s)", flush=True)
+
+
+def env_with_repo() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def e2e(work: Path, sz: dict, n_gpus: int) -> dict:
+    cfg = yaml.safe_load((REPO / "config/full.yaml").read_text())
+    cfg["run_dir"] = str(work / "e2e")
+    cfg["simulation"].update(n_tasks=sz["e2e_tasks"], n_shards=sz["e2e_shards"])
+    cfg["audit"]["max_rows"] = min(cfg["audit"]["max_rows"], sz["e2e_tasks"] // 2)
+    cfg["train"].update(arch=sz["arch"], batch_size=sz["e2e_batch"], use_bf16=sz["bf16"],
+                        num_workers=sz["e2e_workers"], gpus=min(n_gpus, 1), save_every_steps=50)
+    for stage in ("gen2", "gen3_a1", "gen3_a2"):
+        cfg[stage]["epochs"] = 1
+    # enough hard negatives to exist at this scale (the full recipe keeps the top 50k at score >= 0.9)
+    cfg["mine"].update(topk=max(20, sz["e2e_tasks"] // 40), min_score=0.5)
+    path = work / "e2e.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    # reduced mode: one core, so every rule runs single-threaded (OpenMP threads on a busy CPU spin-wait for
+    # each other: 85 s per atto step with 2 threads under load average 20, against ~1 s with one)
+    cores = "1" if sz["reduced"] else "all"
+    cmd = [str(Path(sys.executable).with_name("snakemake")), "--configfile", str(path), "--cores", cores]
+    if n_gpus:
+        cmd += ["--profile", "profiles/local"]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env_with_repo(), capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    (work / "e2e.log").write_text(proc.stdout + proc.stderr)
+    run = Path(cfg["run_dir"])
+    missing = [t for t in TARGETS if not (run / t).is_file() or (run / t).stat().st_size == 0]
+    if proc.returncode != 0 or missing:
+        raise RuntimeError(f"snakemake exited {proc.returncode}, missing {missing}; log tail:\n"
+                           + (proc.stdout + proc.stderr)[-2000:])
+    per_rule = {}
+    for tsv in (run / "benchmarks").rglob("*.tsv"):
+        rows = tsv.read_text().splitlines()
+        if len(rows) > 1:
+            rule = tsv.relative_to(run / "benchmarks").with_suffix("").as_posix()
+            per_rule[rule] = round(float(rows[1].split("\t")[0]), 1)
+    return {"stamps_per_variant": sz["e2e_tasks"], "wall_s": round(wall, 1), "targets": TARGETS,
+            "rule_seconds": dict(sorted(per_rule.items())), "run_dir": str(run)}
+
+
+def train_throughput(data: Path, sz: dict, device: torch.device) -> dict:
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # a per-core figure, robust to a shared machine's load (as bench_train.py)
+    bare, pipe = [], []
+    for _ in range(sz["repeat"]):
+        bare.append(bare_loop(sz["arch"], sz["batch"], sz["train_steps"], device, sz["bf16"]))
+        pipe.append(pipeline_loop(sz["arch"], sz["batch"], sz["train_steps"], device, sz["bf16"], data,
+                                  sz["workers"]))
+    return {"arch": sz["arch"], "batch": sz["batch"], "bf16": sz["bf16"], "workers": sz["workers"],
+            "steps": sz["train_steps"], "bare_images_per_s": round(max(bare), 1),
+            "pipeline_images_per_s": round(max(pipe), 1), "ratio": round(max(pipe) / max(bare), 3)}
+
+
+def infer_throughput(data: Path, sz: dict, device: torch.device, work: Path) -> dict:
+    import timm
+
+    from darkhaloscope import cli
+    from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
+
+    kwargs = model_kwargs(sz["arch"], 2, 0.1)
+    ckpt = work / "infer_ckpt.pt"
+    save_checkpoint(ckpt, kind="best", arch=sz["arch"], model_kwargs=kwargs,
+                    state_dict=build_model(**kwargs).state_dict(), meta_cols=["psfsize_r", "psfdepth_r"],
+                    meta_mean=[1.2, 24.3], meta_std=[0.2, 0.4], variant="gpu_check", args={}, epoch=0, metrics={},
+                    finished=True)
+    import pyarrow.parquet as pq
+
+    n = sum(pq.ParquetFile(f).metadata.num_rows for f in (data / "region_split=test").glob("*.parquet"))
+    extra = ["--use_bf16"] if sz["bf16"] else []
+    extra += ["--num_workers", str(sz["workers"])] if sz["workers"] > 1 else []
+    t = time.perf_counter()
+    rc = cli.main(["infer", "--data", str(data), "--ckpt", str(ckpt), "--out", str(work / "infer.parquet"),
+                   "--split", "test", "--batch_size", str(sz["infer_batch"]), *extra])
+    pipe = n / (time.perf_counter() - t)
+    if rc != 0:
+        raise RuntimeError(f"dhs infer exited {rc}")
+    model = timm.create_model(sz["arch"], pretrained=False, num_classes=1).to(device).eval()
+    x = torch.randn(sz["infer_batch"], 3, 64, 64, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=sz["bf16"]):
+        model(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t, done = time.perf_counter(), 0
+        while done < n:
+            model(x)
+            done += sz["infer_batch"]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    bare = done / (time.perf_counter() - t)
+    return {"stamps": n, "batch": sz["infer_batch"], "pipeline_images_per_s": round(pipe, 1),
+            "bare_images_per_s": round(bare, 1), "ratio": round(pipe / bare, 3),
+            "note": "pipeline = the whole dhs infer command, model load and parquet write included"}
+
+
+def torchrun_smoke(data: Path, sz: dict, n_gpus: int, work: Path) -> dict:
+    if n_gpus < 2:
+        return {"skipped": f"{n_gpus} GPU(s) visible; the DDP smoke needs 2"}
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+           "-m", "darkhaloscope", "train", "--data", str(data), "--out_dir", str(work / "ddp"), "--arch", sz["arch"],
+           "--epochs", "1", "--batch_size", str(sz["batch"]), "--use_bf16", "--augment", "--loss", "focal",
+           "--meta_cols", "psfsize_r,psfdepth_r", "--num_workers", str(min(4, sz["workers"]))]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env_with_repo(), capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 or not (work / "ddp/best.pt").is_file():
+        raise RuntimeError(f"torchrun exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    history = json.loads((work / "ddp/history.json").read_text())
+    return {"nproc": 2, "wall_s": round(time.perf_counter() - t, 1), "epochs": len(history) if isinstance(history, list)
+            else None}
+
+
+def flops_per_training_image(arch: str) -> float:
+    """FLOPs of one training step per 64x64 stamp: the real classifier's forward pass counted by torch's flop
+    counter, times 3 (forward + backward ~ 2x forward, the usual estimate). The counter's own backward figure is
+    not used: in torch 2.14 it counts the backward of ConvNeXt's depthwise convolutions ~90x above their forward
+    (8.5 against 0.1 GFLOP for two stamps), as if they were dense."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from darkhaloscope.learning.model import build_model
+
+    model = build_model(arch, 2, 0.1)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 3, 64, 64), torch.randn(2, 2))
+    return 3 * counter.get_total_flops() / 2
+
+
+def projection(results: dict, sz: dict) -> dict:
+    full = yaml.safe_load((REPO / "config/full.yaml").read_text())
+    n_train = round(full["simulation"]["n_tasks"] * full["simulation"]["split_fracs"][0])
+    epochs = full["gen3_a1"]["epochs"]
+    need = epochs * n_train / (BUDGET_HOURS_PER_STAGE * 3600)
+    out = {"full_recipe_train_stamps": n_train, "epochs_per_stage": epochs,
+           "budget_hours_per_stage": BUDGET_HOURS_PER_STAGE, "images_per_s_needed": round(need, 1),
+           "train_flops_per_image_convnext_tiny": flops_per_training_image("convnext_tiny")}
+    train = results.get("train", {})
+    if train.get("ok"):
+        rate = train["pipeline_images_per_s"]
+        out.update({"measured_arch": train["arch"], "measured_ms_per_image": round(1000 / rate, 4),
+                    "hours_per_stage_at_measured_rate": round(epochs * n_train / rate / 3600, 2),
+                    "meets_budget": bool(train["arch"] == "convnext_tiny" and rate >= need)})
+    return out
+
+
+def table(results: dict) -> str:
+    rows = [("step", "result")]
+    e = results.get("e2e", {})
+    rows.append(("end to end (full.yaml scaled)", "skipped" if not e else f"{e['stamps_per_variant']} stamps/variant, "
+                 f"{e['wall_s']} s" if e.get("ok") else f"FAILED {e.get('error', '')[:80]}"))
+    for key, label in (("train", "train images/s"), ("infer", "infer images/s")):
+        r = results.get(key, {})
+        rows.append((f"{label} pipeline / bare (ratio)", "skipped" if not r else f"{r['pipeline_images_per_s']} / "
+                     f"{r['bare_images_per_s']} ({r['ratio']})" if r.get("ok") else f"FAILED {r.get('error', '')[:80]}"))
+    t = results.get("torchrun", {})
+    rows.append(("torchrun 2 GPUs", t.get("skipped") or (f"{t['wall_s']} s" if t.get("ok")
+                                                         else f"FAILED {t.get('error', '')[:80]}")))
+    p = results.get("projection", {})
+    if p.get("ok"):
+        rows.append(("needed for the budget", f"{p['images_per_s_needed']} images/s "
+                     f"({p['epochs_per_stage']} epochs x {p['full_recipe_train_stamps']} stamps in "
+                     f"{p['budget_hours_per_stage']} h)"))
+        rows.append(("train GFLOP per image (tiny)", f"{p['train_flops_per_image_convnext_tiny'] / 1e9:.3f}"))
+        if "hours_per_stage_at_measured_rate" in p:
+            rows.append((f"hours per stage at measured rate ({p['measured_arch']})",
+                         f"{p['hours_per_stage_at_measured_rate']}"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a.ljust(width)}  {b}" for a, b in rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reduced", action="store_true", help="toy sizes (automatic without a CUDA device)")
+    ap.add_argument("--out", default=str(HERE / "out/gpu_check.json"))
+    ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
+    ap.add_argument("--skip", default="", help="comma-separated steps to skip: e2e,train,infer,torchrun")
+    args = ap.parse_args(argv)
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    reduced = args.reduced or n_gpus == 0
+    device = torch.device("cuda" if n_gpus else "cpu")
+    sz = sizes(reduced, n_gpus, os.cpu_count() or 1)
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"mode": "reduced" if reduced else "full", "machine": machine(), "sizes": sz}
+    start = time.perf_counter()
+    try:
+        if "e2e" not in skip:
+            step(results, "e2e", lambda: e2e(work, sz, n_gpus))
+        data = Path(results["e2e"]["run_dir"]) / "data/v4_sota_moffat" if results.get("e2e", {}).get("ok") else None
+        if data is None:  # no simulated stamps: the test factory's Phase 4c-contract stamps instead
+            rows = max(4 * sz["batch"], 256)
+            data = write_fake_phase4c(work / "fake", {"train": rows, "val": rows // 4, "test": rows}, files_per_split=2)
+        results["data"] = str(data)
+        if "train" not in skip:
+            step(results, "train", lambda: train_throughput(data, sz, device))
+        if "infer" not in skip:
+            step(results, "infer", lambda: infer_throughput(data, sz, device, work))
+        if "torchrun" not in skip:
+            step(results, "torchrun", lambda: torchrun_smoke(data, sz, n_gpus, work))
+        step(results, "projection", lambda: projection(results, sz))
+    finally:
+        results["total_s"] = round(time.perf_counter() - start, 1)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(table(results))
+    print(f"[gpu_check] {results['total_s']} s; JSON: {args.out}")
+    failed = [k for k, v in results.items() if isinstance(v, dict) and v.get("ok") is False]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
