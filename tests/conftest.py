@@ -1,4 +1,5 @@
 import socket
+from pathlib import Path
 
 import pytest
 from factory import write_fake_phase4c  # tests/ is on sys.path: pyproject's [tool.pytest.ini_options] pythonpath
