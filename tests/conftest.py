@@ -1,12 +1,8 @@
 import socket
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from factory import write_fake_phase4c  # noqa: E402
+from factory import write_fake_phase4c  # tests/ is on sys.path: pyproject's [tool.pytest.ini_options] pythonpath
 
 
 @pytest.fixture(scope="session")

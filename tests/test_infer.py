@@ -19,9 +19,7 @@ import torch
 from darkhaloscope import cli
 from darkhaloscope.evaluation.infer import PASSTHROUGH_COLUMNS, sigmoid32
 from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
-
-sys.path.insert(0, str(Path(__file__).parent))
-from factory import fake_rows, write_fake_phase4c  # noqa: E402
+from factory import fake_rows, write_fake_phase4c
 
 META = ["psfsize_r", "psfdepth_r"]
 

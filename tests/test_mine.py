@@ -13,7 +13,7 @@ import pytest
 
 from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.mine import OUTPUT_SCHEMA, TopK, load_known_lenses, mine
+from darkhaloscope.evaluation.mine import OUTPUT_SCHEMA, TopK, lenscat_catalogue, load_known_lenses, mine
 
 
 def _offset(ra, dec, sep_arcsec, pa_rad):
@@ -63,6 +63,21 @@ def _write(df, path, row_group_size=65536):
 @pytest.fixture(scope="module")
 def lenscat_positions():
     return load_known_lenses(None)
+
+
+def test_default_catalogue_is_lenscats_csv_every_grading_without_importing_lenscat(lenscat_positions):
+    """The default known lenses are every row of the CSV the lenscat wheel ships (confident and probable),
+    read without importing lenscat (its __init__ needs the LIGO stack, which is not installed)."""
+    import csv
+
+    path, version = lenscat_catalogue()
+    assert version == "1.1.3" and "lenscat" not in sys.modules
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["grading"] for r in rows} == {"confident", "probable"}
+    ra, dec = lenscat_positions
+    np.testing.assert_array_equal(ra, [float(r["RA [deg]"]) for r in rows])
+    np.testing.assert_array_equal(dec, [float(r["DEC [deg]"]) for r in rows])
 
 
 def test_exclusion_matches_direct_angular_distance_at_real_lenscat_positions(tmp_path, lenscat_positions):

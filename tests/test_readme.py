@@ -1,6 +1,7 @@
 """The README keeps exactly two set-up commands, and CI runs the README's test command verbatim."""
 
 import re
+import tomllib
 
 from workflow_helpers import REPO
 
@@ -28,3 +29,14 @@ def test_env_pins_match_pyproject():
     for env in (REPO / "envs").glob("*.yaml"):
         for name, version in re.findall(r"- ([A-Za-z0-9_.\-]+)==(\S+)", env.read_text()):
             assert pins.get(name) == version, f"{env.name}: {name}=={version} but pyproject pins {pins.get(name)}"
+
+
+def test_no_deps_packages_are_installed_the_same_way_everywhere():
+    """pyproject's no_deps list (lenscat, without the LIGO stack) is what README, CI and the evaluate env install."""
+    no_deps = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["darkhaloscope"]["no_deps"]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert no_deps and not {spec.split("==")[0] for spec in no_deps} & {d.split("==")[0] for d in dependencies}
+    install = "pip install --no-deps " + " ".join(no_deps)
+    main, tests = readme_commands()
+    assert install in main and install in tests
+    assert install in (REPO / "envs/evaluate.post-deploy.sh").read_text()

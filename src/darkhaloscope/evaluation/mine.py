@@ -55,33 +55,47 @@ def _find_column(names, wanted: str):
     return None
 
 
+def lenscat_catalogue() -> tuple[Path, str]:
+    """Path and version of the catalogue CSV that the installed lenscat wheel ships (every entry, all
+    gradings). Found through the distribution's metadata, without importing lenscat: its ``__init__``
+    imports ligo.skymap for GW-skymap crossmatching, which is why lenscat is installed with --no-deps."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("lenscat")
+    except metadata.PackageNotFoundError:
+        raise DHSError("lenscat is not installed (pip install --no-deps lenscat==1.1.3), or pass --known_lenses "
+                       "FILE") from None
+    path = Path(dist.locate_file("lenscat/data/catalog.csv"))
+    if not path.is_file():
+        raise DHSError(f"lenscat {dist.version} ships no catalogue at {path}")
+    return path, dist.version
+
+
 def load_known_lenses(path=None) -> tuple[np.ndarray, np.ndarray]:
     """(ra, dec) in degrees of known lenses: the ``lenscat`` catalogue by default (~33k lenses and
-    candidates, RA/DEC in degrees), else a CSV or parquet file with ra/dec columns in degrees."""
-    if path is None:
-        import lenscat  # imported lazily: it pulls in astropy
+    candidates, ``RA [deg]``/``DEC [deg]``), else a CSV or parquet file with ra/dec columns in degrees."""
+    import pandas as pd
 
-        cat = lenscat.catalog
-        ra, dec = np.asarray(cat["RA"], np.float64), np.asarray(cat["DEC"], np.float64)
-        source = f"lenscat {getattr(lenscat, '__version__', '')}".strip()
+    if path is None:
+        path, version = lenscat_catalogue()
+        source = f"lenscat {version}"
     else:
         path = Path(path)
         if not path.exists():
             raise DHSError(f"known-lens catalogue {path} does not exist")
-        import pandas as pd
-
-        try:
-            df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-        except Exception as exc:
-            raise DHSError(f"known-lens catalogue {path} cannot be read ({exc.__class__.__name__})") from None
-        ra_col, dec_col = _find_column(df.columns, "ra"), _find_column(df.columns, "dec")
-        if ra_col is None or dec_col is None:
-            raise DHSError(f"known-lens catalogue {path} has no ra/dec columns (has: {','.join(map(str, df.columns))})")
-        try:
-            ra, dec = df[ra_col].to_numpy(np.float64), df[dec_col].to_numpy(np.float64)
-        except (TypeError, ValueError):
-            raise DHSError(f"known-lens catalogue {path}: ra/dec are not numbers in degrees") from None
         source = str(path)
+    try:
+        df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
+    except Exception as exc:
+        raise DHSError(f"known-lens catalogue {path} cannot be read ({exc.__class__.__name__})") from None
+    ra_col, dec_col = _find_column(df.columns, "ra"), _find_column(df.columns, "dec")
+    if ra_col is None or dec_col is None:
+        raise DHSError(f"known-lens catalogue {path} has no ra/dec columns (has: {','.join(map(str, df.columns))})")
+    try:
+        ra, dec = df[ra_col].to_numpy(np.float64), df[dec_col].to_numpy(np.float64)
+    except (TypeError, ValueError):
+        raise DHSError(f"known-lens catalogue {path}: ra/dec are not numbers in degrees") from None
     good = np.isfinite(ra) & np.isfinite(dec)
     if good.any() and (np.abs(dec[good]).max() > 90 or ra[good].min() < -360 or ra[good].max() > 360):
         raise DHSError(f"known-lens catalogue {source}: ra/dec out of range for degrees")
