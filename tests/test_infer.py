@@ -131,7 +131,8 @@ def _dataset_with_bad_stamps(root, n_bad, no_cutout=()):
 
 
 def test_bad_stamps_are_counted_and_stop_above_threshold(tmp_path, ckpt, capsys, caplog):
-    # rows 50 and 51 hold valid stamps but cutout_ok = 0: not scored, counted with the 3 corrupt ones
+    # rows 50 and 51 hold valid stamps but cutout_ok = 0: declared failures, not scored and counted apart from
+    # the 3 corrupt stamps (only those count against --max_skip_frac, of the 98 rows with a cutout)
     data = _dataset_with_bad_stamps(tmp_path / "d", 3, no_cutout=(50, 51))
     out = tmp_path / "s.parquet"
     caplog.set_level(logging.INFO, logger="dhs.infer")
@@ -139,7 +140,8 @@ def test_bad_stamps_are_counted_and_stop_above_threshold(tmp_path, ckpt, capsys,
     assert pq.read_metadata(out).num_rows == 95
     scored = set(pq.read_table(out, columns=["task_id"]).column("task_id").to_pylist())
     assert scored == set(range(100)) - {3, 10, 17, 50, 51}
-    assert "skipped 5 unscorable" in caplog.text
+    assert "2 declared cutout failures (cutout_ok != 1) not scored; skipped 3 unscorable" in caplog.text
+    assert "of 98 rows with a cutout" in caplog.text
     out2 = tmp_path / "s2.parquet"
     assert _infer(data, ckpt, out2, "--max_skip_frac", "0.02") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
