@@ -71,7 +71,7 @@ FETCH_FAILURE_PREFIX = "fetch_failed"
 # ----------------------------------------------------------------------------------------------------
 
 def _open_bytes(path: str) -> bytes:
-    from darkhaloscope.learning.stream import _filesystem
+    from darkhaloscope.stamps.dataset import filesystem as _filesystem
 
     fs, p = _filesystem(path)
     try:

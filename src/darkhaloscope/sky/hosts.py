@@ -51,7 +51,7 @@ HOST_MANIFEST_TAG = b"dhs_host_manifest"
 
 
 def _dataset(hosts_dir: str):
-    from darkhaloscope.learning.stream import _filesystem
+    from darkhaloscope.stamps.dataset import filesystem as _filesystem
 
     fs, root = _filesystem(hosts_dir)
     if "://" not in str(hosts_dir) and not Path(root).is_dir():

@@ -66,7 +66,7 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
 
     from darkhaloscope.learning.model import load_model
     from darkhaloscope.evaluation.infer import forward_logits
-    from darkhaloscope.learning.stream import decode_batch, iter_table_batches, open_split
+    from darkhaloscope.learning.stream import decode_batch, open_split
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
@@ -76,7 +76,8 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
     frames = []
     for split in SPLITS:
         try:
-            _, files, schema = open_split(data, split)
+            part = open_split(data, split)
+            schema = part.schema
         except DHSError as exc:
             if "no parquet files" in str(exc):
                 continue
@@ -93,7 +94,7 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
         cols = ["task_id", "ra", "dec", "stamp_npz", *meta_cols,
                 *[c for c in ("cutout_ok", "cutout_reason", "is_control") if c in schema.names],
                 *([grade_column] if grade_column else [])]
-        for batch in iter_table_batches(data, split, cols, batch_size):
+        for batch in part.iter_batches(cols, batch_size):
             n = batch.num_rows
             reason = np.full(n, None, object)
             if "is_control" in batch.schema.names and (batch.column("is_control").to_numpy(zero_copy_only=False) != 0).any():
@@ -112,7 +113,7 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
                     for j, c in enumerate(meta_cols):
                         table = _replace(table, c, pa.array(np.where(bad, 0.0, raw[:, j])))
                     batch = table
-            images, meta, ok = decode_batch(batch, meta_cols, ckpt["meta_mean"], ckpt["meta_std"])
+            images, meta, ok, _ = decode_batch(batch, meta_cols, ckpt["meta_mean"], ckpt["meta_std"])
             logit = np.full(n, np.nan)
             if ok.any():
                 logit[ok] = forward_logits(model, images, meta, dev)
@@ -174,7 +175,7 @@ def stamps_of(data: str, task_ids) -> dict:
     import pyarrow.dataset as pads
 
     from darkhaloscope.stamps.contract import decode_stamp
-    from darkhaloscope.learning.stream import _filesystem
+    from darkhaloscope.stamps.dataset import filesystem as _filesystem
 
     fs, root = _filesystem(data)
     dataset = pads.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
