@@ -217,31 +217,14 @@ def test_retry_after_seconds_and_http_date():
     assert 25 <= _retry_after(when) <= 30
 
 
-def test_catalogue_from_s3(sky, tmp_path, monkeypatch):
+def test_catalogue_from_s3(sky, tmp_path, moto_s3):
     """The catalogue read from a local moto S3 server (a real S3 stand-in, 127.0.0.1)."""
-    import socket
-
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
     from darkhaloscope.sky.cutouts import load_catalog
 
     cat, *_ = sky
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                           "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(key, value)
-        s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
-        s3.create_bucket(Bucket="dhs")
-        pq.write_table(cat, tmp_path / "cat.parquet")
-        s3.upload_file(str(tmp_path / "cat.parquet"), "dhs", "cats/lrg.parquet")
-        got = load_catalog(f"s3://dhs/cats/lrg.parquet?endpoint_override=127.0.0.1:{port}&scheme=http"
-                           "&region=us-east-1", "objid")
-    finally:
-        server.stop()
+    pq.write_table(cat, tmp_path / "cat.parquet")
+    moto_s3.client.upload_file(str(tmp_path / "cat.parquet"), "dhs", "cats/lrg.parquet")
+    got = load_catalog(f"s3://dhs/cats/lrg.parquet?endpoint_override=127.0.0.1:{moto_s3.port}&scheme=http"
+                       "&region=us-east-1", "objid")
     assert got.task_id.to_pylist() == cat.column("objid").to_pylist()
     np.testing.assert_array_equal(got.ra, cat.column("ra").to_numpy())
