@@ -177,24 +177,34 @@ def stratum_figure(tables, stratum: str, target: float, xlabel: str, name: str) 
     return _img(fig, name, f"tpr at fpr {target:g} against {xlabel}, 95% Wilson intervals, n_pos annotated")
 
 
-def completeness_figure(comp: pd.DataFrame) -> str:
+def _recall_map(comp: pd.DataFrame, row_key: str, ylabel: str, cell_text, fontsize: float, name: str,
+                alt: str) -> str:
+    """Recall heat map: rows are the ``<row_key>_lo/_hi`` bins, columns the theta_E/PSF bins; each cell is
+    annotated with ``cell_text(row)``."""
     plt = _plt()
-    theta = sorted(set(zip(comp["theta_lo"], comp["theta_hi"])))
+    rows = sorted(set(zip(comp[f"{row_key}_lo"], comp[f"{row_key}_hi"])))
     res = sorted(set(zip(comp["res_lo"], comp["res_hi"])))
-    grid = np.full((len(theta), len(res)), np.nan)
+    grid = np.full((len(rows), len(res)), np.nan)
     fig, ax = plt.subplots(figsize=(7, 5))
     for _, row in comp.iterrows():
-        a, b = theta.index((row.theta_lo, row.theta_hi)), res.index((row.res_lo, row.res_hi))
+        a = rows.index((row[f"{row_key}_lo"], row[f"{row_key}_hi"]))
+        b = res.index((row.res_lo, row.res_hi))
         grid[a, b] = row.recall
-        text = f"{row.recall:.2f}\nn={row.n_pos}" if np.isfinite(row.recall) else f"n={row.n_pos}"
-        ax.text(b, a, text, ha="center", va="center", fontsize=7)
+        ax.text(b, a, cell_text(row), ha="center", va="center", fontsize=fontsize)
     im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(res)), [f"{lo:g}-{hi:g}" for lo, hi in res], rotation=45, fontsize=8)
-    ax.set_yticks(range(len(theta)), [f"{lo:g}-{hi:g}" for lo, hi in theta], fontsize=8)
+    ax.set_yticks(range(len(rows)), _bin_labels([lo for lo, _ in rows], [hi for _, hi in rows]), fontsize=8)
     ax.set_xlabel("theta_E / PSF FWHM")
-    ax.set_ylabel("theta_E (arcsec)")
+    ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax, label="recall")
-    return _img(fig, "completeness", "completeness heat map, recall per theta_E x theta_E/PSF cell")
+    return _img(fig, name, alt)
+
+
+def completeness_figure(comp: pd.DataFrame) -> str:
+    return _recall_map(
+        comp, "theta", "theta_E (arcsec)",
+        lambda row: f"{row.recall:.2f}\nn={row.n_pos}" if np.isfinite(row.recall) else f"n={row.n_pos}",
+        7, "completeness", "completeness heat map, recall per theta_E x theta_E/PSF cell")
 
 
 def _bin_labels(lo, hi) -> list[str]:
@@ -233,25 +243,12 @@ def snr_figure(tables, target: float) -> str:
 
 def completeness_snr_figure(comp: pd.DataFrame) -> str:
     """Recall per (theta_E/PSF x arc_snr) cell, each cell annotated with the matched-filter recall."""
-    plt = _plt()
-    res = sorted(set(zip(comp["res_lo"], comp["res_hi"])))
-    snr = sorted(set(zip(comp["snr_lo"], comp["snr_hi"])))
-    grid = np.full((len(snr), len(res)), np.nan)
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for _, row in comp.iterrows():
-        a, b = snr.index((row.snr_lo, row.snr_hi)), res.index((row.res_lo, row.res_hi))
-        grid[a, b] = row.recall
-        text = (f"{row.recall:.2f} (MF {row.mf_recall:.2f})\nn={row.n_pos}" if np.isfinite(row.recall)
-                else f"n={row.n_pos}")
-        ax.text(b, a, text, ha="center", va="center", fontsize=6.5)
-    im = ax.imshow(grid, origin="lower", cmap="viridis", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(res)), [f"{lo:g}-{hi:g}" for lo, hi in res], rotation=45, fontsize=8)
-    ax.set_yticks(range(len(snr)), _bin_labels([lo for lo, _ in snr], [hi for _, hi in snr]), fontsize=8)
-    ax.set_xlabel("theta_E / PSF FWHM")
-    ax.set_ylabel("arc_snr")
-    fig.colorbar(im, ax=ax, label="recall")
-    return _img(fig, "completeness-snr", "completeness heat map, recall per theta_E/PSF x arc_snr cell, "
-                "matched-filter recall in brackets")
+    return _recall_map(
+        comp, "snr", "arc_snr",
+        lambda row: (f"{row.recall:.2f} (MF {row.mf_recall:.2f})\nn={row.n_pos}" if np.isfinite(row.recall)
+                     else f"n={row.n_pos}"),
+        6.5, "completeness-snr",
+        "completeness heat map, recall per theta_E/PSF x arc_snr cell, matched-filter recall in brackets")
 
 
 def _history_epochs(path) -> list[dict]:
