@@ -19,6 +19,7 @@ wildcard_constraints:
     shard=r"\d{5}",
     stage="|".join(STAGES),
     name="|".join(SCORES),
+    model="|".join(MODELS),
     sample="|".join(SKY_SAMPLES),
 
 

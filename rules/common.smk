@@ -83,6 +83,8 @@ SCORES = {
     "gen2_test": ("runs/gen2/best.pt", "v4_sota_moffat", "test"),
     "gen3_test": ("runs/gen3_stageA2/best.pt", "v4_sota_moffat", "test"),
 }
+# Models evaluated on the test split (`dhs eval` -> <model>_stratified_fpr*.csv); the first is the report's primary.
+MODELS = ["gen3", "gen2"]
 
 
 def existing(variant):

@@ -47,5 +47,5 @@ if config["gen2"].get("checkpoint"):
         conda:
             "../envs/train.yaml"
         shell:
-            "cp {input:q} {output.ckpt:q} && echo '[]' > {output.history:q}"
+            "cp {input:q} {output.ckpt:q} && echo '{{\"epochs\": []}}' > {output.history:q}"  # the shape dhs train writes
             " && echo using existing Gen2 checkpoint {input:q} > {log:q}"

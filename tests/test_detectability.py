@@ -13,6 +13,8 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from darkhaloscope import cli
 from darkhaloscope.evaluation import evaluate as ev
+from darkhaloscope.evaluation import strata
+from darkhaloscope.errors import DHSError
 
 SNR = "0,3,5,10,20,50,inf"
 
@@ -39,26 +41,26 @@ def frame(n_pos=1500, n_neg=20000, seed=0, with_snr=True):
 def loaded(df, tmp_path):
     path = tmp_path / "s.parquet"
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
-    return ev.load_scores(path)
+    return strata.load_scores(path)
 
 
 def test_parse_bins_open_top():
-    assert ev.parse_bins(SNR, open_top=True)[-1] == math.inf
-    assert list(ev.parse_bins([0, 3, math.inf], open_top=True)) == [0, 3, math.inf]
+    assert strata.parse_bins(SNR, open_top=True)[-1] == math.inf
+    assert list(strata.parse_bins([0, 3, math.inf], open_top=True)) == [0, 3, math.inf]
     for bad in ("0,inf,5", "5,3,inf", "inf"):
-        with pytest.raises(ev.DHSError):
-            ev.parse_bins(bad, "--snr_bins", open_top=True)
-    with pytest.raises(ev.DHSError):
-        ev.parse_bins("0.5,1,inf", "--theta_bins")  # only where an open top bin is allowed
+        with pytest.raises(DHSError):
+            strata.parse_bins(bad, "--snr_bins", open_top=True)
+    with pytest.raises(DHSError):
+        strata.parse_bins("0.5,1,inf", "--theta_bins")  # only where an open top bin is allowed
 
 
 def test_snr_strata_match_sklearn(tmp_path):
     df = frame()
     data = loaded(df, tmp_path)
-    edges = ev.parse_bins(SNR, open_top=True)
-    table = ev.stratified_table(data, ev.parse_bins("0.5,2.5"), ev.parse_bins("0.3,3"), [0.9], [1e-3, 1e-2],
+    edges = strata.parse_bins(SNR, open_top=True)
+    table = ev.stratified_table(data, strata.parse_bins("0.5,2.5"), strata.parse_bins("0.3,3"), [0.9], [1e-3, 1e-2],
                                 snr_bins=edges)
-    auroc = ev.auroc_table(data, ev.parse_bins("0.5,2.5"), ev.parse_bins("0.3,3"), edges)
+    auroc = ev.auroc_table(data, strata.parse_bins("0.5,2.5"), strata.parse_bins("0.3,3"), edges)
     pos, neg = df[df.is_control == 0], df[df.is_control == 1].logit.to_numpy()
     rows = table[table.stratum == "arc_snr"]
     assert sorted(set(rows.bin_lo)) == list(edges[:-1]) and rows.bin_hi.max() == math.inf
@@ -104,9 +106,9 @@ def test_matched_filter_reference_against_monte_carlo():
 def test_completeness_snr_matches_direct_count(tmp_path):
     df = frame(seed=2)
     data = loaded(df, tmp_path)
-    res, snr = ev.parse_bins("0.3,0.8,1.2,5"), ev.parse_bins(SNR, open_top=True)
-    comp = ev.completeness_snr_table(data, res, snr, [1e-4, 1e-3])
-    assert list(comp.columns) == ev.COMPLETENESS_SNR_COLUMNS and len(comp) == 3 * 6
+    res, snr = strata.parse_bins("0.3,0.8,1.2,5"), strata.parse_bins(SNR, open_top=True)
+    comp = ev.completeness_snr_table(data, res, snr, strata.OperatingPoint.of(data, [1e-4, 1e-3]))
+    assert list(comp.columns) == strata.COMPLETENESS_SNR_COLUMNS and len(comp) == 3 * 6
     assert (comp.fpr_target == 1e-4).all()
     pos = data[data.y == 1]
     thr = comp.threshold.iloc[0]
@@ -131,9 +133,9 @@ def test_real_data_without_arc_snr_leaves_snr_cells_empty(tmp_path):
     assert len(snr_rows) == 6 * 8 and (snr_rows.n_pos == 0).all() and snr_rows.value.isna().all()
     assert table.mf_value.isna().all()  # no reference without arc_snr, not a made-up one
     assert table.loc[(table.stratum == "all") & (table.metric == "tpr@fpr"), "value"].notna().any()
-    auroc = pd.read_csv(ev.sibling_paths(out)[0])
+    auroc = pd.read_csv(strata.table_paths(out)["auroc"])
     assert auroc.mf_auroc.isna().all() and auroc.loc[auroc.stratum == "arc_snr", "auroc"].isna().all()
-    comp = pd.read_csv(ev.snr_completeness_path(out))
+    comp = pd.read_csv(strata.table_paths(out)["completeness_snr"])
     assert (comp.n_pos == 0).all() and comp.recall.isna().all() and comp.mf_recall.isna().all()
 
 
@@ -146,13 +148,13 @@ def test_cli_writes_snr_outputs_and_rejects_bad_bins(tmp_path, capsys):
     row = table[(table.stratum == "all") & (table.metric == "tpr@fpr") & (table.target == 1e-4)].iloc[0]
     assert row.n_neg == 20000 and 0 < row.value < 1 and row.ci_low < row.value < row.ci_high  # 1e-4 estimable
     assert row.mf_value > row.value  # this finder has 0.6 of the ideal S/N
-    assert ev.snr_completeness_path(out).exists()
+    assert strata.table_paths(out)["completeness_snr"].exists()
     out.unlink()
-    for path in (*ev.sibling_paths(out), ev.snr_completeness_path(out)):
+    for path in list(strata.table_paths(out).values())[1:]:
         path.unlink()
     assert cli.main(["eval", "--scores", str(scores), "--out_csv", str(out), "--snr_bins", "0,inf,3"]) == 2
     assert "--snr_bins" in capsys.readouterr().err
-    assert not out.exists() and not ev.snr_completeness_path(out).exists()
+    assert not out.exists() and not strata.table_paths(out)["completeness_snr"].exists()
 
 
 def test_report_shows_snr_figures_or_says_why_not(tmp_path):
@@ -160,8 +162,9 @@ def test_report_shows_snr_figures_or_says_why_not(tmp_path):
     pq.write_table(pa.Table.from_pandas(frame(n_neg=3000), preserve_index=False), with_snr)
     pq.write_table(pa.Table.from_pandas(frame(n_neg=3000, with_snr=False), preserve_index=False), without)
     for scores, expect_figures in ((with_snr, True), (without, False)):
-        out = tmp_path / "r.html"
-        assert cli.main(["report", "--scores", f"gen3={scores}", "--out", str(out)]) == 0
+        out, tables = tmp_path / "r.html", tmp_path / f"{scores.stem}_stratified_fpr.csv"
+        assert cli.main(["eval", "--scores", str(scores), "--out_csv", str(tables)]) == 0
+        assert cli.main(["report", "--scores", f"gen3={scores}", "--tables", f"gen3={tables}", "--out", str(out)]) == 0
         page = out.read_text()
         assert ('data-figure="tpr-vs-snr"' in page) == expect_figures
         assert ('data-figure="completeness-snr"' in page) == expect_figures

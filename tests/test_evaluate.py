@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from darkhaloscope import cli
 from darkhaloscope.evaluation import evaluate as ev
+from darkhaloscope.evaluation import strata
 
 THETA = "0.5,1.0,1.5,2.0,9.0"  # the last bin is empty of positives by construction
 RES = "0.3,0.8,1.2,5.0"
@@ -64,8 +65,8 @@ def test_stratified_table_matches_sklearn_per_stratum(ties):
     loaded_df = df.assign(y=(df.is_control == 0).astype(np.int8), rank=df.logit.astype(np.float64))
     psf = np.where(np.isfinite(df.psf_fwhm_used_r), df.psf_fwhm_used_r, df.psfsize_r)
     loaded_df["theta_over_psf"] = df.theta_e_arcsec / psf
-    theta_bins, res_bins = ev.parse_bins(THETA), ev.parse_bins(RES)
-    table = ev.stratified_table(loaded_df, theta_bins, res_bins, ev.parse_targets(TPR), ev.parse_targets(FPR))
+    theta_bins, res_bins = strata.parse_bins(THETA), strata.parse_bins(RES)
+    table = ev.stratified_table(loaded_df, theta_bins, res_bins, strata.parse_targets(TPR), strata.parse_targets(FPR))
     pos, neg = df[df.is_control == 0], df[df.is_control == 1]
     ratio = pos.theta_e_arcsec / np.where(np.isfinite(pos.psf_fwhm_used_r), pos.psf_fwhm_used_r, pos.psfsize_r)
     assert (table["n_neg"] == len(neg)).all()  # controls are never binned
@@ -98,7 +99,7 @@ def test_cli_csv_round_trip_and_siblings(tmp_path):
                      "--tpr_targets", TPR, "--fpr_targets", "1e-5,1e-4,1e-3,1e-2"]) == 0
     text = out.read_text()
     assert '"' not in text
-    assert text.splitlines()[0] == ",".join(ev.TABLE_COLUMNS)
+    assert text.splitlines()[0] == ",".join(strata.TABLE_COLUMNS)
     back = pd.read_csv(out)
     assert back["stratum"].dtype.kind in "OT" or str(back["stratum"].dtype) in ("str", "string")
     assert back["n_pos"].dtype == np.int64 and back["n_neg"].dtype == np.int64
@@ -111,22 +112,22 @@ def test_cli_csv_round_trip_and_siblings(tmp_path):
     assert tpr.loc[np.isclose(tpr.target, 1e-5), "value"].isna().all()
     assert tpr.loc[np.isclose(tpr.target, 1e-3) & (tpr.n_pos > 0), "value"].notna().all()
     assert ",,,," in text  # empty value/ci/threshold cells, not a made-up number
-    auroc_path, comp_path = ev.sibling_paths(out)
+    auroc_path, comp_path = strata.table_paths(out)["auroc"], strata.table_paths(out)["completeness"]
     assert auroc_path.name == "gen3_stratified_fpr_auroc.csv" and comp_path.name == "gen3_stratified_fpr_completeness.csv"
     auroc = pd.read_csv(auroc_path)
-    assert list(auroc.columns) == ev.AUROC_COLUMNS
+    assert list(auroc.columns) == strata.AUROC_COLUMNS
     df = score_frame()
     y = (df.is_control == 0).astype(int)
     assert auroc.loc[auroc.stratum == "all", "auroc"].iloc[0] == pytest.approx(roc_auc_score(y, df.logit), abs=1e-12)
     comp = pd.read_csv(comp_path)
-    assert list(comp.columns) == ev.COMPLETENESS_COLUMNS
+    assert list(comp.columns) == strata.COMPLETENESS_COLUMNS
     assert (comp["fpr_target"] == 1e-3).all()  # 1e-4 not estimable with 3000 controls: lowest estimable
 
 
 def test_min_neg_per_fpr_empties_targets():
     frame = score_frame(n_neg=3000).assign(y=lambda d: (d.is_control == 0).astype(np.int8),
                                            rank=lambda d: d.logit.astype(np.float64), theta_over_psf=np.nan)
-    t = ev.stratified_table(frame, ev.parse_bins(THETA), ev.parse_bins(RES), [0.9], [1e-3, 1e-2],
+    t = ev.stratified_table(frame, strata.parse_bins(THETA), strata.parse_bins(RES), [0.9], [1e-3, 1e-2],
                             min_neg_per_fpr=10)
     allrows = t[(t.stratum == "all") & (t.metric == "tpr@fpr")]
     assert math.isnan(allrows.value.iloc[0]) and not math.isnan(allrows.value.iloc[1])
@@ -134,9 +135,9 @@ def test_min_neg_per_fpr_empties_targets():
 
 def test_completeness_recall_matches_direct_count(tmp_path):
     df = score_frame(n_pos=600, n_neg=20000, seed=3, ties=False)
-    frame = ev.load_scores(write(df, tmp_path / "s.parquet"))
-    theta_bins, res_bins = ev.parse_bins(THETA), ev.parse_bins(RES)
-    comp = ev.completeness_table(frame, theta_bins, res_bins, [1e-4, 1e-3])
+    frame = strata.load_scores(write(df, tmp_path / "s.parquet"))
+    theta_bins, res_bins = strata.parse_bins(THETA), strata.parse_bins(RES)
+    comp = ev.completeness_table(frame, theta_bins, res_bins, strata.OperatingPoint.of(frame, [1e-4, 1e-3]))
     assert (comp.fpr_target == 1e-4).all()
     pos, neg = df[df.is_control == 0], df[df.is_control == 1]
     _, thr = reference_rates(pos.logit.to_numpy(), neg.logit.to_numpy(), "tpr@fpr", 1e-4)
@@ -155,7 +156,7 @@ def test_completeness_recall_matches_direct_count(tmp_path):
 
 def test_score_fallback_without_logit(tmp_path):
     df = score_frame(ties=False).drop(columns=["logit"])
-    frame = ev.load_scores(write(df, tmp_path / "s.parquet"))
+    frame = strata.load_scores(write(df, tmp_path / "s.parquet"))
     assert (frame["rank"] == df["score"].astype(np.float64)).all()
 
 
@@ -200,15 +201,15 @@ def test_values_on_bin_edges_fall_in_half_open_bins(tmp_path):
         "psfsize_r": np.full(theta.size + n_neg, 1.1),
         "logit": np.r_[np.linspace(1, 3, theta.size), np.linspace(-3, 1.5, n_neg)].astype(np.float32),
     })
-    frame = ev.load_scores(write(df, tmp_path / "s.parquet"))
-    theta_bins, res_bins = ev.parse_bins(THETA), ev.parse_bins(RES)  # 0.5,1,1.5,2,9 and 0.3,0.8,1.2,5
-    assert ev.bin_index(theta, theta_bins).tolist() == [0, 1, 1, 2, 3, -1, 0, 1, 3, -1]
+    frame = strata.load_scores(write(df, tmp_path / "s.parquet"))
+    theta_bins, res_bins = strata.parse_bins(THETA), strata.parse_bins(RES)  # 0.5,1,1.5,2,9 and 0.3,0.8,1.2,5
+    assert strata.bin_index(theta, theta_bins).tolist() == [0, 1, 1, 2, 3, -1, 0, 1, 3, -1]
     table = ev.stratified_table(frame, theta_bins, res_bins, [0.5], [0.1])
     per_bin = lambda name: table[(table.stratum == name) & (table.metric == "tpr@fpr")].n_pos.tolist()  # noqa: E731
     assert per_bin("theta_e") == [2, 3, 1, 2]
     assert per_bin("theta_e_over_psf") == [3, 3, 2]
     assert per_bin("all") == [10]
-    comp = ev.completeness_table(frame, theta_bins, res_bins, [0.1])
+    comp = ev.completeness_table(frame, theta_bins, res_bins, strata.OperatingPoint.of(frame, [0.1]))
     cells = {(r.theta_lo, r.res_lo): r.n_pos for r in comp.itertuples() if r.n_pos}
     assert cells == {(0.5, 0.3): 2, (1.0, 0.8): 3, (1.5, 1.2): 1, (2.0, 1.2): 1}
     auroc = ev.auroc_table(frame, theta_bins, res_bins)

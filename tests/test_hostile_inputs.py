@@ -111,7 +111,7 @@ def test_output_onto_an_input_is_refused(tmp_path, data, ck, capsys):
                     "inside --data")
     _one_line_error(capsys, ["mine", "--scores", scores, "--out", scores, "--min_score", "0"], "same file as --scores")
     _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", scores], "same file as --scores")
-    _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", tmp_path / "t.csv", "--report", scores],
+    _one_line_error(capsys, ["report", "--scores", f"a={scores}", "--tables", f"a={tmp_path / 't.csv'}", "--out", scores],
                     "same file as --scores")
     assert scores.read_bytes() == before and not (tmp_path / "t.csv").exists()
 
@@ -128,7 +128,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, data, ck, capsys):
              ["mine", "--scores", scores, "--out", bad],
              ["eval", "--scores", scores, "--out_csv", bad],
              ["audit", "--data", data, "--out", bad],
-             ["report", "--scores", f"a={scores}", "--out", bad],
+             ["report", "--scores", f"a={scores}", "--tables", f"a={tmp_path / 't.csv'}", "--out", bad],
              ["manifest", "--out", bad, "--n_tasks", "10"]]
     for argv in cases:
         _one_line_error(capsys, argv, "cannot be written")
@@ -251,17 +251,18 @@ def test_nan_meta_values_are_counted_in_a_warning(tmp_path, ck, caplog):
     assert "2 meta value(s) (psfsize_r,psfdepth_r) were NaN/inf" in caplog.text
 
 
-# 7. eval validates every input before writing --------------------------------------------------------
+# 7. the report validates every input before writing ---------------------------------------------------
 
-def test_eval_writes_nothing_when_an_input_is_missing(tmp_path, capsys):
+def test_report_writes_nothing_when_an_input_is_bad(tmp_path, capsys):
     scores = _scores(tmp_path / "s.parquet")
-    out = tmp_path / "t.csv"
-    _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", out, "--report", tmp_path / "r.html",
-                             "--compare", f"gen2={tmp_path / 'missing.parquet'}"], "missing.parquet")
+    tables = tmp_path / "t.csv"
+    assert cli.main(["eval", "--scores", str(scores), "--out_csv", str(tables)]) == 0
+    report = ["report", "--scores", f"gen3={scores}", "--tables", f"gen3={tables}", "--out", tmp_path / "r.html"]
+    _one_line_error(capsys, [*report, "--scores", f"gen2={tmp_path / 'missing.parquet'}", "--tables", f"gen2={tables}"],
+                    "missing.parquet")
     bad = _scores(tmp_path / "bad.parquet", logit=np.full(40, np.nan, np.float32))
-    _one_line_error(capsys, ["eval", "--scores", scores, "--out_csv", out, "--report", tmp_path / "r.html",
-                             "--compare", f"gen2={bad}"], "non-finite")
-    assert not list(tmp_path.glob("t*.csv")) and not (tmp_path / "r.html").exists()
+    _one_line_error(capsys, [*report, "--scores", f"gen2={bad}", "--tables", f"gen2={tables}"], "non-finite")
+    assert not (tmp_path / "r.html").exists()
 
 
 # 8. temporaries of dead runs are cleaned ---------------------------------------------------------------

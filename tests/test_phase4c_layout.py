@@ -17,7 +17,7 @@ from phase4c_layout import string_id, write_phase4c_layout
 from darkhaloscope import cli
 from darkhaloscope.learning import stream
 from darkhaloscope.simulation import audit
-from darkhaloscope.evaluation.report import fetch_stamps
+from darkhaloscope.stamps.dataset import fetch_stamps
 from darkhaloscope.stamps import dataset
 
 
@@ -99,7 +99,8 @@ def test_mine_eval_report_and_train_with_string_ids(both, tmp_path, capsys):
     # eval + report on the string-id score file, galleries fetched by string id
     test_scores = tmp_path / "test_scores.parquet"
     assert cli.main(["infer", "--data", str(p4c), "--ckpt", str(ck), "--out", str(test_scores)]) == 0
-    assert cli.main(["eval", "--scores", str(test_scores), "--out_csv", str(tmp_path / "t.csv"), "--report",
+    assert cli.main(["eval", "--scores", str(test_scores), "--out_csv", str(tmp_path / "t.csv")]) == 0
+    assert cli.main(["report", "--scores", f"gen3={test_scores}", "--tables", f"gen3={tmp_path / 't.csv'}", "--out",
                      str(tmp_path / "r.html"), "--hard_negs", str(hard), "--data", str(p4c), "--gallery_n", "4"]) == 0
     html = (tmp_path / "r.html").read_text()
     assert 'data-figure="gallery-hard-negatives"' in html and 'data-figure="gallery-top-controls"' in html

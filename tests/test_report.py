@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkhaloscope import cli
+from darkhaloscope.evaluation import strata
 
 FIGURES = ["roc", "tpr-vs-theta", "tpr-vs-res", "tpr-vs-snr", "completeness", "completeness-snr", "training", "gallery-top-controls",
            "gallery-hard-negatives", "gallery-missed-positives"]
@@ -47,6 +48,10 @@ def inputs(fake_phase4c, tmp_path_factory):
                    "val_cut": {"auroc": 0.95}} for e in (1, 2, 3)]
         paths[stage] = d / f"{stage}.json"
         paths[stage].write_text(json.dumps({"epochs": epochs, "best": {"epoch": 3}}))
+    for name in ("gen3", "gen2"):  # what `dhs eval` writes for each model: the report draws these tables
+        paths[f"{name}_tables"] = d / f"{name}_stratified_fpr.csv"
+        assert cli.main(["eval", "--scores", str(paths[name]), "--out_csv", str(paths[f"{name}_tables"]),
+                         "--fpr_targets", "1e-3,1e-2,0.05"]) == 0  # 65 test controls: 0.05 is the estimable one
     paths["dir"] = d
     paths["data"] = fake_phase4c
     return paths
@@ -56,8 +61,13 @@ def _figures(page):
     return dict(re.findall(r'data-figure="([^"]+)"[^>]*src="data:image/png;base64,([^"]+)"', page))
 
 
+def _models(inputs, *labels):
+    """--scores and --tables (dhs eval's --out_csv) of each model."""
+    return [a for m in labels for a in ("--scores", f"{m}={inputs[m]}", "--tables", f"{m}={inputs[m + '_tables']}")]
+
+
 def _full_report(inputs, out):
-    return cli.main(["report", "--scores", f"gen3={inputs['gen3']}", "--scores", f"gen2={inputs['gen2']}",
+    return cli.main(["report", *_models(inputs, "gen3", "gen2"),
                      "--history", f"A1={inputs['A1']}", "--history", f"A2={inputs['A2']}",
                      "--hard_negs", str(inputs["hard_negs"]), "--data", str(inputs["data"]), "--out", str(out),
                      "--gallery_n", "8"])
@@ -86,7 +96,7 @@ def test_every_section_and_figure_is_present(inputs, tmp_path):
 
 def test_missing_optional_inputs_are_said_not_crashed(inputs, tmp_path):
     out = tmp_path / "report.html"
-    assert cli.main(["report", "--scores", f"gen3={inputs['gen3']}", "--history", f"A1={tmp_path / 'none.json'}",
+    assert cli.main(["report", *_models(inputs, "gen3"), "--history", f"A1={tmp_path / 'none.json'}",
                      "--out", str(out)]) == 0
     page = out.read_text()
     figures = _figures(page)
@@ -98,26 +108,50 @@ def test_missing_optional_inputs_are_said_not_crashed(inputs, tmp_path):
     assert any("no --data given" in m for m in missing)
 
 
-def test_bad_scores_is_an_error(inputs, tmp_path, capsys):
+def test_bad_inputs_are_one_line_errors_and_write_nothing(inputs, tmp_path, capsys):
     out = tmp_path / "r.html"
-    assert cli.main(["report", "--scores", f"gen3={tmp_path / 'nope.parquet'}", "--out", str(out)]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert cli.main(["report", "--scores", f"a={inputs['gen3']}", "--scores", f"a={inputs['gen2']}",
-                     "--out", str(out)]) == 2
+    tables = f"gen3={inputs['gen3_tables']}"
+    cases = [(["--scores", f"gen3={tmp_path / 'nope.parquet'}", "--tables", tables], "does not exist"),
+             (["--scores", f"a={inputs['gen3']}", "--scores", f"a={inputs['gen2']}", "--tables", tables],
+              "repeats a label"),
+             (["--scores", f"gen3={inputs['gen3']}", "--tables", f"gen2={inputs['gen2_tables']}"],
+              "must be the --scores labels"),
+             (["--scores", f"gen3={inputs['gen3']}", "--tables", f"gen3={tmp_path / 'none.csv'}"], "does not exist")]
+    for argv, message in cases:
+        assert cli.main(["report", *argv, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    # a table that is not dhs eval's, and a history.json of another shape
+    foreign = tmp_path / "foreign.csv"
+    for path in strata.table_paths(foreign).values():
+        path.write_text("a,b\n1,2\n")
+    assert cli.main(["report", "--scores", f"gen3={inputs['gen3']}", "--tables", f"gen3={foreign}", "--out", str(out)]) == 2
+    assert "is not a table from dhs eval" in capsys.readouterr().err
+    old = tmp_path / "history.json"
+    old.write_text("[]")
+    assert cli.main(["report", *_models(inputs, "gen3"), "--history", f"A1={old}", "--out", str(out)]) == 2
+    assert "not a history.json of dhs train" in capsys.readouterr().err
     assert not out.exists()
 
 
-def test_eval_renders_the_report_in_the_same_call(inputs, tmp_path):
-    out_csv = tmp_path / "gen3_stratified_fpr.csv"
-    report = tmp_path / "report.html"
-    assert cli.main(["eval", "--scores", str(inputs["gen3"]), "--out_csv", str(out_csv), "--report", str(report),
-                     "--compare", f"gen2={inputs['gen2']}", "--history", f"A1={inputs['A1']}",
-                     "--hard_negs", str(inputs["hard_negs"]), "--data", str(inputs["data"]), "--gallery_n", "4"]) == 0
-    assert out_csv.exists() and (tmp_path / "gen3_stratified_fpr_auroc.csv").exists()
-    assert (tmp_path / "gen3_stratified_fpr_completeness.csv").exists()
-    page = report.read_text()
-    assert sorted(_figures(page)) == sorted(FIGURES)
-    assert "gen3_stratified_fpr.csv" in page  # the table itself is shown in the summary
+def test_report_reads_the_operating_point_and_tables_dhs_eval_wrote(inputs, tmp_path):
+    """The report draws dhs eval's tables, not its own: a changed table value shows on the page, and the
+    operating point is the completeness table's (fpr_target, threshold)."""
+    src = strata.read_tables(inputs["gen3_tables"])
+    op = strata.OperatingPoint.read(src["completeness"], "t")
+    assert op.fpr == 0.05 == strata.completeness_target(int(src["table"].n_neg.iloc[0]), [1e-3, 1e-2, 0.05])
+    # the threshold is read back exactly as dhs eval computed it
+    frame = strata.load_scores(inputs["gen3"])
+    assert op == strata.OperatingPoint.of(frame, [1e-3, 1e-2, 0.05])
+    edited = tmp_path / "gen3_stratified_fpr.csv"
+    for key, path in strata.table_paths(inputs["gen3_tables"]).items():
+        edited.with_name(path.name).write_bytes(path.read_bytes())
+    table = src["table"].copy()
+    table.loc[(table.stratum == "all") & (table.metric == "fpr@tpr") & (table.target == 0.8), "value"] = 0.123456
+    table.to_csv(edited, index=False, na_rep="")
+    out = tmp_path / "r.html"
+    assert cli.main(["report", "--scores", f"gen3={inputs['gen3']}", "--tables", f"gen3={edited}", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "0.1235" in page and f"fpr {op.fpr:g}" in page
 
 
 @pytest.mark.browser

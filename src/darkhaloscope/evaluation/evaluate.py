@@ -14,6 +14,10 @@ Outputs (fixed names, declared by the workflow):
 * ``<stem>_auroc.csv``: AUROC per stratum.
 * ``<stem>_completeness.csv``: recall per (theta_E bin, theta_E/PSF bin) cell at one global threshold.
 * ``<stem>_completeness_snr.csv``: recall per (theta_E/PSF bin, arc_snr bin) cell at the same threshold.
+
+The operating point of completeness (its FPR target and global threshold) is computed once here and written
+into both completeness tables; `dhs report` reads it from there. Bins, targets, score loading, the table
+names and columns live in ``evaluation.strata``, shared with the report.
 """
 
 from __future__ import annotations
@@ -29,106 +33,13 @@ import pandas as pd
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation import metrics
+from darkhaloscope.evaluation.strata import (
+    AUROC_COLUMNS, COMPLETENESS_COLUMNS, COMPLETENESS_SNR_COLUMNS, DEFAULT_FPR_TARGETS, DEFAULT_RES_BINS,
+    DEFAULT_SNR_BINS, DEFAULT_THETA_BINS, DEFAULT_TPR_TARGETS, STRATUM_ALL, STRATUM_RES, STRATUM_SNR, STRATUM_THETA,
+    TABLE_COLUMNS, OperatingPoint, bin_index, load_scores, parse_bins, parse_targets, table_paths)
 from darkhaloscope.io import atomic_output
-from darkhaloscope.stamps.contract import resolution_psf
 
 log = logging.getLogger("dhs.eval")
-
-DEFAULT_THETA_BINS = "0.5,0.75,1.0,1.25,1.5,1.75,2.0,2.5"
-DEFAULT_RES_BINS = "0.5,0.7,0.9,1.1,1.4,2.0"
-DEFAULT_TPR_TARGETS = "0.80,0.85,0.90,0.95"
-DEFAULT_FPR_TARGETS = "1e-5,1e-4,1e-3,1e-2"
-DEFAULT_SNR_BINS = "0,3,5,10,20,50,inf"
-COMPLETENESS_FPR = 1e-4  # the seed's headline operating point
-
-STRATUM_ALL = "all"
-STRATUM_THETA = "theta_e"
-STRATUM_RES = "theta_e_over_psf"
-STRATUM_SNR = "arc_snr"
-
-TABLE_COLUMNS = ["stratum", "bin_lo", "bin_hi", "n_pos", "n_neg", "metric", "target", "value", "ci_low",
-                 "ci_high", "threshold", "mf_value"]
-AUROC_COLUMNS = ["stratum", "bin_lo", "bin_hi", "n_pos", "n_neg", "auroc", "mf_auroc"]
-COMPLETENESS_COLUMNS = ["theta_lo", "theta_hi", "res_lo", "res_hi", "n_pos", "n_recovered", "recall", "ci_low",
-                        "ci_high", "fpr_target", "threshold"]
-COMPLETENESS_SNR_COLUMNS = ["res_lo", "res_hi", "snr_lo", "snr_hi", "n_pos", "n_recovered", "recall", "ci_low",
-                            "ci_high", "fpr_target", "threshold", "mf_recall"]
-
-# Columns an evaluation reads from a score parquet (those present).
-_SCORE_COLUMNS = ("task_id", "is_control", "logit", "score", "theta_e_arcsec", "psf_fwhm_used_r", "psfsize_r",
-                  "arc_snr", "region_split")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Parsing and loading
-# ----------------------------------------------------------------------------------------------------
-
-def _parse_floats(text, name: str) -> list[float]:
-    if isinstance(text, (list, tuple, np.ndarray)):
-        values = [float(v) for v in text]
-    else:
-        try:
-            values = [float(v) for v in str(text).split(",") if v.strip()]
-        except ValueError:
-            raise DHSError(f"{name} '{text}' is not a comma-separated list of numbers") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise DHSError(f"{name} '{text}' must list finite numbers")
-    return values
-
-
-def parse_bins(text, name: str = "bins", open_top: bool = False) -> np.ndarray:
-    """Bin edges: at least two, finite and strictly increasing; with ``open_top`` the last edge may be
-    ``inf`` (an open top bin, e.g. arc_snr >= 50)."""
-    if open_top:
-        items = list(text) if isinstance(text, (list, tuple, np.ndarray)) else str(text).split(",")
-        top = str(items[-1]).strip().lower() if items else ""
-        if top in ("inf", "+inf", ".inf") or (not isinstance(items[-1], str) and items[-1] == math.inf):
-            edges = np.r_[parse_bins(items[:-1], name) if len(items) > 2 else _parse_floats(items[:-1], name),
-                          math.inf]
-            if edges.size < 2 or np.any(np.diff(edges) <= 0):
-                raise DHSError(f"{name} '{text}' must be at least two strictly increasing edges")
-            return edges
-    edges = np.asarray(_parse_floats(text, name), dtype=np.float64)
-    if edges.size < 2 or np.any(np.diff(edges) <= 0):
-        raise DHSError(f"{name} '{text}' must be at least two strictly increasing edges")
-    return edges
-
-
-def parse_targets(text, name: str = "targets") -> list[float]:
-    """Rate targets: each strictly inside (0, 1)."""
-    values = _parse_floats(text, name)
-    bad = [v for v in values if not 0.0 < v < 1.0]
-    if bad:
-        raise DHSError(f"{name} '{text}' has values outside (0, 1): {bad}")
-    return values
-
-
-def load_scores(path, extra_columns=()) -> pd.DataFrame:
-    """Read a score parquet (from ``dhs infer``) into a frame with ``y`` (1 = lens, 0 = control),
-    ``rank`` (the float64 ranking key: ``logit``, or ``score`` when there is no logit) and
-    ``theta_over_psf``. Raises DHSError on a file that cannot be evaluated."""
-    from darkhaloscope.evaluation.scorefile import read_checked  # the one score-file validator
-
-    path = Path(path)
-    table = read_checked(path, (*_SCORE_COLUMNS, *extra_columns))
-    names = set(table.schema.names)
-    df = table.to_pandas()
-    is_control = df["is_control"]
-    df["y"] = (is_control.to_numpy() == 0).astype(np.int8)
-    key = "logit" if "logit" in names else "score"
-    if key == "score":
-        log.warning("%s has no logit column: ranking by score, which ties when probabilities saturate", path)
-    df["rank"] = df[key].to_numpy(dtype=np.float64)
-    theta = df["theta_e_arcsec"].to_numpy(np.float64) if "theta_e_arcsec" in names else np.full(len(df), np.nan)
-    psf = resolution_psf(df["psf_fwhm_used_r"].to_numpy(np.float64) if "psf_fwhm_used_r" in names else np.nan,
-                         df["psfsize_r"].to_numpy(np.float64) if "psfsize_r" in names else np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        df["theta_over_psf"] = np.where(psf > 0, theta / psf, np.nan)
-    df["theta_e_arcsec"] = theta
-    # arc_snr exists for simulated positives only: real data (no column, or nulls) leaves it NaN, and the
-    # arc_snr strata and matched-filter references are then empty, never wrong
-    df["arc_snr"] = df["arc_snr"].to_numpy(np.float64) if "arc_snr" in names else np.full(len(df), np.nan)
-    return df
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -185,13 +96,6 @@ class Stratum:
     hi: float
     pos_rank: np.ndarray  # ranking keys of the stratum's positives
     pos_snr: np.ndarray   # their arc_snr (NaN where unknown)
-
-
-def bin_index(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Index of the half-open bin [lo, hi) holding each value; -1 outside the edges or NaN."""
-    idx = np.searchsorted(edges, values, side="right") - 1
-    idx[~np.isfinite(values) | (idx < 0) | (idx >= edges.size - 1)] = -1
-    return idx
 
 
 def make_strata(df: pd.DataFrame, theta_bins: np.ndarray, res_bins: np.ndarray,
@@ -261,28 +165,11 @@ def auroc_table(df: pd.DataFrame, theta_bins, res_bins, snr_bins=None) -> pd.Dat
     return _typed(pd.DataFrame(rows, columns=AUROC_COLUMNS))
 
 
-def completeness_target(n_neg: int, fpr_targets, min_neg_per_fpr: float = 1.0,
-                        preferred: float = COMPLETENESS_FPR) -> float:
-    """The FPR whose global threshold defines completeness: ``preferred`` (1e-4) when estimable, else
-    the lowest estimable of ``fpr_targets``; NaN when none is."""
-    if metrics.fpr_target_estimable(n_neg, preferred, min_neg_per_fpr):
-        return preferred
-    usable = sorted(t for t in fpr_targets if metrics.fpr_target_estimable(n_neg, t, min_neg_per_fpr))
-    return usable[0] if usable else math.nan
-
-
-def _completeness(df: pd.DataFrame, axes, fpr_targets, min_neg_per_fpr: float, columns,
-                  with_mf: bool = False) -> pd.DataFrame:
+def _completeness(df: pd.DataFrame, axes, op: OperatingPoint, columns, with_mf: bool = False) -> pd.DataFrame:
     """Recall per cell of two binned positive columns, ``axes`` = ((column, edges, prefix), x2), at the
-    global tpr@fpr threshold of all positives (completeness_target picks the FPR)."""
+    operating point ``op`` (the global tpr@fpr threshold of all positives)."""
     pos = df[df["y"] == 1]
-    neg_rank = df.loc[df["y"] == 0, "rank"].to_numpy()
-    target = completeness_target(neg_rank.size, fpr_targets, min_neg_per_fpr)
-    threshold = math.nan
-    if math.isfinite(target) and len(pos):
-        pts = metrics.roc_points(np.r_[np.ones(len(pos), np.int8), np.zeros(neg_rank.size, np.int8)],
-                                 np.r_[pos["rank"].to_numpy(), neg_rank])
-        threshold = metrics.tpr_at_fpr(pts, target)[1]
+    target, threshold = op.fpr, op.threshold
     (col_a, edges_a, pre_a), (col_b, edges_b, pre_b) = axes
     ia = bin_index(pos[col_a].to_numpy(np.float64), edges_a)
     ib = bin_index(pos[col_b].to_numpy(np.float64), edges_b)
@@ -310,19 +197,17 @@ def _completeness(df: pd.DataFrame, axes, fpr_targets, min_neg_per_fpr: float, c
     return out
 
 
-def completeness_table(df: pd.DataFrame, theta_bins, res_bins, fpr_targets,
-                       min_neg_per_fpr: float = 1.0) -> pd.DataFrame:
-    """Recall per (theta_E bin, theta_E/PSF bin) cell at the global tpr@fpr threshold of all positives."""
+def completeness_table(df: pd.DataFrame, theta_bins, res_bins, op: OperatingPoint) -> pd.DataFrame:
+    """Recall per (theta_E bin, theta_E/PSF bin) cell at the operating point's global threshold."""
     return _completeness(df, (("theta_e_arcsec", theta_bins, "theta"), ("theta_over_psf", res_bins, "res")),
-                         fpr_targets, min_neg_per_fpr, COMPLETENESS_COLUMNS)
+                         op, COMPLETENESS_COLUMNS)
 
 
-def completeness_snr_table(df: pd.DataFrame, res_bins, snr_bins, fpr_targets,
-                           min_neg_per_fpr: float = 1.0) -> pd.DataFrame:
+def completeness_snr_table(df: pd.DataFrame, res_bins, snr_bins, op: OperatingPoint) -> pd.DataFrame:
     """Recall per (theta_E/PSF bin, arc_snr bin) cell at the same global threshold, with the matched-filter
     reference recall of the cell at that FPR: the plane that decides whether an arc can be found."""
     return _completeness(df, (("theta_over_psf", res_bins, "res"), ("arc_snr", snr_bins, "snr")),
-                         fpr_targets, min_neg_per_fpr, COMPLETENESS_SNR_COLUMNS, with_mf=True)
+                         op, COMPLETENESS_SNR_COLUMNS, with_mf=True)
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -332,18 +217,6 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
         if col not in ("stratum", "metric", "n_pos", "n_neg"):
             df[col] = df[col].astype(np.float64)
     return df
-
-
-def sibling_paths(out_csv) -> tuple[Path, Path]:
-    """(``<stem>_auroc.csv``, ``<stem>_completeness.csv``) next to ``out_csv``."""
-    out_csv = Path(out_csv)
-    return (out_csv.with_name(f"{out_csv.stem}_auroc.csv"), out_csv.with_name(f"{out_csv.stem}_completeness.csv"))
-
-
-def snr_completeness_path(out_csv) -> Path:
-    """``<stem>_completeness_snr.csv`` next to ``out_csv``."""
-    out_csv = Path(out_csv)
-    return out_csv.with_name(f"{out_csv.stem}_completeness_snr.csv")
 
 
 def write_csv(df: pd.DataFrame, path) -> None:
@@ -361,8 +234,8 @@ def write_csv(df: pd.DataFrame, path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", required=True, help="score parquet from dhs infer (test split)")
-    parser.add_argument("--out_csv", required=True, help="tidy stratified table; siblings <stem>_auroc.csv and "
-                        "<stem>_completeness.csv are written next to it")
+    parser.add_argument("--out_csv", required=True, help="tidy stratified table; siblings <stem>_auroc.csv, "
+                        "<stem>_completeness.csv and <stem>_completeness_snr.csv are written next to it")
     parser.add_argument("--theta_bins", default=DEFAULT_THETA_BINS, help="theta_E bin edges, arcsec")
     parser.add_argument("--res_bins", default=DEFAULT_RES_BINS, help="theta_E/PSF bin edges")
     parser.add_argument("--snr_bins", default=DEFAULT_SNR_BINS,
@@ -371,35 +244,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fpr_targets", default=DEFAULT_FPR_TARGETS)
     parser.add_argument("--min_neg_per_fpr", type=float, default=1.0,
                         help="tpr@fpr t is left empty unless n_neg >= this / t (default 1: one false positive)")
-    parser.add_argument("--report", default=None, help="also render the HTML report to this path")
-    parser.add_argument("--report_label", default="gen3", help="label of --scores in the report")
-    from darkhaloscope.evaluation.report import add_report_inputs
-    add_report_inputs(parser, with_scores=False)
 
 
-def _check_inputs_and_outputs(args, outputs: dict) -> None:
-    """Before anything is written: no output is an input or another output, every output is writable,
-    and every input file named on the command line exists."""
+def _check_outputs(scores, outputs: dict) -> None:
+    """Before anything is written: no output is the input or another output, and every output is writable."""
     from darkhaloscope.io import check_writable, refuse_overwrite, same_file
 
-    inputs = {"--scores": args.scores, "--hard_negs": getattr(args, "hard_negs", None)}
-    for item in getattr(args, "compare_scores", None) or []:
-        inputs[f"--compare {item}"] = item.partition("=")[2] or item
-    for item in getattr(args, "history", None) or []:
-        inputs[f"--history {item}"] = item.partition("=")[2] or item
-    if getattr(args, "data", None):
-        inputs["--data"] = args.data
-    names = [(k, v) for k, v in outputs.items() if v is not None]
+    names = list(outputs.items())
     for i, (flag, path) in enumerate(names):
-        refuse_overwrite(path, inputs, flag)
+        refuse_overwrite(path, {"--scores": scores}, flag)
         for flag2, path2 in names[:i]:
             if same_file(path, path2):
                 raise DHSError(f"{flag} {path} is the same file as {flag2}")
         check_writable(path, flag)
-    for flag, path in inputs.items():
-        if path and flag != "--data" and "://" not in str(path) and not Path(path).is_file():
-            raise DHSError(f"{flag.split(' ')[0]} {path} does not exist" if not Path(path).exists()
-                           else f"{flag.split(' ')[0]} {path} is not a file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -413,16 +270,15 @@ def run(args: argparse.Namespace) -> int:
         raise DHSError(f"--min_neg_per_fpr must be > 0, got {args.min_neg_per_fpr}")
     if theta_bins[0] < 0 or res_bins[0] < 0:
         raise DHSError("--theta_bins and --res_bins must be >= 0 (an Einstein radius and a ratio of radii)")
-    auroc_path, comp_path = sibling_paths(args.out_csv)
-    outputs = {"--out_csv": args.out_csv, "the AUROC table": auroc_path, "the completeness table": comp_path,
-               "--report": args.report}
-    _check_inputs_and_outputs(args, outputs)
+    paths = table_paths(args.out_csv)
+    _check_outputs(args.scores, {"--out_csv": paths["table"], "the AUROC table": paths["auroc"],
+                                 "the completeness table": paths["completeness"],
+                                 "the arc_snr completeness table": paths["completeness_snr"]})
     df = load_scores(args.scores)
     n_pos, n_neg = int(df["y"].sum()), int((df["y"] == 0).sum())
     log.info("%s: %d positives, %d controls", args.scores, n_pos, n_neg)
     if n_pos == 0 or n_neg == 0:
         log.warning("no %s: every rate in the table is empty", "positives" if n_pos == 0 else "controls")
-    table = stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets, args.min_neg_per_fpr, snr_bins)
     if not np.isfinite(df.loc[df["y"] == 1, "arc_snr"].to_numpy()).any():
         log.warning("no positive has an arc_snr (real data?): the arc_snr strata and matched-filter "
                     "references are empty")
@@ -430,20 +286,14 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         log.warning("fpr targets %s left empty: %d controls is fewer than %g/target", skipped, n_neg,
                     args.min_neg_per_fpr)
-    comp = completeness_table(df, theta_bins, res_bins, fpr_targets, args.min_neg_per_fpr)
-    report_inputs = None
-    if args.report:  # every input of the report is read and checked before the first CSV is written
-        from darkhaloscope.evaluation import report
-        report_inputs = report.ReportInputs.from_args(args, primary=(args.report_label, args.scores),
-                                                      fpr_csv=args.out_csv)
-        report.check_inputs(report_inputs)
-    comp_snr = completeness_snr_table(df, res_bins, snr_bins, fpr_targets, args.min_neg_per_fpr)
-    write_csv(table, args.out_csv)
-    write_csv(auroc_table(df, theta_bins, res_bins, snr_bins), auroc_path)
-    write_csv(comp, comp_path)
-    write_csv(comp_snr, snr_completeness_path(args.out_csv))
-    log.info("wrote %s, %s, %s (completeness at fpr %g)", args.out_csv, auroc_path, comp_path,
-             comp["fpr_target"].iloc[0] if len(comp) else math.nan)
-    if args.report:
-        report.render(report_inputs, args.report)
+    op = OperatingPoint.of(df, fpr_targets, args.min_neg_per_fpr)  # the one completeness threshold
+    tables = {"table": stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets, args.min_neg_per_fpr,
+                                        snr_bins),
+              "auroc": auroc_table(df, theta_bins, res_bins, snr_bins),
+              "completeness": completeness_table(df, theta_bins, res_bins, op),
+              "completeness_snr": completeness_snr_table(df, res_bins, snr_bins, op)}
+    for key, table in tables.items():
+        write_csv(table, paths[key])
+    log.info("wrote %s (completeness at fpr %g, threshold %g)", ", ".join(str(p) for p in paths.values()),
+             op.fpr, op.threshold)
     return 0

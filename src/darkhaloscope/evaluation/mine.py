@@ -208,7 +208,7 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         raise DHSError(f"--per_psf_bin needs a psfsize_r column, which {scores_path} lacks")
     edges = None
     if per_psf_bin is not None:
-        from darkhaloscope.evaluation.evaluate import bin_index, parse_bins
+        from darkhaloscope.evaluation.strata import bin_index, parse_bins
 
         edges = parse_bins(psf_bins or DEFAULT_PSF_BINS, "--psf_bins")
 

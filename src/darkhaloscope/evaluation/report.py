@@ -1,4 +1,8 @@
-"""`dhs report` (and `dhs eval --report`): one self-contained HTML page.
+"""`dhs report`: one self-contained HTML page drawn from what `dhs eval` wrote.
+
+Each model comes as its score parquet (ROC curves, galleries) and the four tables `dhs eval` wrote for it
+(``evaluation.strata.read_tables``): the stratified figures, the completeness maps and the operating point
+(FPR target and threshold, computed once by `dhs eval`) are read from those tables, never recomputed.
 
 Figures are PNGs (matplotlib, Agg backend) embedded as base64 ``data:`` URIs, so the page opens offline
 with no other file. Sections: summary table, ROC curves on a log-FPR axis, tpr@fpr against theta_E and
@@ -24,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics
+from darkhaloscope.evaluation import metrics, strata
 from darkhaloscope.io import atomic_output
 
 log = logging.getLogger("dhs.report")
@@ -54,42 +58,25 @@ def parse_labelled(items, flag: str) -> list[tuple[str, str]]:
 
 @dataclass
 class ReportInputs:
-    scores: list[tuple[str, str]]
+    scores: list[tuple[str, str]]   # (label, score parquet); the first is the primary model
+    tables: dict[str, str]          # label -> the --out_csv of `dhs eval` on that score file
     histories: list[tuple[str, str]] = field(default_factory=list)
     hard_negs: str | None = None
     data: str | None = None
-    fpr_csv: str | None = None
-    theta_bins: str | None = None
-    res_bins: str | None = None
-    snr_bins: str | None = None
     gallery_n: int = DEFAULT_GALLERY_N
 
     @classmethod
-    def from_args(cls, args, primary: tuple[str, str] | None = None, fpr_csv=None) -> "ReportInputs":
-        if primary is not None:
-            scores = [primary, *parse_labelled(getattr(args, "compare_scores", None), "--compare_scores")]
-        else:
-            scores = parse_labelled(args.scores, "--scores")
+    def from_args(cls, args) -> "ReportInputs":
+        scores = parse_labelled(args.scores, "--scores")
+        tables = dict(parse_labelled(args.tables, "--tables"))
         if not scores:
             raise DHSError("the report needs at least one --scores LABEL=PATH")
-        return cls(scores=scores, histories=parse_labelled(args.history, "--history"), hard_negs=args.hard_negs,
-                   data=args.data, fpr_csv=fpr_csv or getattr(args, "fpr_csv", None),
-                   theta_bins=args.theta_bins, res_bins=args.res_bins, snr_bins=getattr(args, "snr_bins", None),
-                   gallery_n=args.gallery_n)
-
-
-def add_report_inputs(parser: argparse.ArgumentParser, with_scores: bool = True) -> None:
-    """Flags shared by `dhs report` and `dhs eval --report`."""
-    if with_scores:
-        parser.add_argument("--scores", action="append", required=True, metavar="LABEL=PATH",
-                            help="score parquet of one model on the test split (repeat: gen3=..., gen2=...)")
-    else:
-        parser.add_argument("--compare_scores", "--compare", dest="compare_scores", action="append", metavar="LABEL=PATH",
-                            help="(with --report) other models' score parquets shown beside --scores")
-    parser.add_argument("--history", action="append", metavar="LABEL=PATH", help="history.json of a training run")
-    parser.add_argument("--hard_negs", default=None, help="hard-negative parquet from dhs mine (gallery)")
-    parser.add_argument("--data", default=None, help="Phase 4c dataset root, to fetch stamps for the galleries")
-    parser.add_argument("--gallery_n", type=int, default=DEFAULT_GALLERY_N, help="stamps per gallery")
+        labels = [label for label, _ in scores]
+        if sorted(labels) != sorted(tables):
+            raise DHSError(f"--tables labels ({','.join(tables) or 'none'}) must be the --scores labels "
+                           f"({','.join(labels)}): each model's dhs eval --out_csv")
+        return cls(scores=scores, tables=tables, histories=parse_labelled(args.history, "--history"),
+                   hard_negs=args.hard_negs, data=args.data, gallery_n=args.gallery_n)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,25 +101,12 @@ def _img(fig, name: str, alt: str) -> str:
             f'src="data:image/png;base64,{data}">')
 
 
-def _missing(text: str) -> str:
+def missing(text: str) -> str:
     return f'<p class="missing">{html.escape(text)}</p>'
 
 
-def _section(sid: str, title: str, body: str) -> str:
+def section(sid: str, title: str, body: str) -> str:
     return f'<section id="{sid}"><h2>{html.escape(title)}</h2>\n{body}\n</section>'
-
-
-# FPR targets the report may fall back to (lowest estimable first) when 1e-4 needs more controls than
-# the score files have (a demo-sized test split); every figure states the FPR it uses.
-REPORT_FPR_TARGETS = (1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2)
-
-
-def _operating_fpr(frames) -> float:
-    """1e-4 when every score file has enough controls for it, else the lowest estimable target."""
-    from darkhaloscope.evaluation.evaluate import completeness_target
-
-    n_neg = min(int((df["y"] == 0).sum()) for df in frames.values())
-    return completeness_target(n_neg, REPORT_FPR_TARGETS)
 
 
 def roc_figure(frames) -> str:
@@ -159,7 +133,7 @@ def stratum_figure(tables, stratum: str, target: float, xlabel: str, name: str) 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (label, table) in enumerate(tables.items()):
-        rows = table[(table["stratum"] == stratum) & (table["metric"] == "tpr@fpr") & np.isclose(table["target"], target)]
+        rows = _at(table, stratum, target)
         centre = 0.5 * (rows["bin_lo"] + rows["bin_hi"]) + (i - (len(tables) - 1) / 2) * 0.02
         value = rows["value"].to_numpy()
         err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
@@ -214,13 +188,11 @@ def _bin_labels(lo, hi) -> list[str]:
 def snr_figure(tables, target: float) -> str:
     """tpr@fpr per arc_snr bin (categorical axis: the top bin is open), each model with Wilson intervals,
     and the matched-filter reference of the same positives as black bars."""
-    from darkhaloscope.evaluation.evaluate import STRATUM_SNR
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     mf_drawn = False
     for i, (label, table) in enumerate(tables.items()):
-        rows = table[(table["stratum"] == STRATUM_SNR) & (table["metric"] == "tpr@fpr") & np.isclose(table["target"], target)]
+        rows = _at(table, strata.STRATUM_SNR, target)
         x = np.arange(len(rows)) + (i - (len(tables) - 1) / 2) * 0.12
         value = rows["value"].to_numpy()
         err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
@@ -251,12 +223,17 @@ def completeness_snr_figure(comp: pd.DataFrame) -> str:
         "completeness heat map, recall per theta_E/PSF x arc_snr cell, matched-filter recall in brackets")
 
 
-def _history_epochs(path) -> list[dict]:
-    doc = json.loads(Path(path).read_text())
-    epochs = doc.get("epochs", doc) if isinstance(doc, dict) else doc
-    if not isinstance(epochs, list):
-        raise DHSError(f"{path} has no list of epochs")
-    return [e for e in epochs if isinstance(e, dict)]
+def history_epochs(path) -> list[dict]:
+    """The epochs of a ``history.json`` (`dhs train` writes ``{"epochs": [...], ...}``, one shape): a
+    DHSError naming the file for anything else."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise DHSError(f"{path} is not a history.json: {type(exc).__name__}: {exc}") from None
+    epochs = doc.get("epochs") if isinstance(doc, dict) else None
+    if not isinstance(epochs, list) or not all(isinstance(e, dict) for e in epochs):
+        raise DHSError(f"{path} is not a history.json of dhs train: no list of epochs under 'epochs'")
+    return epochs
 
 
 def _metric(epoch: dict, split: str, key: str):
@@ -314,81 +291,48 @@ def gallery_figure(images: list[np.ndarray], captions: list[str], name: str, alt
     return _img(fig, name, alt)
 
 
-def fetch_stamps(data: str, task_ids) -> dict:
-    """task_id -> decoded (3, 64, 64) stamp, scanning every split once through the one Phase 4c reader
-    (``stamps.dataset``); ids keep their kind (int or str). Declared cutout failures have no stamp."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from darkhaloscope.stamps import dataset
-    from darkhaloscope.stamps.contract import decode_stamp
-
-    wanted = [t.item() if hasattr(t, "item") else t for t in task_ids]
-    if not wanted:
-        return {}
-    found: dict = {}
-    for split in dataset.splits_of(data):
-        sp = dataset.open_split(data, split)
-        sp.require(["task_id", "stamp_npz"])
-        kind = dataset.task_id_kind(sp.schema.field("task_id").type, sp.where)
-        try:
-            value_set = pa.array(wanted, pa.int64() if kind == "int" else pa.string())
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
-            raise DHSError(f"the score files' task ids are not the {kind} ids of {data}: different datasets") from None
-        cols = ["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in sp.schema.names else [])]
-        for batch in sp.iter_batches(cols, batch_size=256):
-            ids = batch.column("task_id")
-            hit = pc.is_in(ids.cast(value_set.type), value_set=value_set)
-            hit = pc.and_(hit, pa.array(dataset.cutout_usable(batch)))
-            if not pc.any(hit).as_py():
-                continue
-            batch = batch.filter(hit)
-            for tid, blob in zip(dataset.as_id_values(batch.column("task_id"), sp.where),
-                                 batch.column("stamp_npz").to_pylist()):
-                img = decode_stamp(blob) if blob is not None else None
-                if img is not None:
-                    found[tid.item() if hasattr(tid, "item") else tid] = img
-    return found
-
-
 # ----------------------------------------------------------------------------------------------------
 # Page
 # ----------------------------------------------------------------------------------------------------
 
-_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
+CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;margin-top:2em}
 table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
 .missing{color:#a33;font-style:italic}img{max-width:100%}.note{color:#555;font-size:0.9em}"""
 
 
-def _table_html(df: pd.DataFrame) -> str:
+def table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
 
 
-def _safe(fn, what: str) -> str:
+def safe(fn, what: str) -> str:
     try:
         return fn()
     except DHSError as exc:
-        return _missing(f"{what}: {exc}")
+        return missing(f"{what}: {exc}")
     except (OSError, ValueError, KeyError) as exc:
         log.warning("%s failed: %s", what, exc)
-        return _missing(f"{what} could not be drawn: {type(exc).__name__}: {exc}")
+        return missing(f"{what} could not be drawn: {type(exc).__name__}: {exc}")
+
+
+def page(title: str, parts: list[str]) -> str:
+    """A whole self-contained HTML page: the title as <title> and <h1>, then the sections."""
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
+            + "\n</body></html>\n")
 
 
 def check_inputs(inputs: ReportInputs) -> None:
-    """Read and validate every input file the page needs (score files through the one validator, the
-    histories and the hard negatives), so that a caller can fail before writing anything."""
+    """Read and validate every input file the page needs (score files through the one validator, each
+    model's `dhs eval` tables, the histories and the hard negatives), so that nothing is written for a bad one."""
     from darkhaloscope.evaluation.scorefile import read_checked
 
     for label, path in inputs.scores:
         read_checked(path, ("is_control", "logit", "score"))
-    for label, path in inputs.histories:
-        if not Path(path).is_file():
-            raise DHSError(f"--history {label}={path} does not exist")
-        try:
-            _history_epochs(path)
-        except (OSError, ValueError) as exc:
-            raise DHSError(f"--history {label}={path} is not a history.json: {exc}") from None
+        strata.read_tables(inputs.tables[label])
+    for label, path in inputs.histories:  # a missing one is said on the page; a present one must be right
+        if Path(path).exists():
+            history_epochs(path)
     if inputs.hard_negs:
         if not Path(inputs.hard_negs).is_file():
             raise DHSError(f"--hard_negs {inputs.hard_negs} does not exist")
@@ -401,82 +345,72 @@ def check_inputs(inputs: ReportInputs) -> None:
                            f"({type(exc).__name__})") from None
 
 
-def build_html(inputs: ReportInputs) -> str:
-    from darkhaloscope.evaluation import evaluate as ev
+def _at(table: pd.DataFrame, stratum: str, target: float) -> pd.DataFrame:
+    """The tpr@fpr rows of one stratum at the operating point's FPR."""
+    return table[(table["stratum"] == stratum) & (table["metric"] == "tpr@fpr") & np.isclose(table["target"], target)]
 
-    theta_bins = ev.parse_bins(inputs.theta_bins or ev.DEFAULT_THETA_BINS, "--theta_bins")
-    res_bins = ev.parse_bins(inputs.res_bins or ev.DEFAULT_RES_BINS, "--res_bins")
-    snr_bins = ev.parse_bins(inputs.snr_bins or ev.DEFAULT_SNR_BINS, "--snr_bins", open_top=True)
-    fpr_targets = list(REPORT_FPR_TARGETS)
-    tpr_targets = ev.parse_targets(ev.DEFAULT_TPR_TARGETS)
-    frames = {label: ev.load_scores(path) for label, path in inputs.scores}
+
+def build_html(inputs: ReportInputs) -> str:
+    frames = {label: strata.load_scores(path) for label, path in inputs.scores}
+    evals = {label: strata.read_tables(inputs.tables[label]) for label, _ in inputs.scores}
+    tables = {label: t["table"] for label, t in evals.items()}
     primary_label = inputs.scores[0][0]
     primary = frames[primary_label]
-    target = _operating_fpr(frames)
-    tables = {label: ev.stratified_table(df, theta_bins, res_bins, tpr_targets, fpr_targets, snr_bins=snr_bins)
-              for label, df in frames.items()}
+    op = strata.OperatingPoint.read(evals[primary_label]["completeness"], inputs.tables[primary_label])
+    target = op.fpr
     has_snr = bool(np.isfinite(primary.loc[primary["y"] == 1, "arc_snr"].to_numpy()).any())
     parts = []
 
-    # Summary
+    # Summary: counts and ties from the scores, every rate from dhs eval's tables
     rows = []
     for label, df in frames.items():
-        t = tables[label]
-        allrow = t[(t["stratum"] == ev.STRATUM_ALL)]
+        t, auroc = tables[label], evals[label]["auroc"]
         row = {"model": label, "n_pos": int(df["y"].sum()), "n_neg": int((df["y"] == 0).sum()),
-               "auroc": metrics.auroc(df["y"], df["rank"]), "top score ties": metrics.n_tied_top(df["rank"])}
-        for _, r in allrow.iterrows():
+               "auroc": float(auroc.loc[auroc["stratum"] == strata.STRATUM_ALL, "auroc"].iloc[0]),
+               "top score ties": metrics.n_tied_top(df["rank"])}
+        for _, r in t[t["stratum"] == strata.STRATUM_ALL].iterrows():
             row[f"{r.metric}{r.target:g}"] = r.value
         rows.append(row)
     splits = {label: sorted(set(df["region_split"])) if "region_split" in df else ["?"] for label, df in frames.items()}
-    note = (f"Operating point for the stratified figures and completeness: fpr {target:g}"
-            + ("" if target == 1e-4 else " (1e-4 is not estimable with this many controls)") + ". Splits: "
+    note = (f"Operating point for the stratified figures and completeness (from dhs eval): fpr {target:g}"
+            + ("" if target == strata.COMPLETENESS_FPR else f" ({strata.COMPLETENESS_FPR:g} is not estimable with "
+               "this many controls)") + ". Splits: "
             + "; ".join(f"{k}: {','.join(map(str, v))}" for k, v in splits.items()) + ". Empty cells: not estimable.")
-    body = _table_html(pd.DataFrame(rows)) + f'<p class="note">{html.escape(note)}</p>'
-    if inputs.fpr_csv:
-        body += _safe(lambda: f"<h3>{html.escape(Path(inputs.fpr_csv).name)} (all positives)</h3>"
-                      + _table_html(pd.read_csv(inputs.fpr_csv).query("stratum == 'all'")), "stratified table")
-    parts.append(_section("summary", "Summary", body))
+    body = table_html(pd.DataFrame(rows)) + f'<p class="note">{html.escape(note)}</p>'
+    body += (f"<h3>{html.escape(Path(inputs.tables[primary_label]).name)} (all positives)</h3>"
+             + table_html(tables[primary_label].query("stratum == 'all'")))
+    parts.append(section("summary", "Summary", body))
 
-    parts.append(_section("roc", "ROC curves (log FPR)", _safe(lambda: roc_figure(frames), "ROC")))
-    fig_theta = _safe(lambda: stratum_figure(tables, ev.STRATUM_THETA, target, "theta_E (arcsec)", "tpr-vs-theta"),
-                      "tpr vs theta_E") if math.isfinite(target) else _missing("too few controls for any FPR target")
-    fig_res = _safe(lambda: stratum_figure(tables, ev.STRATUM_RES, target, "theta_E / PSF FWHM", "tpr-vs-res"),
-                    "tpr vs theta_E/PSF") if math.isfinite(target) else _missing("too few controls for any FPR target")
-    no_snr = _missing("no positive has an arc_snr (real data?): the arc_snr strata are empty")
-    fig_snr = (_safe(lambda: snr_figure(tables, target), "tpr vs arc_snr") if has_snr else no_snr) \
-        if math.isfinite(target) else _missing("too few controls for any FPR target")
-    parts.append(_section("stratified", f"tpr @ fpr {target:g} by Einstein radius, resolution and arc S/N",
-                          fig_theta + fig_res + fig_snr))
-    comp = ev.completeness_table(primary, theta_bins, res_bins, fpr_targets)
-    comp_snr = ev.completeness_snr_table(primary, res_bins, snr_bins, fpr_targets)
-    parts.append(_section("completeness", f"Completeness ({primary_label}, recall at fpr {target:g})",
-                          _safe(lambda: completeness_figure(comp), "completeness")
-                          + (_safe(lambda: completeness_snr_figure(comp_snr), "completeness by arc_snr")
-                             if has_snr else no_snr)))
+    parts.append(section("roc", "ROC curves (log FPR)", safe(lambda: roc_figure(frames), "ROC")))
+    no_target = missing("too few controls for any FPR target")
+    fig_theta = safe(lambda: stratum_figure(tables, strata.STRATUM_THETA, target, "theta_E (arcsec)", "tpr-vs-theta"),
+                     "tpr vs theta_E") if math.isfinite(target) else no_target
+    fig_res = safe(lambda: stratum_figure(tables, strata.STRATUM_RES, target, "theta_E / PSF FWHM", "tpr-vs-res"),
+                   "tpr vs theta_E/PSF") if math.isfinite(target) else no_target
+    no_snr = missing("no positive has an arc_snr (real data?): the arc_snr strata are empty")
+    fig_snr = (safe(lambda: snr_figure(tables, target), "tpr vs arc_snr") if has_snr else no_snr) \
+        if math.isfinite(target) else no_target
+    parts.append(section("stratified", f"tpr @ fpr {target:g} by Einstein radius, resolution and arc S/N",
+                         fig_theta + fig_res + fig_snr))
+    parts.append(section("completeness", f"Completeness ({primary_label}, recall at fpr {target:g})",
+                         safe(lambda: completeness_figure(evals[primary_label]["completeness"]), "completeness")
+                         + (safe(lambda: completeness_snr_figure(evals[primary_label]["completeness_snr"]),
+                                 "completeness by arc_snr") if has_snr else no_snr)))
 
-    # Training curves
     if inputs.histories:
-        def _training():
-            hist = {}
-            for label, path in inputs.histories:
-                if not Path(path).exists():
-                    raise DHSError(f"history {path} does not exist")
-                hist[label] = _history_epochs(path)
-            return training_figure(hist)
-        body = _safe(_training, "training curves")
+        body = safe(lambda: training_figure({label: history_epochs(path) for label, path in inputs.histories}),
+                    "training curves")
     else:
-        body = _missing("no --history given: training curves are not shown")
-    parts.append(_section("training", "Training curves", body))
+        body = missing("no --history given: training curves are not shown")
+    parts.append(section("training", "Training curves", body))
 
-    parts.append(_section("galleries", "Galleries", _galleries(inputs, primary, primary_label, target)))
-    title = "darkhaloscope evaluation: " + ", ".join(label for label, _ in inputs.scores)
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{html.escape(title)}</h1>\n" + "\n".join(parts)
-            + "\n</body></html>\n")
+    parts.append(section("galleries", "Galleries", _galleries(inputs, primary, primary_label, op)))
+    return page("darkhaloscope evaluation: " + ", ".join(label for label, _ in inputs.scores), parts)
 
 
-def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, target: float) -> str:
+def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, op: strata.OperatingPoint) -> str:
+    from darkhaloscope.stamps.dataset import fetch_stamps
+
     n = max(1, inputs.gallery_n)
     picks: dict[str, tuple[str, pd.DataFrame | None, str]] = {}
     ctrl = primary[primary["y"] == 0].sort_values("rank", ascending=False).head(n)
@@ -489,14 +423,12 @@ def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, target: 
         picks["gallery-hard-negatives"] = ("Mined hard negatives", None, why)
     missed = None
     why_missed = "no operating point (too few controls)"
-    if math.isfinite(target):
+    if math.isfinite(op.fpr):
         pos = primary[primary["y"] == 1]
-        neg_rank = primary.loc[primary["y"] == 0, "rank"].to_numpy()
-        pts = metrics.roc_points(np.r_[np.ones(len(pos)), np.zeros(neg_rank.size)], np.r_[pos["rank"], neg_rank])
-        thr = metrics.tpr_at_fpr(pts, target)[1] if len(pos) else math.nan
-        missed = pos[pos["rank"] < thr].sort_values("theta_over_psf", ascending=False, na_position="last").head(n)
+        missed = pos[pos["rank"] < op.threshold].sort_values("theta_over_psf", ascending=False,
+                                                             na_position="last").head(n)
         why_missed = "no positive was missed" if len(pos) else "no positives in the score file"
-    picks["gallery-missed-positives"] = (f"Missed positives at fpr {target:g}, most resolved first ({label})", missed,
+    picks["gallery-missed-positives"] = (f"Missed positives at fpr {op.fpr:g}, most resolved first ({label})", missed,
                                          why_missed)
     out = []
     wanted = [df for _, df, _ in picks.values() if df is not None and len(df)]
@@ -512,23 +444,23 @@ def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, target: 
     for name, (title, df, why) in picks.items():
         out.append(f"<h3>{html.escape(title)}</h3>")
         if df is None or not len(df):
-            out.append(_missing(why))
+            out.append(missing(why))
             continue
         if data_problem:
-            out.append(_missing(data_problem))
+            out.append(missing(data_problem))
             continue
         rows = [r for _, r in df.iterrows() if _id(r["task_id"]) in stamps]
         if not rows:
-            out.append(_missing(f"none of these {len(df)} task_ids were found in {inputs.data}"))
+            out.append(missing(f"none of these {len(df)} task_ids were found in {inputs.data}"))
             continue
         images = [stamps[_id(r["task_id"])] for r in rows]
         caps = [f"{_id(r['task_id'])}\nlogit {float(r['logit'] if 'logit' in r else r['rank']):.2f}"
                 + (f"\nθE {r['theta_e_arcsec']:.2f}\"" if np.isfinite(r.get("theta_e_arcsec", np.nan))
                    and r.get("y", 1) == 1 else "")  # controls: theta_E is null or 0.0 (stage 4c), not shown
                 for r in rows]
-        out.append(_safe(lambda: gallery_figure(images, caps, name, title), title))
+        out.append(safe(lambda: gallery_figure(images, caps, name, title), title))
         if len(rows) < len(df):
-            out.append(_missing(f"{len(df) - len(rows)} of {len(df)} stamps not found in {inputs.data}"))
+            out.append(missing(f"{len(df) - len(rows)} of {len(df)} stamps not found in {inputs.data}"))
     return "\n".join(out)
 
 
@@ -537,20 +469,17 @@ def _id(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def render(inputs: ReportInputs, out_path) -> None:
-    page = build_html(inputs)
-    with atomic_output(out_path) as tmp:
-        Path(tmp).write_text(page, encoding="utf-8")
-    log.info("wrote %s (%d kB, %d figures)", out_path, len(page) // 1024, page.count("<img "))
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_report_inputs(parser, with_scores=True)
+    parser.add_argument("--scores", action="append", required=True, metavar="LABEL=PATH",
+                        help="score parquet of one model on the test split (repeat: gen3=..., gen2=...); "
+                             "the first is the primary model (completeness, galleries)")
+    parser.add_argument("--tables", action="append", required=True, metavar="LABEL=CSV",
+                        help="the --out_csv of dhs eval on that model's scores (its three sibling tables are read too)")
+    parser.add_argument("--history", action="append", metavar="LABEL=PATH", help="history.json of a training run")
+    parser.add_argument("--hard_negs", default=None, help="hard-negative parquet from dhs mine (gallery)")
+    parser.add_argument("--data", default=None, help="Phase 4c dataset root, to fetch stamps for the galleries")
+    parser.add_argument("--gallery_n", type=int, default=DEFAULT_GALLERY_N, help="stamps per gallery")
     parser.add_argument("--out", required=True, help="HTML file to write")
-    parser.add_argument("--fpr_csv", default=None, help="stratified table from dhs eval, shown in the summary")
-    parser.add_argument("--theta_bins", default=None, help="theta_E bin edges (default: the seed's)")
-    parser.add_argument("--res_bins", default=None, help="theta_E/PSF bin edges (default: the seed's)")
-    parser.add_argument("--snr_bins", default=None, help="arc_snr bin edges, the last may be inf (default 0,3,5,10,20,50,inf)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -558,9 +487,15 @@ def run(args: argparse.Namespace) -> int:
     from darkhaloscope.io import check_writable, refuse_overwrite
 
     inputs = ReportInputs.from_args(args)
-    refuse_overwrite(args.out, {**{f"--scores {lab}": p for lab, p in inputs.scores},
+    tables = {f"--tables {lab} ({key})": p for lab, csv in inputs.tables.items()
+              for key, p in strata.table_paths(csv).items()}
+    refuse_overwrite(args.out, {**{f"--scores {lab}": p for lab, p in inputs.scores}, **tables,
                                 **{f"--history {lab}": p for lab, p in inputs.histories},
-                                "--hard_negs": inputs.hard_negs, "--fpr_csv": inputs.fpr_csv, "--data": inputs.data}, "--out")
+                                "--hard_negs": inputs.hard_negs, "--data": inputs.data}, "--out")
     check_writable(args.out, "--out")
-    render(inputs, args.out)
+    check_inputs(inputs)
+    page_html = build_html(inputs)
+    with atomic_output(args.out) as tmp:
+        Path(tmp).write_text(page_html, encoding="utf-8")
+    log.info("wrote %s (%d kB, %d figures)", args.out, len(page_html) // 1024, page_html.count("<img "))
     return 0

@@ -169,36 +169,16 @@ def recall_path(stratified_csv) -> Path:
     return p.with_name(f"{p.stem}_recall.csv")
 
 
-def stamps_of(data: str, task_ids) -> dict:
-    """task_id (any type) -> decoded stamp, for the few lenses of a gallery (one filtered scan)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    from darkhaloscope.stamps.contract import decode_stamp
-    from darkhaloscope.stamps.dataset import filesystem as _filesystem
-
-    fs, root = _filesystem(data)
-    dataset = pads.dataset(root, format="parquet", partitioning="hive", filesystem=fs)
-    wanted = pa.array(list(task_ids)).cast(dataset.schema.field("task_id").type)
-    out = {}
-    for batch in dataset.to_batches(columns=["task_id", "stamp_npz"], filter=pc.field("task_id").isin(wanted),
-                                    batch_size=64):
-        for tid, blob in zip(batch.column("task_id").to_pylist(), batch.column("stamp_npz").to_pylist()):
-            img = decode_stamp(blob) if blob is not None else None
-            if img is not None:
-                out[tid] = img
-    return out
-
-
 def report_html(table: pd.DataFrame, lenses: pd.DataFrame, data: str, thresholds, gallery_n: int = 16) -> str:
     """Offline page: the recall table, then found and missed lenses at the lowest estimable FPR target."""
-    from darkhaloscope.evaluation.report import _CSS, _missing, _safe, _section, _table_html, gallery_figure
+    from darkhaloscope.evaluation.report import gallery_figure, missing, page, safe, section, table_html
+    from darkhaloscope.stamps.dataset import fetch_stamps
 
-    parts = [_section("recall", "Recall on real known lenses", _table_html(table))]
+    parts = [section("recall", "Recall on real known lenses", table_html(table))]
     usable = [(t, v) for t, v in thresholds if math.isfinite(v)]
     if not usable:
-        parts.append(_section("recall-galleries", "Found and missed lenses",
-                              _missing("no fpr target has a threshold in the stratified table")))
+        parts.append(section("recall-galleries", "Found and missed lenses",
+                              missing("no fpr target has a threshold in the stratified table")))
     else:
         target, thr = usable[0]
         scored = lenses[lenses["scored"]]
@@ -208,20 +188,18 @@ def report_html(table: pd.DataFrame, lenses: pd.DataFrame, data: str, thresholds
         for name, title, df in (("recall-found", f"Found at fpr {target:g} (highest logit first)", found),
                                 ("recall-missed", f"Missed at fpr {target:g} (lowest logit first)", missed)):
             if df.empty:
-                body += f"<h3>{html.escape(title)}</h3>" + _missing("none")
+                body += f"<h3>{html.escape(title)}</h3>" + missing("none")
                 continue
 
             def _gallery(df=df, name=name, title=title):
-                stamps = stamps_of(data, df["task_id"].tolist())
+                stamps = fetch_stamps(data, df["task_id"].tolist())
                 keep = [t for t in df["task_id"] if t in stamps]
                 caps = [f"{t} ({r:.4f}, {d:+.4f}) {g} logit {v:.2f}" for t, r, d, g, v in
                         df[["task_id", "ra", "dec", "grade", "logit"]].itertuples(index=False) if t in stamps]
                 return gallery_figure([stamps[t] for t in keep], caps, name, title)
-            body += f"<h3>{html.escape(title)}</h3>" + _safe(_gallery, title)
-        parts.append(_section("recall-galleries", "Found and missed lenses", body))
-    title = "darkhaloscope: recall on real known lenses"
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
-            f"<style>{_CSS}</style></head><body>\n<h1>{title}</h1>\n" + "\n".join(parts) + "\n</body></html>\n")
+            body += f"<h3>{html.escape(title)}</h3>" + safe(_gallery, title)
+        parts.append(section("recall-galleries", "Found and missed lenses", body))
+    return page("darkhaloscope: recall on real known lenses", parts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
