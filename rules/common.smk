@@ -2,6 +2,7 @@
 # Rules stay declarative; anything computed from the config is computed here.
 import os
 import shlex
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -9,6 +10,12 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 REPO = Path(workflow.basedir)
+sys.path.insert(0, str(REPO / "src"))  # the workflow's own package (also without an install)
+
+from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation.strata import parse_bins
+from darkhaloscope.simulation.manifest import ClumpPrior, ClumpPriorError, parse_split_fracs
+
 SPLITS = ["train", "val", "test"]
 VARIANTS = ["v4_sota", "v4_sota_moffat"]
 
@@ -22,20 +29,25 @@ def validate_config(cfg, schema_path):
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise WorkflowError(f"invalid config key '{key}': {err.message}")
-    for section, key in [("eval", "theta_bins"), ("eval", "res_bins"), ("eval", "snr_bins")]:
-        bins = cfg[section].get(key) or [0, 1]
-        if any(hi <= lo for lo, hi in zip(bins, bins[1:])):
-            raise WorkflowError(f"invalid config key '{section}.{key}': bins must be strictly increasing")
-    if abs(sum(cfg["simulation"]["split_fracs"]) - 1.0) > 1e-6:
-        raise WorkflowError("invalid config key 'simulation.split_fracs': fractions must sum to 1")
+    # the cross-field rules are the package's own (one place, one behaviour): dhs eval and dhs manifest apply
+    # the same ones to their flags
+    for key in ("theta_bins", "res_bins", "snr_bins"):
+        try:
+            parse_bins(cfg["eval"].get(key) or [0, 1], "bins", open_top=key == "snr_bins")
+        except DHSError as exc:
+            raise WorkflowError(f"invalid config key 'eval.{key}': {exc}")
+    try:
+        parse_split_fracs(cfg["simulation"]["split_fracs"], "fractions")
+    except DHSError as exc:
+        raise WorkflowError(f"invalid config key 'simulation.split_fracs': {exc}")
     clumps = cfg["simulation"].get("source_clumps")
     if clumps:
-        for key in ("flux_frac", "sigma_arcsec"):
-            if clumps[key][0] > clumps[key][1]:
-                raise WorkflowError(f"invalid config key 'simulation.source_clumps.{key}': must be [lo, hi] with lo <= hi")
-        if clumps["max"] * clumps["flux_frac"][1] > 1 + 1e-9:
-            raise WorkflowError("invalid config key 'simulation.source_clumps.flux_frac': max x the upper fraction "
-                                f"({clumps['max']} x {clumps['flux_frac'][1]}) exceeds 1, the whole source")
+        d = ClumpPrior()
+        try:
+            ClumpPrior(clumps.get("max", d.max), tuple(clumps.get("flux_frac", d.flux_frac)),
+                       tuple(clumps.get("sigma_arcsec", d.sigma_arcsec)), clumps.get("radius_reff", d.radius_reff)).check()
+        except ClumpPriorError as exc:
+            raise WorkflowError(f"invalid config key 'simulation.source_clumps.{exc.field}': {exc}")
 
 
 def check_config_files(cfg):

@@ -34,6 +34,7 @@ from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, load_conditions
+from darkhaloscope.values import parse_floats
 
 MAX_NEIGHBOURS = 4
 MAX_STARS = 2
@@ -343,25 +344,33 @@ class ClumpPrior:
     radius_reff: float = 1.5
 
     def check(self) -> ClumpPrior:
-        """The prior itself, or a one-line DHSError naming the ``dhs manifest`` flag."""
+        """The prior itself, or a one-line ``ClumpPriorError`` naming the ``dhs manifest`` flag (and, as
+        ``field``, the key of ``simulation.source_clumps`` in the workflow's config, which calls this too)."""
         lo, hi = self.flux_frac
         s_lo, s_hi = self.sigma_arcsec
         finite = lambda *v: bool(np.all(np.isfinite(v)))  # noqa: E731
         checks = (
-            (self.max >= 0, f"--source_clumps_max must be >= 0, got {self.max}"),
-            (finite(lo, hi) and 0 < lo <= hi <= 1,
-             f"--source_clumps_flux_frac must be lo,hi with 0 < lo <= hi <= 1, got {lo},{hi}"),
-            (self.max * hi <= 1 + 1e-9, f"--source_clumps_flux_frac: {self.max} clumps of up to {hi} of the flux "
-                                        "can sum to more than the whole source (need max x hi <= 1)"),
-            (finite(s_lo, s_hi) and 0 < s_lo <= s_hi,
-             f"--source_clumps_sigma_arcsec must be lo,hi with 0 < lo <= hi, got {s_lo},{s_hi}"),
-            (finite(self.radius_reff) and self.radius_reff > 0,
-             f"--source_clumps_radius_reff must be > 0, got {self.radius_reff}"),
+            (self.max >= 0, "max", f"must be >= 0, got {self.max}"),
+            (finite(lo, hi) and 0 < lo <= hi <= 1, "flux_frac", f"must be lo,hi with 0 < lo <= hi <= 1, got {lo},{hi}"),
+            (self.max * hi <= 1 + 1e-9, "flux_frac", f"{self.max} clumps of up to {hi} of the flux can sum to more "
+                                                     "than the whole source (need max x hi <= 1)"),
+            (finite(s_lo, s_hi) and 0 < s_lo <= s_hi, "sigma_arcsec",
+             f"must be lo,hi with 0 < lo <= hi, got {s_lo},{s_hi}"),
+            (finite(self.radius_reff) and self.radius_reff > 0, "radius_reff", f"must be > 0, got {self.radius_reff}"),
         )
-        for ok, message in checks:
+        for ok, name, message in checks:
             if not ok:
-                raise DHSError(message)
+                sep = " " if message.startswith("must") else ": "
+                raise ClumpPriorError(name, f"--source_clumps_{name}{sep}{message}")
         return self
+
+
+class ClumpPriorError(DHSError):
+    """A bad ``ClumpPrior``; ``field`` is the offending field (flux_frac, sigma_arcsec, ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 def draw_clumps(rng: np.random.Generator, lenses: dict, prior: ClumpPrior) -> dict:
@@ -395,27 +404,20 @@ def _stream(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), key]))
 
 
-def _comma_floats(text) -> tuple[float, ...] | None:
-    """'a,b,...' -> floats, or None when a field is not a number (callers word the error)."""
-    try:
-        return tuple(float(x) for x in str(text).split(","))
-    except ValueError:
-        return None
-
-
 def parse_pair(text, flag: str) -> tuple[float, float]:
-    pair = _comma_floats(text)
-    if pair is None or len(pair) != 2:
-        raise DHSError(f"{flag} '{text}' is not two comma-separated numbers lo,hi")
-    return pair
+    """``lo,hi`` (a string or a pair) -> two finite floats."""
+    return tuple(parse_floats(text, flag, count=2))
 
 
-def parse_split_fracs(text) -> tuple[float, float, float]:
-    fracs = _comma_floats(text)
-    if fracs is None:
-        raise DHSError(f"--split_fracs '{text}' is not three comma-separated numbers")
-    if len(fracs) != 3 or any(not np.isfinite(f) or f < 0 for f in fracs) or sum(fracs) <= 0:
-        raise DHSError(f"--split_fracs '{text}' must be three non-negative numbers train,val,test")
+SPLIT_FRACS_TOLERANCE = 1e-6
+
+
+def parse_split_fracs(value, flag: str = "--split_fracs") -> tuple[float, float, float]:
+    """``train,val,test`` (a string or a sequence): three non-negative fractions that sum to 1. The one
+    check of split fractions: `dhs manifest`, `dhs cutouts` and the workflow's config check use it."""
+    fracs = tuple(parse_floats(value, flag, count=3))
+    if any(f < 0 for f in fracs) or abs(sum(fracs) - 1.0) > SPLIT_FRACS_TOLERANCE:
+        raise DHSError(f"{flag} '{value}' must be three non-negative fractions train,val,test that sum to 1")
     return fracs
 
 
@@ -439,7 +441,7 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
         n_regions = max(24, int(np.ceil(n_tasks / 40)))
     if n_regions < 1:
         raise DHSError(f"--n_regions must be >= 1, got {n_regions}")
-    split_fracs = parse_split_fracs(",".join(str(f) for f in split_fracs))
+    split_fracs = parse_split_fracs(split_fracs)
 
     n = int(n_tasks)
     ra, dec, region_id, region_index = draw_positions(_stream(seed, "sky"), n, int(n_regions))
@@ -502,7 +504,7 @@ def add_test_controls(table: pa.Table, n_extra: int, seed: int, control_frac: fl
         raise DHSError(f"--extra_test_controls must be >= 0, got {n_extra}")
     if n_extra == 0:
         return table
-    test_frac = parse_split_fracs(",".join(str(f) for f in split_fracs))[2]
+    test_frac = parse_split_fracs(split_fracs)[2]
     if test_frac <= 0:
         raise DHSError("--extra_test_controls needs a test split: the test fraction of --split_fracs is 0")
     extra_seed = int(np.random.SeedSequence([int(seed), 0x7E57C7]).generate_state(1)[0])
