@@ -136,19 +136,19 @@ def test_best_checkpoint_keeps_the_best_epoch_and_history_holds_its_values(data,
     from darkhaloscope.learning import train
     from darkhaloscope.learning.model import unwrap
 
-    weights, real_evaluate = [], train.evaluate
+    weights, real_validate = [], train.validate
 
-    def evaluate_worse_in_epoch_2(net, *args):
+    def validate_worse_in_epoch_2(net, *args):
         """The real validation; epoch 2's selection metrics are then replaced by the worst possible
         values (0 tpr, AUROC 0), so that a later epoch is worse than an earlier one."""
-        val = real_evaluate(net, *args)
+        val = real_validate(net, *args)
         weights.append({k: v.detach().clone() for k, v in unwrap(net).state_dict().items()})
         if len(weights) == 2:
             worst = {k: 0.0 for k in val["val_cut"] if k.startswith("tpr@") or k == "auroc"}
             val["val_cut"] = {**val["val_cut"], **worst}
         return val
 
-    monkeypatch.setattr(train, "evaluate", evaluate_worse_in_epoch_2)
+    monkeypatch.setattr(train, "validate", validate_worse_in_epoch_2)
     out = tmp_path / "run"
     _sp = stream.open_split(str(data), "train")
     fs, files = _sp.fs, _sp.files
@@ -317,3 +317,24 @@ def test_best_epoch_selection_uses_only_estimable_fpr_targets():
     better = {"n_neg": 918, "tpr@fpr0.0001": 0.02, "tpr@fpr0.001": 0.02, "tpr@fpr0.01": 0.12, "auroc": 0.79}
     assert selection_key(better) > selection_key(lucky)  # 918 controls cannot estimate 1e-4 or 1e-3
     assert selection_key({"n_neg": 50, "tpr@fpr0.01": 0.9, "auroc": 0.6}) == (0.6,)
+
+
+def test_checkpoints_store_the_flags_as_given_and_numpy_global_rng_is_unused(data, tmp_path, capsys):
+    """Setup keeps derived values (variant, meta columns) to itself: the checkpoint's `args` are the flags as
+    parsed. A whole run (augmentation on, last.pt saved) draws nothing from numpy's global generator, which
+    is why last.pt's RNG state holds torch's and Python's only."""
+    np.random.seed(12345)
+    before = np.random.get_state()[1].copy()
+    out = tmp_path / "run"
+    argv = [*ONE_EPOCH[:-6], "--meta_cols", "psfsize_r, psfdepth_r", "--augment", "--save_every_steps", "1"]
+    assert "--variant" not in argv
+    rc, err = _train(capsys, "--data", data, "--out_dir", out, *argv)
+    assert rc == 0, err
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+    for name in ("best.pt", "last.pt"):
+        ck = load_checkpoint(out / name)
+        assert ck["args"]["variant"] is None and ck["variant"] == Path(data).name
+        assert ck["args"]["meta_cols"] == "psfsize_r, psfdepth_r" and ck["meta_cols"] == ["psfsize_r", "psfdepth_r"]
+    assert set(load_checkpoint(out / "last.pt")["rng"]) <= {"torch", "python", "cuda"}
+    history = _history(out)
+    assert history["variant"] == Path(data).name and history["args"]["variant"] is None

@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -160,20 +161,26 @@ def data_identity(fs, files: list[str]) -> list:
     return [[os.path.basename(f), fs.get_file_info(f).size] for f in files]
 
 
-def fingerprint(args, inputs: dict) -> str:
-    fields = {k: getattr(args, k) for k in RESULT_ARGS}
+def fingerprint(result_args: dict, inputs: dict) -> str:
+    """Hash of the arguments that change the result (``RESULT_ARGS``, as the run uses them) and the inputs."""
+    fields = {k: result_args[k] for k in RESULT_ARGS}
     fields["inputs"] = inputs
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].tolist()}
+    """The global generators a training step may draw from: torch (dropout, drop path), CUDA, and Python's
+    ``random``. Not numpy's global generator: nothing in a run draws from it (the stream and the augmentation
+    use their own seeded generators; tests/test_train.py checks that a whole run leaves it untouched), so there
+    is nothing of it to save or restore."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``; a checkpoint of an earlier version also holds a numpy entry, which nothing needs."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
@@ -287,7 +294,9 @@ def check_numbers(args) -> None:
 
 
 class Setup:
-    """Everything a run needs, validated."""
+    """Everything a run needs, validated. ``args`` stays as parsed (checkpoints store the user's flags);
+    values derived from it live here: ``meta_cols`` (a checked list), ``variant`` (default: the data
+    directory's name) and ``result_args`` (what the fingerprint hashes)."""
 
     def __init__(self, args, d: Dist):
         self.args = args
@@ -298,7 +307,9 @@ class Setup:
         check_writable(Path(args.out_dir) / "best.pt", "--out_dir")
         check_writable_dir(args.state_dir or args.out_dir, "--state_dir")
         self.meta_cols = contract.parse_meta_columns(args.meta_cols)
-        args.meta_cols = ",".join(self.meta_cols)
+        self.variant = args.variant if args.variant is not None else Path(str(args.data).rstrip("/")).name
+        self.result_args = {**{k: getattr(args, k) for k in RESULT_ARGS}, "meta_cols": ",".join(self.meta_cols),
+                            "variant": self.variant}
         import timm
 
         if not timm.is_model(args.arch):
@@ -308,8 +319,6 @@ class Setup:
         except json.JSONDecodeError as exc:
             raise DHSError(f"--timm_kwargs is not JSON: {exc}") from None
         build_model(args.arch, 0, timm_kwargs=self.timm_kwargs)  # fails here, not after the data scan
-        if args.variant is None:
-            args.variant = Path(str(args.data).rstrip("/")).name
         self.cuts = stream.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
         self.match = args.match_controls == "on" or (args.match_controls == "auto" and self.cuts)
 
@@ -336,7 +345,7 @@ class Setup:
                        "init_from": file_identity(args.init_from), "hard_negs": file_identity(args.hard_negs),
                        "warm_start": file_identity(warm_path) if warm_path != args.init_from else None,
                        "world_size": d.world}
-        self.fingerprint = fingerprint(args, self.inputs)
+        self.fingerprint = fingerprint(self.result_args, self.inputs)
 
         # an unfinished state_dir/last.pt with the same fingerprint wins under --auto_resume
         self.resume_ckpt = None
@@ -359,7 +368,8 @@ class Setup:
         if mode in ("continue", "auto"):
             _check_ckpt_matches(ckpt, path, args, self.meta_cols)
             if ckpt.get("fingerprint") != self.fingerprint:
-                diff = [k for k in RESULT_ARGS if str(ckpt.get("args", {}).get(k)) != str(getattr(args, k))]
+                used = {**ckpt.get("args", {}), "meta_cols": ",".join(ckpt["meta_cols"]), "variant": ckpt.get("variant")}
+                diff = [k for k in RESULT_ARGS if str(used.get(k)) != str(self.result_args[k])]
                 raise DHSError(f"--resume {path}: that run used different arguments or inputs "
                                f"({', '.join(diff) or 'input files'} differ); use --init_from for a warm start")
             self.resume_ckpt = ckpt
@@ -431,15 +441,73 @@ def run(args) -> int:
         d.close()
 
 
-def _run(args, d: Dist) -> int:
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed % 2**32)
-    s = Setup(args, d)
-    out_dir = Path(args.out_dir)
-    state_dir = Path(args.state_dir or args.out_dir)
-    idx = s.train_index
-    log(d, f"data {args.data} variant {args.variant}: train {len(idx)} rows kept of {s.n_train_all} "
+@dataclass
+class Progress:
+    """Where a run stands: what last.pt saves and a resumed run restores."""
+    epoch: int = 0               # the epoch in progress (0-based)
+    batches_done: int = 0        # of that epoch
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    best: dict | None = None
+    partial: tuple = (0.0, 0, 0, 0)  # loss_sum, n_seen, n_bad, n_planned of the epoch in progress (this rank)
+
+
+class Checkpoints:
+    """What a run writes: ``best.pt``, ``history.json`` (out_dir) and ``last.pt`` (state_dir), and the restore
+    of a ``last.pt`` (format: docs/architecture.md, 'Checkpoint format')."""
+
+    def __init__(self, s: Setup, d: Dist, model, model_kw: dict, opt):
+        self.s, self.d, self.model, self.model_kw, self.opt = s, d, model, model_kw, opt
+        self.out_dir = Path(s.args.out_dir)
+        self.last = Path(s.args.state_dir or s.args.out_dir) / "last.pt"
+
+    def _common(self, kind: str, epoch: int, metrics_: dict, finished: bool) -> dict:
+        s = self.s
+        return dict(kind=kind, arch=s.args.arch, model_kwargs=self.model_kw, state_dict=unwrap(self.model).state_dict(),
+                    meta_cols=s.meta_cols, meta_mean=s.meta_mean, meta_std=s.meta_std, variant=s.variant,
+                    args=vars(s.args), epoch=epoch, metrics=metrics_, finished=finished, fingerprint=s.fingerprint)
+
+    def save_last(self, p: Progress, finished: bool) -> None:
+        """last.pt at ``p``; the partial-epoch sums are summed over ranks (a collective: every rank calls it)."""
+        sums = self.d.sum([float(x) for x in p.partial])
+        if not self.d.main:
+            return
+        args = self.s.args
+        save_checkpoint(self.last, **self._common("last", p.epoch, p.history[-1] if p.history else {}, finished),
+                        optimizer=self.opt.state_dict(),
+                        scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
+                                   "base_lr": args.lr}, scaler=None, rng=rng_state(),
+                        sampler={"epoch": p.epoch, "batches_done": p.batches_done, "seed": args.seed, "partial": sums},
+                        global_step=p.global_step, history=p.history, best=p.best)
+
+    def restore(self, ck: dict) -> Progress:
+        """Model, optimizer and RNG state of an interrupted run's last.pt, and where it stood."""
+        self.model.load_state_dict(ck["state_dict"])
+        self.opt.load_state_dict(ck["optimizer"])
+        set_rng_state(ck["rng"])
+        # the partial-epoch sums are over all ranks: rank 0 carries them, the others restart from 0
+        partial = tuple(ck["sampler"].get("partial", (0.0, 0, 0, 0))) if self.d.main else (0.0, 0, 0, 0)
+        return Progress(ck["sampler"]["epoch"], ck["sampler"]["batches_done"], ck["global_step"], ck["history"],
+                        ck.get("best"), partial)
+
+    def save_best(self, epoch: int, row: dict) -> None:
+        metrics_ = {"val_cut": row["val_cut"], "val_all": row["val_all"],
+                    "selected_by": "val_cut tpr@fpr1e-4, then tpr@fpr1e-3, then AUROC"}
+        save_checkpoint(self.out_dir / "best.pt", **self._common("best", epoch, metrics_, False))
+
+    def mark_best_finished(self) -> None:
+        """best.pt becomes a finished stage's checkpoint (what --resume of the next stage looks for)."""
+        ck = load_checkpoint(self.out_dir / "best.pt")
+        ck["finished"] = True
+        save_checkpoint(self.out_dir / "best.pt", **{k: v for k, v in ck.items() if k != "format"})
+
+    def write_history(self, p: Progress) -> None:
+        _write_history(self.out_dir / "history.json", self.s, p.history, p.best)
+
+
+def _log_setup(s: Setup, d: Dist) -> None:
+    args, idx = s.args, s.train_index
+    log(d, f"data {args.data} variant {s.variant}: train {len(idx)} rows kept of {s.n_train_all} "
            f"({int((idx.label == 1).sum())} positives, {int((idx.label == 0).sum())} controls, "
            f"{idx.n_cutout_failed} declared cutout failures (cutout_ok != 1) excluded); val {len(s.val_index)} rows "
            f"({s.val_index.n_cutout_failed} declared cutout failures excluded)")
@@ -458,6 +526,20 @@ def _run(args, d: Dist) -> int:
             log(d, f"warning: {name} meta values that are NaN/inf are replaced by the training mean: "
                    + ", ".join(f"{c} {n}" for c, n in bad.items() if n))
 
+
+def _optimizer(model, args) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm parameters (ndim <= 1)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+
+def _run(args, d: Dist) -> int:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    s = Setup(args, d)
+    _log_setup(s, d)
     use_bf16 = bf16_enabled(args.use_bf16, d.device)
     if args.use_bf16 and not use_bf16:
         log(d, "bf16 autocast requested but off: this device has no native bf16")
@@ -467,28 +549,16 @@ def _run(args, d: Dist) -> int:
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])
     model.to(d.device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    start_epoch, start_step, global_step, history, best = 0, 0, 0, [], None
-    partial = [0.0, 0, 0, 0]  # loss_sum, n_seen, n_bad, n_planned of a partly done epoch
-    if s.resume_ckpt is not None:
-        ck = s.resume_ckpt
-        model.load_state_dict(ck["state_dict"])
-        opt.load_state_dict(ck["optimizer"])
-        start_epoch, start_step = ck["sampler"]["epoch"], ck["sampler"]["batches_done"]
-        # the partial-epoch sums are over all ranks: rank 0 carries them, the others restart from 0
-        partial = ck["sampler"].get("partial", [0.0, 0, 0, 0]) if d.main else [0.0, 0, 0, 0]
-        global_step, history, best = ck["global_step"], ck["history"], ck.get("best")
-        set_rng_state(ck["rng"])
+    opt = _optimizer(model, args)
+    ckpts = Checkpoints(s, d, model, kwargs, opt)
+    progress = ckpts.restore(s.resume_ckpt) if s.resume_ckpt is not None else Progress()
     net = model
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     loss_fn = make_loss(args.loss, args.focal_alpha, args.focal_gamma)
 
-    train_ds = stream.StampStream(idx, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=s.weight,
+    train_ds = stream.StampStream(s.train_index, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=s.weight,
                                   batch_size=args.batch_size, shuffle=True, augment=args.augment, seed=args.seed,
                                   rank=d.rank, world_size=d.world, num_workers=args.num_workers)
     val_ds = stream.StampStream(s.val_index, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=None,
@@ -497,32 +567,56 @@ def _run(args, d: Dist) -> int:
     train_dl = _loader(train_ds, args.num_workers, d)
     val_dl = _loader(val_ds, args.num_workers, d)
 
-    def save_last(epoch: int, batches_done: int, finished: bool, sums=(0.0, 0, 0, 0)) -> None:
-        sums = d.sum([float(x) for x in sums])  # every rank calls this at the same step (collective)
-        if not d.main:
-            return
-        save_checkpoint(state_dir / "last.pt", kind="last", arch=args.arch, model_kwargs=kwargs,
-                        state_dict=unwrap(model).state_dict(), meta_cols=s.meta_cols, meta_mean=s.meta_mean,
-                        meta_std=s.meta_std, variant=args.variant, args=vars(args), epoch=epoch,
-                        metrics=history[-1] if history else {}, finished=finished, optimizer=opt.state_dict(),
-                        scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-                                   "base_lr": args.lr}, scaler=None, rng=rng_state(),
-                        sampler={"epoch": epoch, "batches_done": batches_done, "seed": args.seed,
-                                 "partial": [float(x) for x in sums]},
-                        fingerprint=s.fingerprint, global_step=global_step, history=history, best=best)
+    for epoch in range(progress.epoch, args.epochs):
+        lr, stopped = train_one_epoch(net, model, opt, loss_fn, train_dl, train_ds, progress, epoch, s, d, use_bf16,
+                                      ckpts)
+        if stopped:
+            log(d, f"stopping after {progress.global_step} steps (--stop_after_steps)")
+            if os.environ.get(KILL_ENV):
+                raise DHSError(f"interrupted after {progress.global_step} steps ({KILL_ENV}: a simulated kill)")
+            return 0
+        loss_sum, n_seen, n_bad, n_planned = d.sum(list(progress.partial))
+        _check_skips(n_bad, n_planned, args.max_skip_frac, final=True)
+        val = validate(net, val_dl, val_ds, s, d, use_bf16)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "lr": lr, "steps": progress.global_step,
+               "n_train": int(n_seen), "n_skipped": int(n_bad), **val}
+        progress.history.append(row)
+        improved = progress.best is None or selection_key(val["val_cut"]) > selection_key(progress.best["val_cut"])
+        if improved:
+            progress.best = {"epoch": epoch + 1, "val_cut": val["val_cut"], "val_all": val["val_all"]}
+        log(d, _format_epoch(row, improved))
+        if d.main:
+            if improved:
+                ckpts.save_best(epoch + 1, row)
+            ckpts.write_history(progress)
+        progress.epoch, progress.batches_done, progress.partial = epoch + 1, 0, (0.0, 0, 0, 0)
+        ckpts.save_last(progress, finished=epoch + 1 == args.epochs)
+    if d.main:
+        ckpts.mark_best_finished()
+        log(d, f"done: best epoch {progress.best['epoch']} ({_fmt(progress.best['val_cut'])}) -> "
+               f"{ckpts.out_dir / 'best.pt'}")
+    return 0
 
-    stopped = False
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0
-        train_ds.set_epoch(epoch, first)
-        n_batches = len(train_ds)
-        net.train()
-        loss_sum, n_seen, n_bad, n_planned = partial if epoch == start_epoch else (0.0, 0, 0, 0)
-        bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.main,
-                   file=sys.stderr, dynamic_ncols=True, leave=False)
-        step_in_epoch = first
-        for batch in train_dl:
-            lr = lr_at(epoch + step_in_epoch / n_batches, args.lr, args.epochs, args.warmup_epochs)
+
+def train_one_epoch(net, model, opt, loss_fn, loader, ds, p: Progress, epoch: int, s: Setup, d: Dist,
+                    use_bf16: bool, ckpts: Checkpoints) -> tuple[float, bool]:
+    """One epoch (or the rest of an interrupted one, from ``p.batches_done``): the warm-up + cosine LR per
+    step, last.pt every ``--save_every_steps``. Updates ``p`` (steps, this rank's partial sums); returns the
+    last LR and whether ``--stop_after_steps`` ended the run."""
+    args = s.args
+    first = p.batches_done if epoch == p.epoch else 0
+    if epoch != p.epoch:
+        p.epoch, p.batches_done, p.partial = epoch, 0, (0.0, 0, 0, 0)
+    ds.set_epoch(epoch, first)
+    n_batches = len(ds)
+    net.train()
+    loss_sum, n_seen, n_bad, n_planned = p.partial
+    bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.main,
+               file=sys.stderr, dynamic_ncols=True, leave=False)
+    lr = math.nan
+    try:
+        for batch in loader:
+            lr = lr_at(epoch + p.batches_done / n_batches, args.lr, args.epochs, args.warmup_epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
             loss = _train_step(net, model, opt, loss_fn, batch, d.device, use_bf16, args.grad_clip)
@@ -531,44 +625,19 @@ def _run(args, d: Dist) -> int:
             n_seen += n
             n_bad += batch["n_bad"]
             n_planned += batch["n_planned"]
-            step_in_epoch += 1
-            global_step += 1
+            p.partial = (loss_sum, n_seen, n_bad, n_planned)
+            p.batches_done += 1
+            p.global_step += 1
             _check_skips(n_bad, n_planned, args.max_skip_frac, final=False)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if args.save_every_steps and step_in_epoch % args.save_every_steps == 0 and step_in_epoch < n_batches:
-                save_last(epoch, step_in_epoch, False, (loss_sum, n_seen, n_bad, n_planned))
-            if args.stop_after_steps and global_step >= args.stop_after_steps:
-                stopped = True
-                break
+            if args.save_every_steps and p.batches_done % args.save_every_steps == 0 and p.batches_done < n_batches:
+                ckpts.save_last(p, finished=False)
+            if args.stop_after_steps and p.global_step >= args.stop_after_steps:
+                return lr, True
+    finally:
         bar.close()
-        if stopped:
-            log(d, f"stopping after {global_step} steps (--stop_after_steps)")
-            if os.environ.get(KILL_ENV):
-                raise DHSError(f"interrupted after {global_step} steps ({KILL_ENV}: a simulated kill)")
-            break
-        loss_sum, n_seen, n_bad, n_planned = d.sum([loss_sum, n_seen, n_bad, n_planned])
-        _check_skips(n_bad, n_planned, args.max_skip_frac, final=True)
-        val = evaluate(net, val_dl, val_ds, s, d, use_bf16)
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "lr": lr, "steps": global_step,
-               "n_train": int(n_seen), "n_skipped": int(n_bad), **val}
-        history.append(row)
-        improved = best is None or selection_key(val["val_cut"]) > selection_key(best["val_cut"])
-        if improved:
-            best = {"epoch": epoch + 1, "val_cut": val["val_cut"], "val_all": val["val_all"]}
-        log(d, _format_epoch(row, improved))
-        if d.main:
-            if improved:
-                _save_best(out_dir, model, kwargs, s, args, epoch + 1, row, finished=False)
-            _write_history(out_dir / "history.json", args, s, history, best)
-        save_last(epoch + 1, 0, finished=epoch + 1 == args.epochs)
-    if not stopped and d.main:
-        # mark best.pt as a finished stage's checkpoint (what --resume of the next stage looks for)
-        ck = load_checkpoint(out_dir / "best.pt")
-        ck["finished"] = True
-        save_checkpoint(out_dir / "best.pt", **{k: v for k, v in ck.items() if k != "format"})
-        log(d, f"done: best epoch {best['epoch']} ({_fmt(best['val_cut'])}) -> {out_dir / 'best.pt'}")
-    return 0
+    return lr, False
 
 
 def _loader(ds, num_workers: int, d: Dist):
@@ -602,7 +671,7 @@ def _check_skips(n_bad: float, n_planned: float, max_frac: float, final: bool, w
 
 
 @torch.no_grad()
-def evaluate(net, loader, val_ds, s: Setup, d: Dist, use_bf16: bool) -> dict:
+def validate(net, loader, val_ds, s: Setup, d: Dist, use_bf16: bool) -> dict:
     """Validation logits (float32) on the whole val split -> roc_summary with and without the cuts."""
     net.eval()
     val_ds.set_epoch(0)
@@ -641,17 +710,11 @@ def _format_epoch(row: dict, improved: bool) -> str:
             + ("\n    -> new best.pt" if improved else ""))
 
 
-def _save_best(out_dir: Path, model, kwargs, s: Setup, args, epoch: int, row: dict, finished: bool) -> None:
-    save_checkpoint(out_dir / "best.pt", kind="best", arch=args.arch, model_kwargs=kwargs,
-                    state_dict=unwrap(model).state_dict(), meta_cols=s.meta_cols, meta_mean=s.meta_mean,
-                    meta_std=s.meta_std, variant=args.variant, args=vars(args), epoch=epoch,
-                    metrics={"val_cut": row["val_cut"], "val_all": row["val_all"],
-                             "selected_by": "val_cut tpr@fpr1e-4, then tpr@fpr1e-3, then AUROC"},
-                    finished=finished, fingerprint=s.fingerprint)
-
-
-def _write_history(path: Path, args, s: Setup, history: list, best: dict | None) -> None:
-    doc = {"args": vars(args), "variant": args.variant, "fingerprint": s.fingerprint,
+def _write_history(path: Path, s: Setup, history: list, best: dict | None) -> None:
+    """history.json: one shape, ``{"args", "variant", ..., "best", "epochs": [per-epoch rows]}`` (the report
+    reads ``epochs``; a workflow that takes an existing Gen2 checkpoint writes ``{"epochs": []}``)."""
+    args = s.args
+    doc = {"args": vars(args), "variant": s.variant, "fingerprint": s.fingerprint,
            "meta_cols": s.meta_cols, "meta_mean": s.meta_mean, "meta_std": s.meta_std,
            "curriculum": {"min_theta_over_psf": args.min_theta_over_psf, "min_arc_snr": args.min_arc_snr,
                           "match_controls": s.match, "condition_columns": s.cond_cols,
