@@ -75,3 +75,13 @@ def test_config_values_reach_the_shell_quoted(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     line = next(ln for ln in (result.stdout + result.stderr).splitlines() if "dhs mine" in ln)
     assert f"--known_lenses '{known}'" in line
+
+
+def test_schema_meta_cols_enum_is_the_contracts_allow_list():
+    """The config schema lists the allowed meta columns so that a bad one is refused at parse time naming
+    the key; `dhs train` refuses by stamps.contract.ALLOWED_META_COLUMNS. The two lists must be one."""
+    from darkhaloscope.stamps.contract import ALLOWED_META_COLUMNS
+
+    schema = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())
+    enum = schema["$defs"]["meta_cols"]["items"]["enum"]
+    assert len(enum) == len(set(enum)) and set(enum) == ALLOWED_META_COLUMNS

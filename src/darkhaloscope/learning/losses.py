@@ -16,14 +16,13 @@ import torch.nn.functional as F
 LOSSES = ("focal", "bce")
 
 
-def bce_loss(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def bce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy from logits (log-sum-exp form, stable for any logit)."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return _mean(loss, weight)
+    return _mean(loss)
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0,
-               weight: torch.Tensor | None = None) -> torch.Tensor:
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
     """Mean focal loss from logits; alpha weights the positive class (y = 1), see the module docstring.
     alpha < 0 disables class weighting."""
     logits, targets = logits.float(), targets.float()
@@ -32,13 +31,12 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
     loss = ce * (1.0 - p_t) ** gamma
     if alpha >= 0:
         loss = loss * (alpha * targets + (1.0 - alpha) * (1.0 - targets))
-    return _mean(loss, weight)
+    return _mean(loss)
 
 
-def _mean(loss: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-    if weight is None:
-        return loss.mean() if loss.numel() else loss.sum()
-    return (loss * weight).sum() / weight.sum().clamp_min(1e-12)
+def _mean(loss: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch (sampling weights act through the sampler, not here); 0 for an empty batch."""
+    return loss.mean() if loss.numel() else loss.sum()
 
 
 def make_loss(name: str, focal_alpha: float = 0.25, focal_gamma: float = 2.0):

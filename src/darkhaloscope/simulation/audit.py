@@ -33,11 +33,10 @@ from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation.metrics import auroc
 from darkhaloscope.io import atomic_output
 from darkhaloscope.stamps import dataset
-from darkhaloscope.stamps.contract import BANDS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
+from darkhaloscope.stamps.contract import CONDITION_COLUMNS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
 
 CORE_PIX = 10
 META_COLUMNS = ("psfsize_r", "psfdepth_r")
-CONDITION_COLUMNS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 N_FOLDS = 5
 
 

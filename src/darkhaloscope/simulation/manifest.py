@@ -33,7 +33,7 @@ from scipy.special import ndtr
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
-from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, load_conditions
+from darkhaloscope.stamps.contract import BANDS, CONDITION_COLUMNS, PIXEL_SCALE_ARCSEC, load_conditions
 from darkhaloscope.values import parse_floats
 
 MAX_NEIGHBOURS = 4
@@ -53,7 +53,6 @@ CELL_N_SINDEC = 90
 
 
 # Columns ``dhs inject`` needs; a manifest lacking any of them is refused.
-CONDITION_COLUMNS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 HOST_COLUMNS = ("host_mag_r", "host_g_minus_r", "host_r_minus_z", "host_reff", "host_n", "host_q",
                 "host_phi", "host_x", "host_y")
 # Written by every manifest, not needed to render (an older manifest without it is still accepted):

@@ -48,10 +48,10 @@ CONFUSER_SUPERSAMPLE = 2
 # PSF kernels of one convolution call share the call's largest kernel size, so a stamp's pixels depend
 # (below 5e-4 of its flux) on its chunk/batch; chunks are fixed within a batch, and batches are fixed
 # blocks of task ids (see inject), which keeps stamps byte-identical across shard counts.
-CHUNK = 16
 # The FFT convolution of a chunk runs on FFT_CHUNK stamps at a time (its complex spectra then fit in
 # L2: 2x faster than whole chunks); the kernels and FFT size are the chunk's, so the output is the same.
-FFT_CHUNK = 4
+# Both sizes are the renderer's (render.CHUNK, render.FFT_CHUNK): one setting for arcs and backgrounds.
+CHUNK, FFT_CHUNK = render.CHUNK, render.FFT_CHUNK
 
 _X1, _Y1 = light.pixel_grid(STAMP_SIZE, 1)
 _lo = STAMP_SIZE // 2 - CORE_BOX // 2

@@ -27,17 +27,16 @@ PIXEL_SCALE_ARCSEC = 0.262
 AB_ZEROPOINT = 22.5
 STAMP_KEYS = tuple(f"image_{b}" for b in BANDS)
 
-# Columns every reader of a Phase 4c table relies on.
-ID_COLUMNS = ("task_id", "ra", "dec", "brickname", "region_id", "region_split")
-LABEL_COLUMN = "is_control"  # int: 1 = control (negative), 0 = injected lens (positive)
+# Columns every reader of a Phase 4c table relies on (is_control: 1 = control, 0 = injected lens).
 READ_COLUMNS = ("task_id", "is_control", "cutout_ok", "stamp_npz")
 SPLITS = ("train", "val", "test")
 
 # Model inputs must be observing conditions: the same physical meaning for both classes and never
 # derived from the injection. This is an allow-list on purpose (a deny-list let leaks through before).
-ALLOWED_META_COLUMNS = frozenset(
-    [f"psfsize_{b}" for b in BANDS] + [f"psfdepth_{b}" for b in BANDS] + ["ebv", "nexp_g", "nexp_r", "nexp_z"]
-)
+# The per-band observing conditions every stamp carries (drawn by the manifest, balanced by the audit).
+CONDITION_COLUMNS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
+# schemas/config.schema.yaml repeats this list as the enum of meta_cols (a test checks that they agree).
+ALLOWED_META_COLUMNS = frozenset([*CONDITION_COLUMNS, "ebv", "nexp_g", "nexp_r", "nexp_z"])
 
 _LEAK_REASONS = (
     ("psf_fwhm_used_", "is set only for injected positives (null for controls), so it encodes the label"),

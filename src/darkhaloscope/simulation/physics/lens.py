@@ -10,6 +10,11 @@ psi = (gamma1 (x^2 - y^2) + 2 gamma2 x y) / 2 about the lens centre (x0, y0).
 
 The SIE formulas are written here (vectorised numpy) rather than calling lenstronomy because the
 renderer needs them over a whole batch of lenses at once; lenstronomy is the test reference.
+
+This module is the reference lens equation of the package. ``physics/render.py`` evaluates the same
+equation again inside its fused numba kernels (for speed); tests/test_physics_render.py checks those
+kernels against this module (and both against lenstronomy). What render.py takes from here (``q_capped``,
+``PSI_FLOOR``, ``rotate_shear``) is public.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import numpy as np
 # q is capped just below 1: the q -> 1 limit of arctan(f t) / f is smooth, but f = sqrt(1 - q^2) = 0
 # would divide by zero. The cap is 1 - 64 eps of the working precision (float64: 1 - 1.4e-14,
 # float32: 1 - 7.6e-6); the deflection there differs from the q = 1 one by < 1e-5 relative.
-def _q_capped(q):
+def q_capped(q):
     q = np.asarray(q)
     dtype = q.dtype if q.dtype in (np.float32, np.float64) else np.float64
     return np.minimum(q.astype(dtype, copy=False), dtype.type(1.0 - 64 * np.finfo(dtype).eps))
@@ -40,7 +45,7 @@ def sie_deflection(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
     """SIE deflection (alpha_x, alpha_y) in arcsec at image-plane positions (x, y); broadcasts.
     Computes in the precision of the inputs (float32 parameters and positions stay float32)."""
     xp, yp, c, s = _rotate_in(x, y, phi, x0, y0)
-    q = _q_capped(q)
+    q = q_capped(q)
     f = np.sqrt(1 - q * q)
     b_over_f = theta_e * np.sqrt(q) / f
     psi = np.maximum(np.sqrt((q * xp) ** 2 + yp**2), PSI_FLOOR)
@@ -52,7 +57,7 @@ def sie_deflection(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
 def sie_convergence(x, y, theta_e, q, phi, x0=0.0, y0=0.0):
     """SIE convergence kappa at (x, y)."""
     xp, yp, _, _ = _rotate_in(x, y, phi, x0, y0)
-    q = _q_capped(q)
+    q = q_capped(q)
     b = theta_e * np.sqrt(q)
     return b / (2 * np.maximum(np.sqrt((q * xp) ** 2 + yp**2), PSI_FLOOR))
 
@@ -82,7 +87,7 @@ def ray_shoot_lens_frame(xp, yp, theta_e, q, gamma1p, gamma2p):
     shear components (gamma1p, gamma2p) given in that frame (see rotate_shear). ray_shoot wraps it for
     the stamp frame; the renderer's compiled trace computes the same expression (tests compare them).
     Keeps the precision of the inputs."""
-    q = _q_capped(q)
+    q = q_capped(q)
     f = np.sqrt(1 - q * q)
     b_over_f = theta_e * np.sqrt(q) / f
     inv_psi = 1 / np.maximum(np.sqrt((q * xp) ** 2 + yp * yp), PSI_FLOOR)

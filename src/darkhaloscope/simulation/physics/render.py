@@ -25,6 +25,9 @@ Clumps (optional): circular Gaussians in the source plane, each with a fraction 
 flux (the Sersic keeps the rest), evaluated at the same traced corners and sub-pixel centres as the
 Sersic; a pixel is supersampled also where its traced footprint may reach CLUMP_SIGMAS sigmas of a
 clump. Stamps without clumps take exactly the path of a smooth source.
+
+The lens equation inside the kernels repeats ``physics/lens.py`` (the reference) in fused form, on purpose:
+tests/test_physics_render.py compares the two, so a change to one that is not made to the other fails there.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.simulation.physics import psf as psf_mod
-from darkhaloscope.simulation.physics.lens import PSI_FLOOR, _q_capped, rotate_shear
+from darkhaloscope.simulation.physics.lens import PSI_FLOOR, q_capped, rotate_shear
 from darkhaloscope.simulation.physics.light import R_FLOOR, sersic_b, sersic_norm
 from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC, STAMP_SIZE
 
@@ -103,8 +106,10 @@ def _check_ranges(lens, src):
             raise DHSError(message)
 
 
-CHUNK = 16  # stamps per pass: keeps the float32 buffers of a pass inside the CPU cache
-FFT_CHUNK = 4  # stamps per FFT convolution call (complex spectra of 4 x 3 bands fit in L2)
+# Stamps per pass (arcs here, backgrounds in scene.py): 16 keeps the float32 buffers of a pass inside the CPU
+# cache; FFT_CHUNK stamps per FFT convolution call (complex spectra of 4 x 3 bands fit in L2).
+CHUNK = 16
+FFT_CHUNK = 4
 
 # Columns of the (B, len(PARAM_COLUMNS)) float32 table of per-stamp constants read by the trace kernels.
 PARAM_COLUMNS = ("x0", "y0", "cos_l", "sin_l", "q", "f", "b_over_f", "g1p", "g2p", "cxp", "cyp", "cos_s", "sin_s",
@@ -135,7 +140,7 @@ def _flat_params(lens, src) -> np.ndarray:
     )
     p = {k: v.astype(np.float32) for k, v in p.items()}
     # SIE constants in float32, as ray_shoot_lens_frame computes them for float32 inputs
-    p["q"] = _q_capped(lens["q"].astype(np.float32))
+    p["q"] = q_capped(lens["q"].astype(np.float32))
     p["f"] = np.sqrt(1 - p["q"] * p["q"])
     p["b_over_f"] = lens["theta_e"].astype(np.float32) * np.sqrt(p["q"]) / p["f"]
     return np.stack([p[k] for k in PARAM_COLUMNS], axis=1)
