@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("darkhaloscope.evaluation.infer", "Score a split with a checkpoint and write a score parquet"),
     "mine": ("darkhaloscope.evaluation.mine", "Mine hard negatives from a score parquet, excluding known lenses"),
     "eval": ("darkhaloscope.evaluation.evaluate", "Stratified tpr@fpr / fpr@tpr table with confidence intervals"),
-    "report": ("darkhaloscope.evaluation.report", "One offline HTML page with ROC curves, completeness and galleries"),
+    "report": ("darkhaloscope.evaluation.report",
+               "One offline HTML page (ROC curves, dhs eval's tables and completeness maps, galleries)"),
     "cutouts": ("darkhaloscope.sky.cutouts", "Phase 3 on the real sky: DR10 grz cutouts of a catalogue"),
     "recall": ("darkhaloscope.sky.recall", "Recall on real known lenses at the evaluation's thresholds"),
 }

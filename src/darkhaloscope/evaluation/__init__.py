@@ -1,2 +1,3 @@
-"""Evaluation stage: scoring with a checkpoint (infer), hard-negative mining, metrics, the stratified FPR
-table and the HTML report."""
+"""Evaluation stage: scoring with a checkpoint (infer), hard-negative mining (mine), metrics, the
+stratified FPR tables (evaluate) and the HTML report drawn from them (report); what evaluate writes and
+report reads (bins, targets, score loading, the operating point, the tables' names) is in strata."""

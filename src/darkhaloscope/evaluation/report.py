@@ -129,25 +129,34 @@ def roc_figure(frames) -> str:
     return _img(fig, "roc", "ROC curves, log FPR axis")
 
 
+def _value_and_wilson_err(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Values and their (2, n) error bars to the 95% Wilson bounds of a table's rows."""
+    value = rows["value"].to_numpy()
+    err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
+    return value, np.where(np.isfinite(err), np.maximum(err, 0.0), np.nan)  # Wilson bounds vs float rounding
+
+
+def _tpr_axes(ax, xlabel: str, target: float) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"tpr @ fpr {target:g}")
+    ax.set_ylim(-0.02, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def stratum_figure(tables, stratum: str, target: float, xlabel: str, name: str) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (label, table) in enumerate(tables.items()):
         rows = _at(table, stratum, target)
         centre = 0.5 * (rows["bin_lo"] + rows["bin_hi"]) + (i - (len(tables) - 1) / 2) * 0.02
-        value = rows["value"].to_numpy()
-        err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
-        err = np.where(np.isfinite(err), np.maximum(err, 0.0), np.nan)  # Wilson bounds vs float rounding
+        value, err = _value_and_wilson_err(rows)
         ax.errorbar(centre, value, yerr=err, xerr=0.5 * (rows["bin_hi"] - rows["bin_lo"]), fmt="o", capsize=3,
                     label=label)
         for x, v, n in zip(centre, value, rows["n_pos"]):
             if np.isfinite(v):
                 ax.annotate(str(n), (x, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"tpr @ fpr {target:g}")
-    ax.set_ylim(-0.02, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _tpr_axes(ax, xlabel, target)
     return _img(fig, name, f"tpr at fpr {target:g} against {xlabel}, 95% Wilson intervals, n_pos annotated")
 
 
@@ -194,9 +203,7 @@ def snr_figure(tables, target: float) -> str:
     for i, (label, table) in enumerate(tables.items()):
         rows = _at(table, strata.STRATUM_SNR, target)
         x = np.arange(len(rows)) + (i - (len(tables) - 1) / 2) * 0.12
-        value = rows["value"].to_numpy()
-        err = np.vstack([value - rows["ci_low"].to_numpy(), rows["ci_high"].to_numpy() - value])
-        err = np.where(np.isfinite(err), np.maximum(err, 0.0), np.nan)
+        value, err = _value_and_wilson_err(rows)
         ax.errorbar(x, value, yerr=err, fmt="o", capsize=3, label=label)
         if not mf_drawn:
             ax.hlines(rows["mf_value"], np.arange(len(rows)) - 0.35, np.arange(len(rows)) + 0.35, colors="k",
@@ -204,11 +211,7 @@ def snr_figure(tables, target: float) -> str:
             ax.set_xticks(range(len(rows)), [f"{t}\nn={n}" for t, n in zip(_bin_labels(rows["bin_lo"], rows["bin_hi"]),
                                                                               rows["n_pos"])], fontsize=8)
             mf_drawn = True
-    ax.set_xlabel("arc_snr (integrated r-band S/N of the injected arc)")
-    ax.set_ylabel(f"tpr @ fpr {target:g}")
-    ax.set_ylim(-0.02, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _tpr_axes(ax, "arc_snr (integrated r-band S/N of the injected arc)", target)
     return _img(fig, "tpr-vs-snr", f"tpr at fpr {target:g} against arc_snr, 95% Wilson intervals, "
                 "matched-filter reference as black bars")
 

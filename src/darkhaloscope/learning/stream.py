@@ -4,7 +4,8 @@ A split is opened by the one Phase 4c reader (``stamps.dataset``: files, partiti
 cutout failures). Two consumers share one decode + normalise + meta path (``decode_batch`` /
 ``prepare_stamps``):
 
-* ``Split.iter_batches`` + ``decode_batch``: a plain sequential read of one split (inference).
+* ``Split.iter_batches`` + ``decode_batch``: a plain sequential read of one split (``evaluation.infer``,
+  ``sky.recall``).
 * ``StampStream``: the training/validation stream. It first reads the split's small scalar columns
   into an index (about 40 bytes per row; the stamps are never held beyond one shuffle window), applies
   the curriculum cuts, the control matching and the hard-negative weights, and then, every epoch, builds

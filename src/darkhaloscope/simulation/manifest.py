@@ -33,7 +33,7 @@ from scipy.special import ndtr
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
 from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
-from darkhaloscope.stamps.contract import BANDS, CONDITION_COLUMNS, PIXEL_SCALE_ARCSEC, load_conditions
+from darkhaloscope.stamps.contract import BANDS, CONDITION_COLUMNS, load_conditions
 from darkhaloscope.values import parse_floats
 
 MAX_NEIGHBOURS = 4

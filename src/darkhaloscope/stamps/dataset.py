@@ -4,8 +4,9 @@ Two writers exist: ``dhs inject`` (``region_split=<split>/part-<shard>.parquet``
 and the original Spark pipeline's stage 4c (``region_split=<split>/part-00000-<uuid>.c000.gz.parquet``,
 gzip, ``_SUCCESS`` markers, string task ids such as ``v4sm_0001234_r0``, ``region_split`` also stored as a
 column, failed cutouts kept as rows with ``cutout_ok = 0`` and a null or all-NaN ``stamp_npz``). Training
-(``learning.stream``), inference, the audit and the report's galleries all open a split here, so they
-agree on which files belong to it, which rows are usable and what a task id is.
+(``learning.stream``), inference, the audit, recall on known lenses and the galleries of both reports
+(``fetch_stamps``) all open a split here, so they agree on which files belong to it, which rows are
+usable and what a task id is.
 
 Rules that live only here:
 
