@@ -14,7 +14,7 @@ def readme_commands():
 
 def test_readme_has_the_two_commands():
     main, tests = readme_commands()
-    assert main.endswith("snakemake gen3_stratified_fpr.csv --cores all")
+    assert main.endswith("snakemake gen3_stratified_fpr.csv report/gen3_report.html --cores all")
     assert "pytest" in tests and "pip install -e '.[test]'" in tests
 
 
