@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.evaluation import evaluate as ev
-from darkhaloscope.evaluation import metrics
+from darkhaloscope.evaluation import metrics, strata
 
 FPRS = (1e-2, 1e-3, 1e-4)
 RESOLVED_MIN_RATIO = 1.4
@@ -93,17 +93,17 @@ def confuser_rows(df: pd.DataFrame, scores_path) -> list[dict]:
 
 
 def model_tables(scores_path) -> dict:
-    df = ev.load_scores(scores_path)
+    df = strata.load_scores(scores_path)
     pos, neg = df[df.y == 1], df.loc[df.y == 0, "rank"].to_numpy()
     rank, snr, ratio = pos["rank"].to_numpy(), pos["arc_snr"].to_numpy(), pos["theta_over_psf"].to_numpy()
     bright = (ratio >= RESOLVED_MIN_RATIO) & (snr >= BRIGHT_MIN_SNR)
-    strata = []
+    snr_rows = []
     edges = np.asarray(SNR_BINS, float)
-    idx = ev.bin_index(snr, edges)
+    idx = strata.bin_index(snr, edges)
     for b in range(edges.size - 1):
-        strata.append({"lo": edges[b], "hi": edges[b + 1], **rates(rank[idx == b], neg, snr[idx == b])})
+        snr_rows.append({"lo": edges[b], "hi": edges[b + 1], **rates(rank[idx == b], neg, snr[idx == b])})
     return {"all": rates(rank, neg, snr), "resolved_bright": rates(rank[bright], neg, snr[bright]),
-            "snr_strata": strata, "confusers": confuser_rows(df, scores_path), "path": str(scores_path)}
+            "snr_strata": snr_rows, "confusers": confuser_rows(df, scores_path), "path": str(scores_path)}
 
 
 def rule_seconds(run_dir: Path) -> dict:
