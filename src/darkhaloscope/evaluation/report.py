@@ -269,11 +269,9 @@ def colour_composite(image: np.ndarray) -> np.ndarray:
     the stamp's own sky noise (robust sigma of the outer annulus)."""
     from astropy.visualization import make_lupton_rgb
 
-    from darkhaloscope.stamps.contract import OUTER_ANNULUS
+    from darkhaloscope.stamps.contract import annulus_sky
 
-    outer = image[:, OUTER_ANNULUS]
-    sigma = 1.4826 * np.median(np.abs(outer - np.median(outer, axis=1, keepdims=True)), axis=1)
-    sky = np.median(outer, axis=1)
+    sky, sigma = annulus_sky(image)
     scale = float(max(np.median(sigma), 1e-6))
     g, r, z = ((image[i] - sky[i]) / scale for i in range(3))
     return make_lupton_rgb(z, r, g, minimum=-1.0, stretch=8.0, Q=6.0)

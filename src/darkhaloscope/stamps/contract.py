@@ -165,6 +165,18 @@ NORM_CLIP = 10.0
 _OUTER_INDEX = np.flatnonzero(OUTER_ANNULUS)
 
 
+MAD_TO_SIGMA = 1.4826  # robust sigma = 1.4826 x MAD for Gaussian noise
+
+
+def annulus_sky(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sky level and noise of each band from the outer annulus, (..., B, 64, 64) -> two (..., B) arrays:
+    the median and MAD_TO_SIGMA x MAD, the statistics ``normalize_stamps`` divides by (there compiled,
+    with a floor of 1e-8). For displays of a few stamps (the report's colour composites)."""
+    outer = np.asarray(images)[..., OUTER_ANNULUS]
+    sky = np.median(outer, axis=-1)
+    return sky, MAD_TO_SIGMA * np.median(np.abs(outer - sky[..., None]), axis=-1)
+
+
 def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Per stamp and band: subtract the median and divide by 1.4826*MAD of the outer annulus (r > 16 px),
     then clip to +-10. The one normalisation used by training, inference and the audit; (..., 3, 64, 64)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-MAD_TO_SIGMA = np.float32(1.4826)
+from darkhaloscope.stamps import contract
+
+MAD_TO_SIGMA = np.float32(contract.MAD_TO_SIGMA)  # float32: the kernel's arithmetic
 MIN_SCALE = np.float32(1e-8)
 
 
