@@ -39,7 +39,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):
 
 
 def test_shipped_configs_are_valid(tmp_path):
-    for name in ("config.yaml", "config/full.yaml"):
+    for name in ("config.yaml", "config/full.yaml", "config/medium.yaml"):  # medium: an overlay of config.yaml
         cfg = yaml.safe_load((REPO / name).read_text())
         cfg["run_dir"] = str(tmp_path / name.replace("/", "_"))
         path = tmp_path / "cfg.yaml"
