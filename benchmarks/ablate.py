@@ -93,7 +93,9 @@ def main(argv=None) -> int:
     config_path = out_dir / "ablation_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     snakemake = str(Path(sys.executable).with_name("snakemake"))
-    cmd = [snakemake, TARGET, "--configfile", str(config_path), "--cores", str(args.cores)]
+    # Only configuration changes rerun a job (and what consumes its outputs): a checkout newer than the base
+    # run (the simulator's sources are inputs of the simulation rules) must not re-simulate the base's data.
+    cmd = [snakemake, TARGET, "--configfile", str(config_path), "--cores", str(args.cores), "--rerun-triggers", "params"]
     print("ablate:", " ".join(cmd), flush=True)
     rc = subprocess.run(cmd, cwd=REPO).returncode
     if rc:
