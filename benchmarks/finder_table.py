@@ -176,6 +176,7 @@ def main(argv=None) -> int:
     ap.add_argument("--run_dir", help="a finished workflow run directory (scores/gen3_test, gen2_test)")
     ap.add_argument("--scores", action="append", default=[], help="label=path of a score parquet (repeatable)")
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--md", help="also write the Markdown here")
     args = ap.parse_args(argv)
     pairs = [s.split("=", 1) for s in args.scores]
     if args.run_dir:
@@ -184,13 +185,16 @@ def main(argv=None) -> int:
     if not pairs or any(len(p) != 2 for p in pairs):
         ap.error("give --run_dir or --scores label=path")
     results = {label: model_tables(path) for label, path in pairs}
-    print(markdown(results))
+    text = markdown(results)
     doc = {"models": results}
     if args.run_dir:
         secs = rule_seconds(Path(args.run_dir))
         doc["rule_seconds"] = secs
-        print("\nrule wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
-              + f"; sum {sum(secs.values()):.0f} s")
+        text += ("\n\nrule wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in secs.items())
+                 + f"; sum {sum(secs.values()):.0f} s")
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(_jsonable(doc), indent=1))
     return 0

@@ -150,8 +150,8 @@ def clump_args(sim):
 def train_args(stage):
     """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
     t, s = config["train"], config[STAGES[stage]["section"]]
-    keys = ["arch", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps"]
-    args = [flag(k, t[k]) for k in keys]
+    keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps"]
+    args = [flag(k, t.get(k)) for k in keys]  # stem_stride, crop: optional (the CLI defaults)
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
                                           "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]
     args.append(flag("variant", STAGES[stage]["variant"]))

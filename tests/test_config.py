@@ -39,7 +39,7 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):
 
 
 def test_shipped_configs_are_valid(tmp_path):
-    for name in ("config.yaml", "config/full.yaml"):
+    for name in ("config.yaml", "config/full.yaml", "config/medium.yaml"):  # medium: an overlay of config.yaml
         cfg = yaml.safe_load((REPO / name).read_text())
         cfg["run_dir"] = str(tmp_path / name.replace("/", "_"))
         path = tmp_path / "cfg.yaml"
@@ -52,6 +52,7 @@ def test_full_config_is_the_seeds_recipe():
     full = yaml.safe_load((REPO / "config/full.yaml").read_text())
     assert full["train"]["arch"] == "convnext_tiny" and full["train"]["batch_size"] == 256
     assert full["train"]["use_bf16"] is True and full["train"]["dropout"] == 0.10
+    assert full["train"].get("crop", 64) == 64 and full["train"].get("stem_stride", 4) == 4  # whole 64x64 stamps
     a1, a2 = full["gen3_a1"], full["gen3_a2"]
     assert (a1["epochs"], a1["lr"], a1["min_theta_over_psf"], a1["min_arc_snr"]) == (6, 3e-4, 0.80, 7.0)
     assert (a2["epochs"], a2["lr"], a2["min_theta_over_psf"], a2["min_arc_snr"]) == (6, 1e-4, 0.50, 3.0)

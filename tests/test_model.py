@@ -91,3 +91,32 @@ def test_standardize_meta_shared_rule():
     assert np.array_equal(out, M.standardize_meta(vals, ckpt["meta_mean"], ckpt["meta_std"]))
     mean, std = M.meta_statistics(np.array([[1.0, 5.0], [3.0, 5.0], [np.nan, 5.0]]))
     assert mean == [2.0, 5.0] and std == [1.0, 1.0]  # constant column -> std 1
+
+
+def test_crop_feeds_the_central_pixels_and_is_stored_in_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = M.build_model("convnext_atto", 0, crop=32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    inner = x.clone()
+    inner[..., :16, :] = inner[..., 48:, :] = 0  # change only pixels outside the central 32x32
+    inner[..., :, :16] = inner[..., :, 48:] = 0
+    assert torch.equal(net(x), net(inner))
+    assert not torch.equal(net(x), net(x.flip(-1)))  # ... but the central pixels are seen
+    # the crop is centred on the stamp centre (63/2, 63/2): the 8 symmetries of the stamp commute with it
+    sym = x.rot90(1, (-2, -1)).flip(-1)
+    assert torch.equal(M.centre_crop(sym, 32), M.centre_crop(x, 32).rot90(1, (-2, -1)).flip(-1))
+    path = tmp_path / "best.pt"
+    M.save_checkpoint(path, kind="best", arch="convnext_atto", model_kwargs=M.model_kwargs("convnext_atto", 0, 0.1, crop=32),
+                      state_dict=net.state_dict(), meta_cols=[], meta_mean=[], meta_std=[], variant="v", args={},
+                      epoch=1, metrics={}, finished=True)
+    loaded, _ = M.load_model(path)
+    assert loaded.crop == 32 and torch.equal(loaded(x), net(x))
+
+
+def test_bad_crops_are_named():
+    for crop in (63, 80, 8, "32"):
+        with pytest.raises(DHSError, match="crop must be an even number"):
+            M.build_model("convnext_atto", 0, crop=crop)
+    with pytest.raises(DHSError, match="crop 16 is too small for 'convnext_atto'"):
+        M.build_model("convnext_atto", 0, crop=16)
+    assert M.build_model("convnext_atto", 0, crop=16, stem_stride=2).crop == 16

@@ -240,6 +240,7 @@ def _write(root: Path, table: pa.Table, split: str) -> None:
     ("garbage_ckpt", "is unreadable"),
     ("arch_mismatch", "is a 'convnext_atto' but --arch is 'convnext_femto'"),
     ("meta_mismatch", "has meta columns psfsize_r,psfdepth_r but --meta_cols is psfsize_r"),
+    ("crop_mismatch", "has crop 64, flags say 32"),
     ("hard_negs", "hard-negative file"),
 ])
 def test_bad_input_is_one_line_error_before_training(data, a1_best, tmp_path, capsys, case, match):
@@ -264,9 +265,10 @@ def test_bad_input_is_one_line_error_before_training(data, a1_best, tmp_path, ca
     elif case == "garbage_ckpt":
         (tmp_path / "x.pt").write_bytes(b"garbage")
         argv += ["--init_from", tmp_path / "x.pt"]
-    elif case in ("arch_mismatch", "meta_mismatch"):
+    elif case in ("arch_mismatch", "meta_mismatch", "crop_mismatch"):
         argv += ["--init_from", a1_best]
-        argv += ["--arch", "convnext_femto"] if case == "arch_mismatch" else ["--meta_cols", "psfsize_r"]
+        argv += {"arch_mismatch": ["--arch", "convnext_femto"], "meta_mismatch": ["--meta_cols", "psfsize_r"],
+                 "crop_mismatch": ["--crop", "32"]}[case]
     elif case == "hard_negs":
         argv += ["--hard_negs", tmp_path / "missing.parquet"]
     rc, err = _train(capsys, *argv)

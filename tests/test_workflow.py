@@ -101,6 +101,37 @@ def test_second_run_does_nothing(run):
     assert jobs_planned(result) == {}, result.stdout[-3000:]
 
 
+def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
+    # benchmarks/ablate.py: hard negatives off (weight 1) in a hard-linked copy of the finished run.
+    import subprocess
+    import sys
+
+    _, run_dir, cfg = run
+    base_ckpt = (run_dir / "runs/gen3_stageA2/best.pt").read_bytes()
+    out = tmp_path / "nohn"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+                             "--out_dir", str(out), "--configfile", str(cfg), "--name", "nohn", "--cores", "2",
+                             "--set", "gen3_a1.hard_neg_weight=1", "--set", "gen3_a2.hard_neg_weight=1"],
+                            capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    ran = jobs_planned(result)
+    assert ran.get("train") == 2 and ran.get("infer") == 1 and ran.get("evaluate") == 1, ran
+    assert not {"manifest", "inject", "audit", "mine"} & set(ran)
+    # Gen2, the data and the mined negatives are the base run's files (hard links); Gen3 is new
+    for shared in ("runs/gen2/best.pt", "hard_negs/gen2_top50k.parquet"):
+        assert os.path.samefile(run_dir / shared, out / shared)
+    for stage in ("gen3_stageA1", "gen3_stageA2"):
+        hist = json.loads((out / f"runs/{stage}/history.json").read_text())
+        assert hist["hard_negatives"]["weight"] == 1.0 and hist["hard_negatives"]["n_matched"] > 0
+    assert (run_dir / "runs/gen3_stageA2/best.pt").read_bytes() == base_ckpt  # the base run is untouched
+    table = (out / "ablation.md").read_text()
+    assert "| base |" in table and "| nohn |" in table
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+                          "--out_dir", str(tmp_path / "x"), "--configfile", str(cfg), "--set", "gen3_a1.nope=1"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "gen3_a1.nope: no such key" in bad.stderr and not (tmp_path / "x").exists()
+
+
 def test_changing_a2_reruns_only_a2_and_downstream(run):
     base, run_dir, _ = run
     cfg2 = write_config(base / "tiny_a2.yaml", run_dir, {"gen3_a2": {"lr": 5.0e-5}})

@@ -26,6 +26,15 @@ from darkhaloscope.io import atomic_output
 
 CKPT_FORMAT = "darkhaloscope-ckpt-v1"
 DEFAULT_STEM_STRIDE = 4
+STAMP_SIZE = 64
+
+
+def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` pixels of (N, C, 64, 64) stamps (``size`` even, so the crop keeps the
+    stamp centre (63/2, 63/2), where the host sits, at its own centre and the 8 augmentation symmetries
+    commute with it). ``size`` 64 returns the stamps unchanged."""
+    lo = (images.shape[-1] - size) // 2
+    return images if lo == 0 else images[..., lo:lo + size, lo:lo + size]
 
 
 class LensClassifier(nn.Module):
@@ -33,9 +42,14 @@ class LensClassifier(nn.Module):
     standardised meta inputs, then dropout and one linear layer -> one float32 logit per stamp."""
 
     def __init__(self, arch: str, n_meta: int = 0, dropout: float = 0.1, drop_path: float = 0.0,
-                 stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32, timm_kwargs: dict | None = None):
+                 stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32, timm_kwargs: dict | None = None,
+                 crop: int = STAMP_SIZE):
         super().__init__()
         import timm
+
+        if not (isinstance(crop, int) and 16 <= crop <= STAMP_SIZE and crop % 2 == 0):
+            raise DHSError(f"crop must be an even number of pixels in [16, {STAMP_SIZE}], got {crop!r}")
+        self.crop = crop
 
         if not timm.is_model(arch):
             raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
@@ -54,6 +68,13 @@ class LensClassifier(nn.Module):
                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         if stem_stride != DEFAULT_STEM_STRIDE:
             self._set_stem_stride(int(stem_stride))
+        if crop != STAMP_SIZE:  # a crop too small for the backbone's downsampling fails here, not mid-training
+            try:
+                with torch.no_grad():
+                    self.backbone.eval()(torch.zeros(1, 3, crop, crop))
+            except RuntimeError:
+                raise DHSError(f"crop {crop} is too small for '{arch}' with stem_stride {stem_stride}") from None
+            self.backbone.train()
         n_feat = self.backbone.num_features
         if self.n_meta > 0:
             self.meta_mlp = nn.Sequential(nn.Linear(self.n_meta, meta_hidden), nn.GELU(),
@@ -88,7 +109,7 @@ class LensClassifier(nn.Module):
                        f"ResNet-style stems (conv1 + maxpool), not for '{self.arch}'")
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        feats = self.backbone(images)
+        feats = self.backbone(centre_crop(images, self.crop))
         if self.meta_mlp is not None:
             if meta is None or meta.shape[-1] != self.n_meta:
                 got = None if meta is None else tuple(meta.shape)
@@ -103,7 +124,7 @@ class LensClassifier(nn.Module):
 
 def build_model(arch: str, n_meta: int, dropout: float = 0.1, **kwargs) -> LensClassifier:
     """``kwargs``: ``drop_path`` (stochastic depth rate), ``stem_stride`` (4 = timm default, 2 = finer
-    stem for 64x64 stamps), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
+    stem for 64x64 stamps), ``crop`` (the network sees the central crop x crop pixels), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
     e.g. smaller ``depths``/``dims``). Everything passed here is stored as ``model_kwargs``."""
     return LensClassifier(arch, n_meta=n_meta, dropout=dropout, **kwargs)
 

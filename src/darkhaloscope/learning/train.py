@@ -38,7 +38,7 @@ from darkhaloscope.stamps import dataset
 
 # Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
 # that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.
-RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride",
+RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride", "crop",
                "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
                "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
                "train_split", "match_controls", "max_skip_frac", "variant")
@@ -60,6 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stem_stride", type=int, default=4, choices=(1, 2, 4),
                    help="stem stride: 4 = timm default; 2 = finer features for 64x64 stamps (ConvNeXt, ResNet; "
                         "~4x cost); 1 = ResNet-style stems only")
+    p.add_argument("--crop", type=int, default=64,
+                   help="the network sees the central crop x crop pixels of each stamp (even, 16-64; 64 = all)")
     p.add_argument("--timm_kwargs", default="",
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
     p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
@@ -243,6 +245,8 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str]) -> No
                        f"--meta_cols is {','.join(meta_cols) or '(none)'}")
     if (kw.get("timm_kwargs") or None) != (json.loads(args.timm_kwargs) if args.timm_kwargs else None):
         raise DHSError(f"checkpoint {path} has timm_kwargs {kw.get('timm_kwargs')}, flags say {args.timm_kwargs!r}")
+    if int(kw.get("crop", 64)) != args.crop:
+        raise DHSError(f"checkpoint {path} has crop {kw.get('crop', 64)}, flags say {args.crop}")
     if int(kw.get("stem_stride", 4)) != args.stem_stride:
         raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
 
@@ -544,7 +548,7 @@ def _run(args, d: Dist) -> int:
     if args.use_bf16 and not use_bf16:
         log(d, "bf16 autocast requested but off: this device has no native bf16")
     kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
-                          stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs)
+                          stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs, crop=args.crop)
     model = build_model(**kwargs)
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])

@@ -1,0 +1,113 @@
+"""One Gen3 ablation from a finished workflow run: the same workflow, one configuration change, the rest reused.
+
+    python benchmarks/ablate.py --run_dir results --out_dir results_ablate/bce \\
+        --set gen3_a1.loss=bce --set gen3_a2.loss=bce [--configfile config.yaml] [--cores 2]
+
+The finished run directory is copied as hard links (no bytes are duplicated, the base run is never
+written: every output is replaced by rename, never edited in place) without the Gen3 training state, and
+Snakemake is run in the copy with the base configuration plus the ``--set`` changes. Snakemake's own rerun
+rules then retrain exactly what the changes touch (e.g. Gen3 A1 and A2, their test scores and the tables):
+the simulated data, the audit, Gen2 and the mined hard negatives are the base run's, so the ablation and the
+base share their data, their test split and their seeds. Ablations of the seed's Gen3 ingredients at the
+demo budget (docs/finder.md):
+
+    focal vs BCE         --set gen3_a1.loss=focal --set gen3_a2.loss=focal   (or =bce)
+    curriculum off       --set gen3_a1.min_theta_over_psf=0 --set gen3_a1.min_arc_snr=0
+                         --set gen3_a2.min_theta_over_psf=0 --set gen3_a2.min_arc_snr=0
+    hard negatives off   --set gen3_a1.hard_neg_weight=1 --set gen3_a2.hard_neg_weight=1
+
+(weight 1 makes the mined controls ordinary training controls). Prints the finder tables of the base and
+the ablated Gen3 (benchmarks/finder_table.py) and saves them as ``<out_dir>/ablation.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = "gen3_stratified_fpr.csv"
+GEN3_SCORES = "scores/gen3_test_scores.parquet"
+# Not carried into the copy: Gen3's resumable training state (an ablation trains Gen3 afresh) and
+# Snakemake's locks and incomplete-job markers.
+SKIP = ("state/gen3_stageA1", "state/gen3_stageA2", ".snakemake/locks", ".snakemake/incomplete")
+
+
+def set_key(cfg: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` (value parsed as YAML) to the nested config, in place."""
+    if "=" not in assignment:
+        sys.exit(f"ablate: error: --set {assignment!r} is not KEY=VALUE")
+    key, value = assignment.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = cfg
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            sys.exit(f"ablate: error: --set {key}: '{part}' is not a section of the configuration")
+        node = node[part]
+    if leaf not in node:
+        sys.exit(f"ablate: error: --set {key}: no such key in the configuration")
+    node[leaf] = yaml.safe_load(value)
+
+
+def hardlink_copy(src: Path, dst: Path) -> None:
+    """Copy the run directory as hard links (shutil.copytree with os.link keeps file times, which
+    Snakemake compares), leaving out ``SKIP``."""
+    def ignore(folder, names):
+        rel = Path(folder).relative_to(src)
+        return [n for n in names if str(rel / n) in SKIP or (str(rel) == "." and n in SKIP)]
+
+    shutil.copytree(src, dst, copy_function=os.link, ignore=ignore, symlinks=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run_dir", required=True, help="a finished workflow run directory (the base)")
+    p.add_argument("--out_dir", required=True, help="new directory for the ablated run (must not exist)")
+    p.add_argument("--configfile", default=str(REPO / "config.yaml"), help="the base run's configuration")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                   help="configuration change, e.g. gen3_a1.loss=bce (repeatable)")
+    p.add_argument("--name", default=None, help="label of the ablated model in the tables")
+    p.add_argument("--cores", default="all")
+    args = p.parse_args(argv)
+
+    run_dir, out_dir = Path(args.run_dir).resolve(), Path(args.out_dir).resolve()
+    if not (run_dir / TARGET).is_file() or not (run_dir / GEN3_SCORES).is_file():
+        sys.exit(f"ablate: error: {run_dir} is not a finished run (no {TARGET} or {GEN3_SCORES})")
+    if out_dir.exists():
+        sys.exit(f"ablate: error: {out_dir} exists; give a new --out_dir")
+    if not args.sets:
+        sys.exit("ablate: error: nothing to ablate: give at least one --set KEY=VALUE")
+    cfg = yaml.safe_load(Path(args.configfile).read_text())
+    for s in args.sets:
+        set_key(cfg, s)
+    cfg["run_dir"] = str(out_dir)
+
+    hardlink_copy(run_dir, out_dir)
+    config_path = out_dir / "ablation_config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    # Only configuration changes rerun a job (and what consumes its outputs): a checkout newer than the base
+    # run (the simulator's sources are inputs of the simulation rules) must not re-simulate the base's data.
+    cmd = [snakemake, TARGET, "--configfile", str(config_path), "--cores", str(args.cores), "--rerun-triggers", "params"]
+    print("ablate:", " ".join(cmd), flush=True)
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    if rc:
+        sys.exit(f"ablate: error: snakemake failed (exit {rc}); see {out_dir}/logs")
+
+    spec = importlib.util.spec_from_file_location("finder_table", REPO / "benchmarks" / "finder_table.py")
+    finder_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finder_table)
+    name = args.name or "+".join(args.sets)
+    return finder_table.main(["--scores", f"base={run_dir / GEN3_SCORES}", "--scores", f"{name}={out_dir / GEN3_SCORES}",
+                              "--json", str(out_dir / "ablation.json"), "--md", str(out_dir / "ablation.md")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
