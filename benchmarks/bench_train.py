@@ -4,10 +4,12 @@ Pipeline: parquet -> StampStream (decode + normalise + augment, DataLoader worke
 (timm backbone + meta fusion head) -> focal loss -> AdamW step, i.e. the code ``dhs train`` runs.
 Bare: ``timm.create_model(arch, num_classes=1)`` on a fixed random tensor of the same shape, BCE, AdamW.
 Both in the same process, interleaved, best of ``--repeat``; the ratio is pipeline / bare.
+``--crops 64,32`` also runs the pipeline with ``--crop`` (the network sees the central crop x crop pixels)
+and reports each crop's speed-up over 64 measured in the same run.
 Writes benchmarks/out/bench_train.json.
 
     python benchmarks/bench_train.py [--archs convnext_atto,convnext_tiny] [--batch 64] [--steps 4]
-        [--threads 1] [--workers 0] [--bf16]
+        [--threads 1] [--workers 0] [--bf16] [--crops 64,32]
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def bare_loop(arch, batch, steps, device, bf16):
     return steps * batch / (time.perf_counter() - t)
 
 
-def pipeline_loop(arch, batch, steps, device, bf16, data, workers):
+def pipeline_loop(arch, batch, steps, device, bf16, data, workers, crop=64):
     sp = stream.open_split(str(data), "train")
     fs, files = sp.fs, sp.files
     index = stream.build_index(fs, files, ["psfsize_r", "psfdepth_r"])
@@ -67,7 +69,7 @@ def pipeline_loop(arch, batch, steps, device, bf16, data, workers):
                             shuffle=True, augment=True, seed=0, num_workers=workers)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    model = build_model(arch, 2, 0.1).to(device)
+    model = build_model(arch, 2, 0.1, crop=crop).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = make_loss("focal")
     done, t, epoch = -1, None, 0
@@ -99,7 +101,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 = a per-core figure, robust to a shared machine's load)")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--crops", default="64", help="comma-separated --crop values for the pipeline (64 = whole stamp)")
     args = ap.parse_args()
+    crops = [int(c) for c in args.crops.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,12 +114,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = write_fake_phase4c(tmp, {"train": args.rows}, files_per_split=4)
         for arch in args.archs.split(","):
-            bare, pipe = [], []
+            bare, pipe = [], {c: [] for c in crops}
             for _ in range(args.repeat):
                 bare.append(bare_loop(arch, args.batch, args.steps, device, args.bf16))
-                pipe.append(pipeline_loop(arch, args.batch, args.steps, device, args.bf16, data, args.workers))
-            results["archs"][arch] = {"bare_images_per_s": max(bare), "pipeline_images_per_s": max(pipe),
-                                      "ratio": max(pipe) / max(bare)}
+                for c in crops:
+                    pipe[c].append(pipeline_loop(arch, args.batch, args.steps, device, args.bf16, data, args.workers, c))
+            first = max(pipe[crops[0]])
+            results["archs"][arch] = {"bare_images_per_s": max(bare), "pipeline_images_per_s": first,
+                                      "ratio": first / max(bare)}
+            for c in crops[1:]:
+                results["archs"][arch][f"pipeline_crop{c}_images_per_s"] = max(pipe[c])
+                results["archs"][arch][f"crop{c}_speedup_over_crop{crops[0]}"] = max(pipe[c]) / first
             print(arch, json.dumps(results["archs"][arch]), flush=True)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
