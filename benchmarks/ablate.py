@@ -3,8 +3,8 @@
     python benchmarks/ablate.py --run_dir results --out_dir results_ablate/bce \\
         --set gen3_a1.loss=bce --set gen3_a2.loss=bce [--configfile config.yaml] [--cores 2]
 
-The finished run directory is copied as hard links (no bytes are duplicated, the base run is never
-written: every output is replaced by rename, never edited in place) without the Gen3 training state, and
+The finished run directory is copied without the Gen3 training state (the simulated stamps as hard links,
+so their gigabytes are not duplicated; the rest as real copies, so the base run is never written), and
 Snakemake is run in the copy with the base configuration plus the ``--set`` changes. Snakemake's own rerun
 rules then retrain exactly what the changes touch (e.g. Gen3 A1 and A2, their test scores and the tables):
 the simulated data, the audit, Gen2 and the mined hard negatives are the base run's, so the ablation and the
@@ -56,14 +56,24 @@ def set_key(cfg: dict, assignment: str) -> None:
     node[leaf] = yaml.safe_load(value)
 
 
-def hardlink_copy(src: Path, dst: Path) -> None:
-    """Copy the run directory as hard links (shutil.copytree with os.link keeps file times, which
-    Snakemake compares), leaving out ``SKIP``."""
+def copy_run(src: Path, dst: Path) -> None:
+    """Copy the run directory, leaving out ``SKIP``: the simulated stamps under ``data/`` (gigabytes, written
+    once by rename and never edited in place) as hard links, everything else as real copies, because
+    Snakemake edits some files in place (its ``.snakemake`` metadata, logs and benchmark tables), which must
+    not reach the base run. ``shutil.copy2`` keeps file times, which Snakemake compares."""
+    data = src / "data"
+
     def ignore(folder, names):
         rel = Path(folder).relative_to(src)
         return [n for n in names if str(rel / n) in SKIP or (str(rel) == "." and n in SKIP)]
 
-    shutil.copytree(src, dst, copy_function=os.link, ignore=ignore, symlinks=True)
+    def copy(a, b):
+        if Path(a).is_relative_to(data):
+            os.link(a, b)
+        else:
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, copy_function=copy, ignore=ignore, symlinks=True)
 
 
 def main(argv=None) -> int:
@@ -89,7 +99,7 @@ def main(argv=None) -> int:
         set_key(cfg, s)
     cfg["run_dir"] = str(out_dir)
 
-    hardlink_copy(run_dir, out_dir)
+    copy_run(run_dir, out_dir)
     config_path = out_dir / "ablation_config.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     snakemake = str(Path(sys.executable).with_name("snakemake"))

@@ -191,7 +191,8 @@ def test_mine_nan_positions_with_a_known_lens_file(tmp_path, caplog):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigint_of_infer_is_one_line(tmp_path, ck):
-    big = write_fake_phase4c(tmp_path / "big", {"test": 400}, files_per_split=2)
+    # 4000 rows: scoring takes tens of seconds, so a loaded machine cannot finish before the signal lands
+    big = write_fake_phase4c(tmp_path / "big", {"test": 4000}, files_per_split=2)
     out = tmp_path / "s.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "darkhaloscope", "infer", "--data", str(big), "--ckpt", str(ck),
                              "--out", str(out), "--batch_size", "4"], stderr=subprocess.PIPE, text=True)

@@ -117,13 +117,16 @@ def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
     ran = jobs_planned(result)
     assert ran.get("train") == 2 and ran.get("infer") == 1 and ran.get("evaluate") == 1, ran
     assert not {"manifest", "inject", "audit", "mine"} & set(ran)
-    # Gen2, the data and the mined negatives are the base run's files (hard links); Gen3 is new
+    # the stamps are the base run's files (hard links); Gen2 and the mined negatives its copies; Gen3 is new
+    stamps = sorted((run_dir / "data").rglob("*.parquet"))
+    assert stamps and all(os.path.samefile(f, out / f.relative_to(run_dir)) for f in stamps)
     for shared in ("runs/gen2/best.pt", "hard_negs/gen2_top50k.parquet"):
-        assert os.path.samefile(run_dir / shared, out / shared)
+        assert (run_dir / shared).read_bytes() == (out / shared).read_bytes()
     for stage in ("gen3_stageA1", "gen3_stageA2"):
         hist = json.loads((out / f"runs/{stage}/history.json").read_text())
         assert hist["hard_negatives"]["weight"] == 1.0 and hist["hard_negatives"]["n_matched"] > 0
-    assert (run_dir / "runs/gen3_stageA2/best.pt").read_bytes() == base_ckpt  # the base run is untouched
+    assert (run_dir / "runs/gen3_stageA2/best.pt").read_bytes() == base_ckpt  # the base run is untouched ...
+    assert jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg))) == {}  # ... also in Snakemake's records
     table = (out / "ablation.md").read_text()
     assert "| base |" in table and "| nohn |" in table
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
