@@ -195,7 +195,10 @@ def test_sigint_of_infer_is_one_line(tmp_path, ck):
     big = write_fake_phase4c(tmp_path / "big", {"test": 4000}, files_per_split=2)
     out = tmp_path / "s.parquet"
     proc = subprocess.Popen([sys.executable, "-m", "darkhaloscope", "infer", "--data", str(big), "--ckpt", str(ck),
-                             "--out", str(out), "--batch_size", "4"], stderr=subprocess.PIPE, text=True)
+                             "--out", str(out), "--batch_size", "4"], stderr=subprocess.PIPE, text=True,
+                            # pytest-xdist workers ignore SIGINT and a child inherits that (Python then installs no
+                            # KeyboardInterrupt handler); a user's shell gives dhs the default disposition
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(".s.parquet.tmp-*")):
         assert proc.poll() is None, "finished before it could be interrupted"
