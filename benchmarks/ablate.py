@@ -65,7 +65,7 @@ def copy_run(src: Path, dst: Path) -> None:
 
     def ignore(folder, names):
         rel = Path(folder).relative_to(src)
-        return [n for n in names if str(rel / n) in SKIP or (str(rel) == "." and n in SKIP)]
+        return [n for n in names if str(rel / n) in SKIP]
 
     def copy(a, b):
         if Path(a).is_relative_to(data):

@@ -32,6 +32,7 @@ import pandas as pd
 
 from darkhaloscope.evaluation import evaluate as ev
 from darkhaloscope.evaluation import metrics, strata
+from darkhaloscope.io import finite_or_null
 
 FPRS = (1e-2, 1e-3, 1e-4)
 RESOLVED_MIN_RATIO = 1.4
@@ -159,18 +160,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", help="a finished workflow run directory (scores/gen3_test, gen2_test)")
@@ -196,7 +185,7 @@ def main(argv=None) -> int:
     if args.md:
         Path(args.md).write_text(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(_jsonable(doc), indent=1))
+        Path(args.json).write_text(json.dumps(finite_or_null(doc), indent=1))
     return 0
 
 

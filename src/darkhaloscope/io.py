@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from darkhaloscope.errors import DHSError
 
@@ -119,3 +122,18 @@ def refuse_overwrite(out, inputs: dict, flag: str, dirs=("--data",)) -> None:
             except ValueError:
                 continue
             raise DHSError(f"{flag} {out} lies inside {in_flag} {path}: refusing to write into an input directory")
+
+
+def finite_or_null(x):
+    """A nested dict/list of numbers as strict JSON values: NaN/inf -> None (JSON null), numpy scalars ->
+    Python numbers. For ``json.dumps(..., allow_nan=False)`` of metrics, which are NaN where undefined
+    (e.g. a tpr without positives)."""
+    if isinstance(x, dict):
+        return {k: finite_or_null(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite_or_null(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

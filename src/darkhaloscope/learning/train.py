@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation import metrics
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, finite_or_null
 from darkhaloscope.learning import stream
 from darkhaloscope.learning.losses import LOSSES, make_loss
 from darkhaloscope.learning.model import (build_model, load_checkpoint, meta_statistics, model_kwargs,
@@ -728,18 +728,7 @@ def _write_history(path: Path, s: Setup, history: list, best: dict | None) -> No
            "hard_negatives": {"path": args.hard_negs, "n_matched": s.n_hard, "weight": args.hard_neg_weight},
            "best": best, "epochs": history}
     with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(_finite_or_null(doc), indent=2, default=_json_default, allow_nan=False))
-
-
-def _finite_or_null(x):
-    """NaN/inf -> null, so history.json is strict JSON (NaN appears e.g. for tpr without positives)."""
-    if isinstance(x, dict):
-        return {k: _finite_or_null(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite_or_null(v) for v in x]
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    return x
+        tmp.write_text(json.dumps(finite_or_null(doc), indent=2, default=_json_default, allow_nan=False))
 
 
 def _json_default(x):
