@@ -5,11 +5,13 @@ Pipeline: parquet -> StampStream (decode + normalise + augment, DataLoader worke
 Bare: ``timm.create_model(arch, num_classes=1)`` on a fixed random tensor of the same shape, BCE, AdamW.
 Both in the same process, interleaved, best of ``--repeat``; the ratio is pipeline / bare.
 ``--crops 64,32`` also runs the pipeline with ``--crop`` (the network sees the central crop x crop pixels)
-and reports each crop's speed-up over 64 measured in the same run.
+and reports each crop's speed-up over 64 measured in the same run. ``--layouts`` also times the bare loop
+at each crop size with NCHW and with channels-last (NHWC) weights and inputs, interleaved: the speed-up of
+the layout ``LensClassifier`` uses.
 Writes benchmarks/out/bench_train.json.
 
     python benchmarks/bench_train.py [--archs convnext_atto,convnext_tiny] [--batch 64] [--steps 4]
-        [--threads 1] [--workers 0] [--bf16] [--crops 64,32]
+        [--threads 1] [--workers 0] [--bf16] [--crops 64,32] [--layouts]
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from darkhaloscope.learning.losses import bce_loss, make_loss  # noqa: E402
 from darkhaloscope.learning.model import build_model  # noqa: E402
 
 
-def bare_loop(arch, batch, steps, device, bf16):
+def bare_loop(arch, batch, steps, device, bf16, size=64, channels_last=False):
     import timm
 
-    model = timm.create_model(arch, pretrained=False, num_classes=1).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = timm.create_model(arch, pretrained=False, num_classes=1).to(device, memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, 64, 64, device=device)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = (torch.rand(batch, device=device) < 0.5).float()
 
     def step():
@@ -102,6 +105,7 @@ def main() -> None:
                     help="torch threads (1 = a per-core figure, robust to a shared machine's load)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--crops", default="64", help="comma-separated --crop values for the pipeline (64 = whole stamp)")
+    ap.add_argument("--layouts", action="store_true", help="also time the bare loop NCHW vs channels-last per crop")
     args = ap.parse_args()
     crops = [int(c) for c in args.crops.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -115,8 +119,11 @@ def main() -> None:
         data = write_fake_phase4c(tmp, {"train": args.rows}, files_per_split=4)
         for arch in args.archs.split(","):
             bare, pipe = [], {c: [] for c in crops}
+            layout = {(c, cl): [] for c in crops for cl in (False, True)} if args.layouts else {}
             for _ in range(args.repeat):
                 bare.append(bare_loop(arch, args.batch, args.steps, device, args.bf16))
+                for c, cl in layout:
+                    layout[(c, cl)].append(bare_loop(arch, args.batch, args.steps, device, args.bf16, c, cl))
                 for c in crops:
                     pipe[c].append(pipeline_loop(arch, args.batch, args.steps, device, args.bf16, data, args.workers, c))
             first = max(pipe[crops[0]])
@@ -125,6 +132,11 @@ def main() -> None:
             for c in crops[1:]:
                 results["archs"][arch][f"pipeline_crop{c}_images_per_s"] = max(pipe[c])
                 results["archs"][arch][f"crop{c}_speedup_over_crop{crops[0]}"] = max(pipe[c]) / first
+            for c in crops if layout else []:
+                nchw, nhwc = max(layout[(c, False)]), max(layout[(c, True)])
+                results["archs"][arch][f"bare_crop{c}_nchw_images_per_s"] = nchw
+                results["archs"][arch][f"bare_crop{c}_channels_last_images_per_s"] = nhwc
+                results["archs"][arch][f"bare_crop{c}_channels_last_speedup"] = nhwc / nchw
             print(arch, json.dumps(results["archs"][arch]), flush=True)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
