@@ -41,7 +41,7 @@ SKIP = ("state/gen3_stageA1", "state/gen3_stageA2", ".snakemake/locks", ".snakem
 
 
 def set_key(cfg: dict, assignment: str) -> None:
-    """Apply one ``section.key=value`` (value parsed as YAML) to the nested config, in place."""
+    """Apply one ``section.key=value`` (value parsed as YAML; a number such as 2e-3 is a number) to the nested config, in place."""
     if "=" not in assignment:
         sys.exit(f"ablate: error: --set {assignment!r} is not KEY=VALUE")
     key, value = assignment.split("=", 1)
@@ -53,7 +53,13 @@ def set_key(cfg: dict, assignment: str) -> None:
         node = node[part]
     if leaf not in node:
         sys.exit(f"ablate: error: --set {key}: no such key in the configuration")
-    node[leaf] = yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):  # YAML 1.1 reads 2e-3 (no dot) as a string; the config schema wants a number
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    node[leaf] = parsed
 
 
 def copy_run(src: Path, dst: Path) -> None:

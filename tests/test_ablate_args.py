@@ -1,0 +1,31 @@
+"""benchmarks/ablate.py's --set parsing (the workflow run it drives is tested in test_workflow.py)."""
+
+import importlib.util
+import math
+
+import pytest
+
+from workflow_helpers import REPO
+
+spec = importlib.util.spec_from_file_location("ablate", REPO / "benchmarks" / "ablate.py")
+ablate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablate)
+
+
+def test_set_key_parses_yaml_values_and_bare_exponent_numbers():
+    cfg = {"gen2": {"lr": 1.0e-3, "loss": "bce", "meta_cols": []}, "train": {"arch": "convnext_atto"}}
+    for assignment in ("gen2.lr=2e-3", "gen2.loss=focal", "gen2.meta_cols=[psfsize_r]", "train.arch=resnet10t"):
+        ablate.set_key(cfg, assignment)
+    # YAML 1.1 alone reads "2e-3" as a string, which the config schema refuses
+    assert cfg["gen2"]["lr"] == 2e-3 and isinstance(cfg["gen2"]["lr"], float)
+    assert cfg["gen2"]["loss"] == "focal" and cfg["gen2"]["meta_cols"] == ["psfsize_r"]
+    assert cfg["train"]["arch"] == "resnet10t"
+    ablate.set_key(cfg, "gen2.lr=.inf")
+    assert math.isinf(cfg["gen2"]["lr"])
+
+
+@pytest.mark.parametrize("assignment, message", [("gen2.lr", "is not KEY=VALUE"), ("gen9.lr=1", "'gen9' is not a section"),
+                                                 ("gen2.epochs=3", "no such key")])
+def test_set_key_refuses_what_is_not_in_the_config(assignment, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        ablate.set_key({"gen2": {"lr": 1e-3}}, assignment)
