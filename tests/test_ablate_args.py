@@ -26,6 +26,6 @@ def test_set_key_parses_yaml_values_and_bare_exponent_numbers():
 
 @pytest.mark.parametrize("assignment, message", [("gen2.lr", "is not KEY=VALUE"), ("gen9.lr=1", "'gen9' is not a section"),
                                                  ("gen2.epochs=3", "no such key")])
-def test_set_key_refuses_what_is_not_in_the_config(assignment, message, capsys):
+def test_set_key_refuses_what_is_not_in_the_config(assignment, message):
     with pytest.raises(SystemExit, match=message):
         ablate.set_key({"gen2": {"lr": 1e-3}}, assignment)
