@@ -299,3 +299,25 @@ def test_batch_decoder_accepts_every_input_form():
     assert ok.all() and np.array_equal(images, imgs[1:4])
     blob = saved[0]
     assert isal_zlib.crc32(blob) == zlib.crc32(blob) and isal_zlib.crc32(blob, 7) == zlib.crc32(blob, 7)
+
+
+def test_each_streamed_image_is_its_own_rows_stamp(fake_phase4c):
+    """Shuffled batches gather rows from several row groups at once: every image delivered must be the stamp
+    of the task_id delivered beside it, in the batch's order (checked against a direct read of the split)."""
+    fs, index = _index(fake_phase4c)
+    assert len(set(zip(index.file_id.tolist(), index.row_group.tolist()))) > 2  # the gather spans groups
+    cols = ["task_id", "is_control", "cutout_ok", "stamp_npz", "psfsize_r", "region_split"]
+    expect = {}
+    for batch in stream.open_split(str(fake_phase4c), "train").iter_batches(cols, batch_size=64):
+        images, _meta, ok, _cut = stream.decode_batch(batch)
+        for tid, image in zip(np.asarray(batch.column("task_id"))[ok].tolist(), images):
+            expect[tid] = image
+    ds = stream.StampStream(index, fs, batch_size=16, seed=5, augment=False)
+    ds.set_epoch(1)
+    n_groups_per_batch = []
+    for b in ds:
+        rows = b["row"].numpy()
+        n_groups_per_batch.append(len(set(zip(index.file_id[rows].tolist(), index.row_group[rows].tolist()))))
+        for tid, image in zip(b["task_id"].tolist(), b["images"].numpy()):
+            assert np.array_equal(image, expect[tid])
+    assert max(n_groups_per_batch) > 1

@@ -464,15 +464,20 @@ class _RowReader:
             if key not in self.cache:
                 # every row this lane still needs from this group (later batches included)
                 self._load(key, self._needed_rows(key))
-        position = np.empty(len(rows), np.int64)  # of each row in the concatenated cached arrays
+        # Gather each group's rows from its own cached array, then restore the batch order. (A ``take`` on a
+        # ChunkedArray of binaries concatenates every chunk first: it copied the whole cached window for each
+        # batch and cost more than decoding the stamps.)
+        parts = []
+        position = np.empty(len(rows), np.int64)  # of each row in the concatenated parts
         base = 0
         for key in keys:
-            wanted, _blobs = self.cache[key]
+            wanted, blobs = self.cache[key]
             sel = np.flatnonzero((fids == key[0]) & (rgs == key[1]))
-            position[sel] = base + np.searchsorted(wanted, rws[sel])
-            base += len(wanted)
+            parts.append(blobs.take(pa.array(np.searchsorted(wanted, rws[sel]))))
+            position[sel] = base + np.arange(len(sel))
+            base += len(sel)
             self.remaining[key] -= len(sel)
-        out = pa.chunked_array([self.cache[key][1] for key in keys]).take(pa.array(position))
+        out = pa.concat_arrays(parts).take(pa.array(position))
         for key in keys:
             if self.remaining[key] <= 0:
                 del self.cache[key]
