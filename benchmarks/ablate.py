@@ -86,6 +86,14 @@ def copy_run(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=copy, ignore=ignore, symlinks=True)
 
 
+def model_label(sets, name=None) -> str:
+    """The ablated model's label in the tables: --name, else the changes as key:value joined by "+".
+    finder_table reads LABEL=PATH, so a label holds no "="."""
+    if name and "=" in name:
+        sys.exit(f"ablate: error: --name {name!r} contains '='; the tables read LABEL=PATH")
+    return name or "+".join(s.replace("=", ":", 1) for s in sets)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run_dir", required=True, help="a finished workflow run directory (the base)")
@@ -102,6 +110,7 @@ def main(argv=None) -> int:
         sys.exit(f"ablate: error: {run_dir} is not a finished run (no {TARGET} or {GEN3_SCORES})")
     if out_dir.exists():
         sys.exit(f"ablate: error: {out_dir} exists; give a new --out_dir")
+    name = model_label(args.sets, args.name)
     if not args.sets:
         sys.exit("ablate: error: nothing to ablate: give at least one --set KEY=VALUE")
     cfg = yaml.safe_load(Path(args.configfile).read_text())
@@ -124,7 +133,6 @@ def main(argv=None) -> int:
     spec = importlib.util.spec_from_file_location("finder_table", REPO / "benchmarks" / "finder_table.py")
     finder_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(finder_table)
-    name = args.name or "+".join(args.sets)
     return finder_table.main(["--scores", f"base={run_dir / GEN3_SCORES}", "--scores", f"{name}={out_dir / GEN3_SCORES}",
                               "--json", str(out_dir / "ablation.json"), "--md", str(out_dir / "ablation.md")])
 

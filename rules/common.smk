@@ -95,6 +95,8 @@ SCORES = {
     "gen2_test": ("runs/gen2/best.pt", "v4_sota_moffat", "test"),
     "gen3_test": ("runs/gen3_stageA2/best.pt", "v4_sota_moffat", "test"),
 }
+# Variants whose test split some model is scored on: only these render the manifest's extra test-only controls.
+TEST_VARIANTS = sorted({variant for _, variant, split in SCORES.values() if split == "test"})
 # Models evaluated on the test split (`dhs eval` -> <model>_stratified_fpr*.csv); the first is the report's primary.
 MODELS = ["gen3", "gen2"]
 

@@ -39,6 +39,7 @@ rule inject:
         batch_size=config["simulation"]["batch_size"],
         write_arc=flag("write_arc", config["simulation"]["write_arc"]),
         hosts=hosts_flag(),
+        skip_extra=lambda w: "" if w.variant in TEST_VARIANTS else "--skip_extra_test_controls",
     log:
         "logs/inject/{variant}_{shard}.log",
     benchmark:
@@ -53,7 +54,7 @@ rule inject:
         "OMP_NUM_THREADS={threads} dhs inject --manifest {input.manifest:q} --out_dir {params.out_dir:q}"
         " --variant {wildcards.variant:q} --psf-model {params.psf_model:q} --moffat-beta {params.beta:q}"
         " --shard {params.shard:q} --n_shards {params.n_shards:q} --batch_size {params.batch_size:q} {params.write_arc}"
-        " {params.hosts}"
+        " {params.hosts} {params.skip_extra}"
         " > {log:q} 2>&1"
 
 

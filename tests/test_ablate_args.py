@@ -29,3 +29,10 @@ def test_set_key_parses_yaml_values_and_bare_exponent_numbers():
 def test_set_key_refuses_what_is_not_in_the_config(assignment, message):
     with pytest.raises(SystemExit, match=message):
         ablate.set_key({"gen2": {"lr": 1e-3}}, assignment)
+
+
+def test_model_label_never_holds_an_equals_sign():
+    assert ablate.model_label(["gen2.lr=2e-3", "train.batch_size=128"]) == "gen2.lr:2e-3+train.batch_size:128"
+    assert ablate.model_label(["gen2.lr=2e-3"], "fast") == "fast"
+    with pytest.raises(SystemExit, match="contains '='"):
+        ablate.model_label(["gen2.lr=2e-3"], "lr=2e-3")

@@ -65,3 +65,23 @@ def test_cli_and_bad_input(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("dhs manifest: error:") and word in err, err
         assert not bad.exists()
+
+
+def test_inject_can_skip_the_extra_controls(tmp_path):
+    """A variant whose test split nothing scores renders every ordinary task and none of the extra controls."""
+    from darkhaloscope.simulation.manifest import first_extra_test_id
+
+    man = tmp_path / "m.parquet"
+    assert cli.main(["manifest", "--out", str(man), "--n_tasks", "200", "--seed", "4",
+                     "--split_fracs", "0.6,0.15,0.25", "--extra_test_controls", "60"]) == 0
+    assert first_extra_test_id(man) == 200
+    ids = {}
+    for name, flag in (("all", []), ("skip", ["--skip_extra_test_controls"])):
+        out = tmp_path / name
+        assert cli.main(["inject", "--manifest", str(man), "--out_dir", str(out), "--batch_size", "64", *flag]) == 0
+        ids[name] = set(pq.read_table(out, columns=["task_id"]).column("task_id").to_pylist())
+    assert ids["all"] == set(range(260))
+    assert ids["skip"] == set(range(200))
+    plain = tmp_path / "plain.parquet"
+    assert cli.main(["manifest", "--out", str(plain), "--n_tasks", "50", "--seed", "4"]) == 0
+    assert first_extra_test_id(plain) is None and first_extra_test_id(tmp_path / "missing.parquet") is None

@@ -73,6 +73,10 @@ def test_whole_dag_outputs_are_real(run):
     assert manifest.num_rows == 720 + 300  # + simulation.extra_test_controls, all controls in test regions
     extra = manifest.to_pandas().query("task_id >= 720")
     assert (extra.region_split == "test").all() and (extra.is_control == 1).all()
+    # rendered only where a model is scored on the test split (Moffat); the Gaussian variant skips them
+    for variant, n_extra in (("v4_sota_moffat", 300), ("v4_sota", 0)):
+        test_ids = pq.read_table(run_dir / f"data/{variant}/region_split=test", columns=["task_id"])
+        assert (test_ids.column("task_id").to_numpy() >= 720).sum() == n_extra, variant
     scores = pd.read_parquet(run_dir / "scores/gen3_test_scores.parquet")
     assert set(scores["is_control"]) == {0, 1} and scores["logit"].dtype == "float32"
     assert scores["logit"].nunique() > len(scores) // 2  # not a constant or saturated model

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
-from darkhaloscope.simulation.manifest import CLUMP_COLUMNS, read_manifest
+from darkhaloscope.simulation.manifest import CLUMP_COLUMNS, first_extra_test_id, read_manifest
 from darkhaloscope.simulation.physics.psf import PSF_MODELS
 from darkhaloscope.simulation.scene import column_arrays, render_scenes
 from darkhaloscope.stamps.contract import BANDS, SPLITS, encode_stamp
@@ -264,6 +264,10 @@ def add_arguments(parser) -> None:
                         help="also store the noiseless arc of each positive as arc_npz")
     parser.add_argument("--hosts", default=None,
                         help="real host stamps (dhs cutouts) of a dhs manifest --hosts manifest: arcs are added to them")
+    parser.add_argument("--skip_extra_test_controls", "--skip-extra-test-controls", dest="skip_extra_test_controls",
+                        action="store_true",
+                        help="render none of the manifest's test-only controls (dhs manifest --extra_test_controls): "
+                             "for a variant whose test split no model is scored on")
 
 
 def run(args) -> int:
@@ -276,7 +280,13 @@ def run(args) -> int:
     from darkhaloscope.io import check_writable_dir
 
     check_stale_shards(args.out_dir, args.shard, args.n_shards, args.batch_size)
-    manifest = read_manifest(args.manifest, lambda ids: shard_mask(ids, args.shard, args.n_shards, args.batch_size))
+    first_extra = first_extra_test_id(args.manifest) if args.skip_extra_test_controls else None
+
+    def rows(ids):
+        mask = shard_mask(ids, args.shard, args.n_shards, args.batch_size)
+        return mask if first_extra is None else mask & (ids < first_extra)
+
+    manifest = read_manifest(args.manifest, rows)
     check_writable_dir(args.out_dir, "--out_dir")  # after the manifest checks: a bad manifest creates nothing
     counts = render_shard(manifest, args.out_dir, args.psf_model, args.moffat_beta, args.shard, args.n_shards,
                           args.batch_size, args.write_arc)

@@ -21,6 +21,7 @@ K = 0, and is then the same, byte for byte, as without the option.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -522,6 +523,21 @@ def add_test_controls(table: pa.Table, n_extra: int, seed: int, control_frac: fl
     extra = extra.cast(table.schema)
     text = table.schema.metadata[b"dhs_manifest"].decode() + f";extra_test_controls={n_extra}"
     return pa.concat_tables([table, extra]).replace_schema_metadata({b"dhs_manifest": text.encode()})
+
+
+def first_extra_test_id(path) -> int | None:
+    """The first task_id of the manifest's extra test-only controls (``add_test_controls``: they are its last
+    ``extra_test_controls=N`` task_ids), or None when it has none or cannot be read (``read_manifest`` then
+    says what is wrong with it)."""
+    try:
+        meta = (pq.read_schema(path).metadata or {}).get(b"dhs_manifest", b"").decode()
+    except Exception:  # noqa: BLE001  (any unreadable file: read_manifest reports it)
+        return None
+    n_extra = sum(int(m) for m in re.findall(r"extra_test_controls=(\d+)", meta))
+    if n_extra == 0:
+        return None
+    ids = pq.read_table(path, columns=["task_id"]).column("task_id")
+    return int(pc.max(ids).as_py()) - n_extra + 1
 
 
 MANIFEST_ROW_GROUP = 65536
