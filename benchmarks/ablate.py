@@ -3,12 +3,14 @@
     python benchmarks/ablate.py --run_dir results --out_dir results_ablate/bce \\
         --set gen3_a1.loss=bce --set gen3_a2.loss=bce [--configfile config.yaml] [--cores 2]
 
-The finished run directory is copied without the Gen3 training state (the simulated stamps as hard links,
-so their gigabytes are not duplicated; the rest as real copies, so the base run is never written), and
-Snakemake is run in the copy with the base configuration plus the ``--set`` changes. Snakemake's own rerun
-rules then retrain exactly what the changes touch (e.g. Gen3 A1 and A2, their test scores and the tables):
-the simulated data, the audit, Gen2 and the mined hard negatives are the base run's, so the ablation and the
-base share their data, their test split and their seeds. Ablations of the seed's Gen3 ingredients at the
+The finished run directory is copied without its simulated stamps and the Gen3 training state (as real
+copies, so the base run is never written), and Snakemake is run in the copy with the base configuration plus
+the ``--set`` changes, each variant's ``existing:`` pointing at the base run's stamps (read in place, never
+re-simulated: Snakemake reruns a rule whose inputs are newer than its outputs, and a checkout newer than the
+base run has newer simulator sources). Snakemake's own rerun rules then retrain exactly what the changes
+touch (e.g. Gen3 A1 and A2, their test scores and the tables): the simulated data, Gen2 and the mined hard
+negatives are the base run's, so the ablation and the base share their data, their test split and their
+seeds. Changes to ``simulation.*`` or ``variants.*`` need a new workflow run and are refused. Ablations of the seed's Gen3 ingredients at the
 demo budget (docs/finder.md):
 
     focal vs BCE         --set gen3_a1.loss=focal --set gen3_a2.loss=focal   (or =bce)
@@ -41,7 +43,9 @@ TARGETS = (TARGET, "gen2_stratified_fpr.csv")
 GEN3_SCORES = "scores/gen3_test_scores.parquet"
 # Not carried into the copy: Gen3's resumable training state (an ablation trains Gen3 afresh) and
 # Snakemake's locks and incomplete-job markers.
-SKIP = ("state/gen3_stageA1", "state/gen3_stageA2", ".snakemake/locks", ".snakemake/incomplete")
+SKIP = ("data", "state/gen3_stageA1", "state/gen3_stageA2", ".snakemake/locks", ".snakemake/incomplete")
+# The data's sections: an ablation reuses the base run's stamps, so these cannot change.
+DATA_SECTIONS = ("simulation", "variants")
 
 
 def set_key(cfg: dict, assignment: str) -> None:
@@ -67,23 +71,25 @@ def set_key(cfg: dict, assignment: str) -> None:
 
 
 def copy_run(src: Path, dst: Path) -> None:
-    """Copy the run directory, leaving out ``SKIP``: the simulated stamps under ``data/`` (gigabytes, written
-    once by rename and never edited in place) as hard links, everything else as real copies, because
-    Snakemake edits some files in place (its ``.snakemake`` metadata, logs and benchmark tables), which must
-    not reach the base run. ``shutil.copy2`` keeps file times, which Snakemake compares."""
-    data = src / "data"
+    """Copy the run directory without ``SKIP`` (the stamps are read in place through ``existing:``), as real
+    copies, because Snakemake edits some files in place (its ``.snakemake`` metadata, logs and benchmark
+    tables), which must not reach the base run. ``shutil.copy2`` keeps file times, which Snakemake compares."""
 
     def ignore(folder, names):
         rel = Path(folder).relative_to(src)
-        return [n for n in names if str(rel / n) in SKIP]
+        return [n for n in names if os.path.normpath(rel / n) in SKIP]
 
-    def copy(a, b):
-        if Path(a).is_relative_to(data):
-            os.link(a, b)
-        else:
-            shutil.copy2(a, b)
+    shutil.copytree(src, dst, copy_function=shutil.copy2, ignore=ignore, symlinks=True)
 
-    shutil.copytree(src, dst, copy_function=copy, ignore=ignore, symlinks=True)
+
+def reuse_base_data(cfg: dict, run_dir: Path) -> None:
+    """Point every simulated variant at the base run's stamps (``existing:``); real data stays where it is."""
+    for name, variant in cfg["variants"].items():
+        if not variant.get("existing"):
+            path = run_dir / "data" / name
+            if not path.is_dir():
+                sys.exit(f"ablate: error: {run_dir} has no simulated data for variant {name} ({path})")
+            variant["existing"] = str(path)
 
 
 def model_label(sets, name=None) -> str:
@@ -115,7 +121,11 @@ def main(argv=None) -> int:
         sys.exit("ablate: error: nothing to ablate: give at least one --set KEY=VALUE")
     cfg = yaml.safe_load(Path(args.configfile).read_text())
     for s in args.sets:
+        if s.split(".", 1)[0] in DATA_SECTIONS:
+            sys.exit(f"ablate: error: --set {s}: an ablation reuses the base run's data; a change to "
+                     f"{'/'.join(DATA_SECTIONS)} needs a new workflow run")
         set_key(cfg, s)
+    reuse_base_data(cfg, run_dir)
     cfg["run_dir"] = str(out_dir)
 
     copy_run(run_dir, out_dir)

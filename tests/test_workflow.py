@@ -9,6 +9,8 @@ import json
 import os
 import re
 import shutil
+import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -106,24 +108,34 @@ def test_second_run_does_nothing(run):
 
 
 def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
-    # benchmarks/ablate.py: hard negatives off (weight 1) in a hard-linked copy of the finished run.
+    # benchmarks/ablate.py: hard negatives off (weight 1) in a copy of the finished run, with a simulator source
+    # newer than the base run's stamps (a later checkout): the stamps must still be reused, never re-simulated.
     import subprocess
     import sys
+
+    import yaml
 
     _, run_dir, cfg = run
     base_ckpt = (run_dir / "runs/gen3_stageA2/best.pt").read_bytes()
     out = tmp_path / "nohn"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
-                             "--out_dir", str(out), "--configfile", str(cfg), "--name", "nohn", "--cores", "2",
-                             "--set", "gen3_a1.hard_neg_weight=1", "--set", "gen3_a2.hard_neg_weight=1"],
-                            capture_output=True, text=True, cwd=REPO, timeout=900)
+    code = REPO / "src/darkhaloscope/simulation/physics/lens.py"
+    times = code.stat()
+    os.utime(code, (times.st_atime, max(times.st_mtime, time.time()) + 5))
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+                                 "--out_dir", str(out), "--configfile", str(cfg), "--name", "nohn", "--cores", "2",
+                                 "--set", "gen3_a1.hard_neg_weight=1", "--set", "gen3_a2.hard_neg_weight=1"],
+                                capture_output=True, text=True, cwd=REPO, timeout=900)
+    finally:
+        os.utime(code, (times.st_atime, times.st_mtime))
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     ran = jobs_planned(result)
     assert ran.get("train") == 2 and ran.get("infer") == 1 and ran.get("evaluate") == 1, ran
     assert not {"manifest", "inject", "audit", "mine"} & set(ran)
-    # the stamps are the base run's files (hard links); Gen2 and the mined negatives its copies; Gen3 is new
-    stamps = sorted((run_dir / "data").rglob("*.parquet"))
-    assert stamps and all(os.path.samefile(f, out / f.relative_to(run_dir)) for f in stamps)
+    # the stamps are read in place from the base run; Gen2 and the mined negatives are its copies; Gen3 is new
+    assert not (out / "data").exists()
+    used = yaml.safe_load((out / "ablation_config.yaml").read_text())["variants"]
+    assert {v: Path(used[v]["existing"]) for v in used} == {v: run_dir / "data" / v for v in used}
     for shared in ("runs/gen2/best.pt", "hard_negs/gen2_top50k.parquet"):
         assert (run_dir / shared).read_bytes() == (out / shared).read_bytes()
     for stage in ("gen3_stageA1", "gen3_stageA2"):
@@ -137,6 +149,10 @@ def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
                           "--out_dir", str(tmp_path / "x"), "--configfile", str(cfg), "--set", "gen3_a1.nope=1"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "gen3_a1.nope: no such key" in bad.stderr and not (tmp_path / "x").exists()
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+                          "--out_dir", str(tmp_path / "x"), "--configfile", str(cfg), "--set", "simulation.n_tasks=9"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert bad.returncode != 0 and "needs a new workflow run" in bad.stderr and not (tmp_path / "x").exists()
 
 
 def test_changing_a2_reruns_only_a2_and_downstream(run):
