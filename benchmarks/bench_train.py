@@ -11,7 +11,10 @@ the layout ``LensClassifier`` uses.
 Writes benchmarks/out/bench_train.json.
 
     python benchmarks/bench_train.py [--archs convnext_atto,convnext_tiny] [--batch 64] [--steps 4]
-        [--threads 1] [--workers 0] [--bf16] [--crops 64,32] [--layouts]
+        [--threads 1] [--workers 0] [--bf16] [--crops 64,32] [--layouts] [--batches 64,128] [--bf16_vs_fp32]
+
+``--batches`` times the bare channels-last loop at each batch size (interleaved; speed-up over the first),
+``--bf16_vs_fp32`` the same loop with and without bf16 autocast (on a CPU: does its native bf16 pay?).
 """
 
 from __future__ import annotations
@@ -106,6 +109,11 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--crops", default="64", help="comma-separated --crop values for the pipeline (64 = whole stamp)")
     ap.add_argument("--layouts", action="store_true", help="also time the bare loop NCHW vs channels-last per crop")
+    ap.add_argument("--batches", default="",
+                    help="comma-separated batch sizes: also time the bare channels-last loop at each (last crop), "
+                         "interleaved, as stamps/s and speed-up over the first")
+    ap.add_argument("--bf16_vs_fp32", action="store_true",
+                    help="also time the bare channels-last loop (last crop, --batch) with and without bf16 autocast")
     args = ap.parse_args()
     crops = [int(c) for c in args.crops.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -120,12 +128,18 @@ def main() -> None:
         for arch in args.archs.split(","):
             bare, pipe = [], {c: [] for c in crops}
             layout = {(c, cl): [] for c in crops for cl in (False, True)} if args.layouts else {}
+            sizes = {b: [] for b in ([int(b) for b in args.batches.split(",")] if args.batches else [])}
+            dtypes = {False: [], True: []} if args.bf16_vs_fp32 else {}
             for _ in range(args.repeat):
                 bare.append(bare_loop(arch, args.batch, args.steps, device, args.bf16))
                 for c, cl in layout:
                     layout[(c, cl)].append(bare_loop(arch, args.batch, args.steps, device, args.bf16, c, cl))
                 for c in crops:
                     pipe[c].append(pipeline_loop(arch, args.batch, args.steps, device, args.bf16, data, args.workers, c))
+                for b in sizes:
+                    sizes[b].append(bare_loop(arch, b, args.steps, device, args.bf16, crops[-1], True))
+                for bf in dtypes:
+                    dtypes[bf].append(bare_loop(arch, args.batch, args.steps, device, bf, crops[-1], True))
             first = max(pipe[crops[0]])
             results["archs"][arch] = {"bare_images_per_s": max(bare), "pipeline_images_per_s": first,
                                       "ratio": first / max(bare)}
@@ -137,6 +151,11 @@ def main() -> None:
                 results["archs"][arch][f"bare_crop{c}_nchw_images_per_s"] = nchw
                 results["archs"][arch][f"bare_crop{c}_channels_last_images_per_s"] = nhwc
                 results["archs"][arch][f"bare_crop{c}_channels_last_speedup"] = nhwc / nchw
+            for b in sizes:
+                results["archs"][arch][f"bare_crop{crops[-1]}_batch{b}_images_per_s"] = max(sizes[b])
+                results["archs"][arch][f"bare_crop{crops[-1]}_batch{b}_speedup"] = max(sizes[b]) / max(sizes[next(iter(sizes))])
+            if dtypes:
+                results["archs"][arch][f"bare_crop{crops[-1]}_bf16_over_fp32"] = max(dtypes[True]) / max(dtypes[False])
             print(arch, json.dumps(results["archs"][arch]), flush=True)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
