@@ -10,8 +10,8 @@ re-simulated: Snakemake reruns a rule whose inputs are newer than its outputs, a
 base run has newer simulator sources). Snakemake's own rerun rules then retrain exactly what the changes
 touch (e.g. Gen3 A1 and A2, their test scores and the tables): the simulated data, Gen2 and the mined hard
 negatives are the base run's, so the ablation and the base share their data, their test split and their
-seeds. Changes to ``simulation.*`` or ``variants.*`` need a new workflow run and are refused. Ablations of the seed's Gen3 ingredients at the
-demo budget (docs/finder.md):
+seeds. Changes to ``simulation.*`` or ``variants.*`` need a new workflow run and are refused. Ablations of the
+seed's Gen3 ingredients at the demo budget (docs/finder.md):
 
     focal vs BCE         --set gen3_a1.loss=focal --set gen3_a2.loss=focal   (or =bce)
     curriculum off       --set gen3_a1.min_theta_over_psf=0 --set gen3_a1.min_arc_snr=0
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
 import subprocess
 import sys
@@ -77,7 +76,7 @@ def copy_run(src: Path, dst: Path) -> None:
 
     def ignore(folder, names):
         rel = Path(folder).relative_to(src)
-        return [n for n in names if os.path.normpath(rel / n) in SKIP]
+        return [n for n in names if str(rel / n) in SKIP]
 
     shutil.copytree(src, dst, copy_function=shutil.copy2, ignore=ignore, symlinks=True)
 

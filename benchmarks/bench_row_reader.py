@@ -75,9 +75,7 @@ def main() -> None:
             stream.prepare_stamps(reader.take(rows), np.random.default_rng([0, i]))
         reader.close()
 
-    reader = stream._RowReader(sp.fs, index)
-    reader.plan(plan)
-    blobs = [reader.take(rows) for rows in plan]
+    blobs = _gather_all(stream._RowReader, sp.fs, index, plan)
 
     def floor():
         for i, b in enumerate(blobs):
