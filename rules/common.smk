@@ -29,6 +29,10 @@ def validate_config(cfg, schema_path):
         err = errors[0]
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise WorkflowError(f"invalid config key '{key}': {err.message}")
+    for section in ("gen2", "gen3_a2"):
+        if cfg[section].get("backbone_from_gen2"):
+            raise WorkflowError(f"invalid config key '{section}.backbone_from_gen2': only gen3_a1 can start from Gen2's "
+                                "backbone")
     # the cross-field rules are the package's own (one place, one behaviour): dhs eval and dhs manifest apply
     # the same ones to their flags
     for key in ("theta_bins", "res_bins", "snr_bins"):
@@ -88,6 +92,12 @@ STAGES = {
     "gen3_stageA2": {"section": "gen3_a2", "variant": "v4_sota_moffat", "hard_negs": "hard_negs/gen2_top50k.parquet",
                      "init_from": "runs/gen3_stageA1/best.pt"},
 }
+
+# Demo budgets: Gen3 A1 may start its image backbone from Gen2's best.pt (gen3_a1.backbone_from_gen2); its
+# meta MLP and head start fresh, since Gen2 has no meta inputs.
+if config["gen3_a1"].get("backbone_from_gen2"):
+    STAGES["gen3_stageA1"]["init_backbone_from"] = "runs/gen2/best.pt"
+WARM_STARTS = ("hard_negs", "init_from", "init_backbone_from")
 
 # Score files: name -> (checkpoint, variant, split).
 SCORES = {
@@ -171,7 +181,7 @@ def train_launcher():
 def stage_inputs(wildcards):
     st = STAGES[wildcards.stage]
     inputs = {"data": data_files(st["variant"], ["train", "val"]), "audit": audit_file(st["variant"])}
-    for key in ("hard_negs", "init_from"):
+    for key in WARM_STARTS:
         if key in st:
             inputs[key] = st[key]
     return inputs
@@ -179,7 +189,7 @@ def stage_inputs(wildcards):
 
 def stage_extra(wildcards, input):
     st = STAGES[wildcards.stage]
-    return " ".join(flag(k, input[k]) for k in ("hard_negs", "init_from") if k in st)
+    return " ".join(flag(k, input[k]) for k in WARM_STARTS if k in st)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -95,6 +95,50 @@ def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
     assert pq.read_table(out2).equals(table)
 
 
+def test_tta_views_are_the_training_symmetries_and_their_mean_is_invariant(fake_phase4c, ckpt, tmp_path):
+    """Each test-time view is the stamp as the training augmentation would present it (the same code through
+    ``contract.normalize_stamps``); the mean over 8 views is invariant under all 8 symmetries, over 4 views
+    under its subgroup (identity, flip, rot180, rot180 + flip), and differs from one view."""
+    from darkhaloscope.evaluation.infer import TTA_CODES, forward_logits, symmetric_view
+    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.stamps import contract
+
+    blobs = pq.read_table(next((Path(fake_phase4c) / "region_split=test").glob("*.parquet")),
+                          columns=["stamp_npz"]).column("stamp_npz").to_pylist()[:16]
+    raw, ok = contract.decode_stamps(blobs)
+    assert ok.all()
+    plain = contract.normalize_stamps(raw.copy(), None)
+    for code in range(8):
+        augmented = contract.normalize_stamps(raw.copy(), np.full(len(raw), code))
+        np.testing.assert_array_equal(symmetric_view(torch.from_numpy(plain), code).numpy(), augmented)
+    assert sorted(TTA_CODES) == list(range(8))
+
+    model, _ = load_model(ckpt)
+    meta = np.zeros((len(plain), len(META)), np.float32)
+    device = torch.device("cpu")
+    one = forward_logits(model, plain, meta, device)
+    for tta, group in ((8, range(8)), (4, (0, 4, 2, 6)), (2, (0, 4))):
+        base = forward_logits(model, plain, meta, device, tta=tta)
+        assert np.abs(base - one).max() > 1e-3  # the views differ: averaging them changes the logit
+        for code in group:
+            turned = np.ascontiguousarray(symmetric_view(torch.from_numpy(plain), code).numpy())
+            np.testing.assert_allclose(forward_logits(model, turned, meta, device, tta=tta), base, rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / "tta.parquet"
+    assert _infer(fake_phase4c, ckpt, out, "--tta", "4") == 0
+    assert not np.array_equal(pq.read_table(out).column("logit").to_numpy(),
+                              pq.read_table(_infer_once(fake_phase4c, ckpt, tmp_path)).column("logit").to_numpy())
+    with pytest.raises(SystemExit):
+        _infer(fake_phase4c, ckpt, tmp_path / "bad.parquet", "--tta", "3")
+    assert not (tmp_path / "bad.parquet").exists()
+
+
+def _infer_once(data, ckpt, tmp_path):
+    out = tmp_path / "one_view.parquet"
+    assert _infer(data, ckpt, out) == 0
+    return out
+
+
 def test_bf16_logits_are_float32_not_bf16_rounded(fake_phase4c, ckpt, tmp_path):
     out = tmp_path / "bf16.parquet"
     assert _infer(fake_phase4c, ckpt, out, "--use_bf16") == 0

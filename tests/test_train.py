@@ -127,6 +127,35 @@ def test_warm_start_uses_the_new_lr_with_a_fresh_optimizer(data, a1_best, tmp_pa
     assert rc == 0 and "--init_from" in err and "fresh optimizer at lr 0.0001" in err
 
 
+def test_backbone_warm_start_takes_only_the_backbone_from_a_stage_with_other_meta_inputs(data, a1_best, tmp_path,
+                                                                                          capsys):
+    """--init_backbone_from (the demo's Gen3 A1 from Gen2's best.pt): a checkpoint with other meta columns gives
+    its image backbone; the meta MLP and the head are the fresh ones of a cold start with the same seed, and the
+    meta standardisation is this run's own. A negligible LR keeps every tensor where it started."""
+    donor = load_checkpoint(a1_best)  # meta psfsize_r,psfdepth_r; the run below has psfsize_r only
+    flags = [*ONE_EPOCH, "--meta_cols", "psfsize_r", "--lr", "1e-12", "--weight_decay", "0", "--stop_after_steps", "1",
+             "--save_every_steps", "1"]
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "warm", *flags, "--init_backbone_from", a1_best)
+    assert rc == 0 and "image backbone from" in err
+    rc, _ = _train(capsys, "--data", data, "--out_dir", tmp_path / "cold", *flags)
+    assert rc == 0
+    warm, cold = (load_checkpoint(tmp_path / d / "last.pt") for d in ("warm", "cold"))
+    backbone = [k for k in donor["state_dict"] if k.startswith("backbone.") and donor["state_dict"][k].is_floating_point()]
+    assert backbone and all(torch.allclose(warm["state_dict"][k], donor["state_dict"][k], atol=1e-6) for k in backbone)
+    # the donor trained away from the shared seed's initial weights; a cold start keeps those
+    assert max((cold["state_dict"][k] - donor["state_dict"][k]).abs().max().item() for k in backbone) > 1e-4
+    rest = [k for k in warm["state_dict"] if not k.startswith("backbone.")]
+    assert rest and all(torch.equal(warm["state_dict"][k], cold["state_dict"][k]) for k in rest)
+    assert warm["meta_cols"] == ["psfsize_r"] and warm["meta_mean"] == cold["meta_mean"]
+    # not together with a whole-network warm start, and the backbone must be the same network
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "both", *ONE_EPOCH, "--init_from", a1_best,
+                     "--init_backbone_from", a1_best)
+    assert rc == 2 and "use one of them" in err.splitlines()[-1]
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "crop", *ONE_EPOCH, "--crop", "32",
+                     "--init_backbone_from", a1_best)
+    assert rc == 2 and "has crop 64, flags say 32" in err.splitlines()[-1]
+
+
 def test_best_checkpoint_keeps_the_best_epoch_and_history_holds_its_values(data, tmp_path, capsys, monkeypatch):
     """Two epochs, the second forced to validate worse: best.pt must keep epoch 1's weights and metrics,
     and the recorded values must be those of the run (metrics reproduced from best.pt's logits with
@@ -313,8 +342,15 @@ def test_ddp_two_ranks_on_cpu(data, tmp_path):
 def test_best_epoch_selection_uses_only_estimable_fpr_targets():
     from darkhaloscope.learning.train import selection_key
 
-    big = {"n_neg": 20000, "tpr@fpr0.0001": 0.5, "tpr@fpr0.001": 0.6, "tpr@fpr0.01": 0.7, "auroc": 0.9}
+    big = {"n_neg": 100_000, "tpr@fpr0.0001": 0.5, "tpr@fpr0.001": 0.6, "tpr@fpr0.01": 0.7, "auroc": 0.9}
     assert selection_key(big) == (0.5, 0.6, 0.9)  # the seed's rule: tpr@fpr1e-4, ties by 1e-3
+    # 20k controls put 2 above the 1e-4 threshold, 20 above 1e-3's: the pick starts at 1e-3
+    assert selection_key({**big, "n_neg": 20_000}) == (0.6, 0.7, 0.9)
+    # the demo's 2568 validation controls: 2.6 above 1e-3's threshold is noise, so tpr@fpr1e-2 leads; the
+    # epoch with the better tpr@fpr1e-2 wins although a lucky handful of controls favours the other at 1e-3
+    early = {"n_neg": 2568, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.20, "tpr@fpr0.01": 0.37, "auroc": 0.889}
+    last = {"n_neg": 2568, "tpr@fpr0.0001": 0.11, "tpr@fpr0.001": 0.17, "tpr@fpr0.01": 0.42, "auroc": 0.899}
+    assert selection_key(last) > selection_key(early)
     lucky = {"n_neg": 918, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.08, "tpr@fpr0.01": 0.10, "auroc": 0.75}
     better = {"n_neg": 918, "tpr@fpr0.0001": 0.02, "tpr@fpr0.001": 0.02, "tpr@fpr0.01": 0.12, "auroc": 0.79}
     assert selection_key(better) > selection_key(lucky)  # 918 controls cannot estimate 1e-4 or 1e-3

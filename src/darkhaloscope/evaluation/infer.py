@@ -136,14 +136,38 @@ def _as_is(item):
 # Forward
 # ----------------------------------------------------------------------------------------------------
 
-def forward_logits(model, images: np.ndarray, meta: np.ndarray, device, use_bf16: bool = False) -> np.ndarray:
-    """float32 logits of one batch. bf16 autocast covers the backbone; the model's head runs in float32."""
+# Test-time augmentation: the views a stamp is scored in, as symmetry codes of the training augmentation
+# (stream.draw_symmetries: rot90 k times, then a left-right flip if code >= 4). Each prefix of 1, 2, 4 or 8 is a
+# subgroup of the square's 8 symmetries (identity; + flip; + rot180 and its flip; + the quarter turns), so the
+# averaged logit is invariant under that subgroup whatever the stamp's orientation.
+TTA_CODES = (0, 4, 2, 6, 1, 5, 3, 7)
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def symmetric_view(x, code: int):
+    """One symmetry of a (..., H, W) torch batch, as ``contract.normalize_stamps`` applies augmentation codes."""
     import torch
 
+    x = torch.rot90(x, code % 4, dims=(-2, -1)) if code % 4 else x
+    return torch.flip(x, dims=(-1,)) if code >= 4 else x
+
+
+def forward_logits(model, images: np.ndarray, meta: np.ndarray, device, use_bf16: bool = False,
+                   tta: int = 1) -> np.ndarray:
+    """float32 logits of one batch. bf16 autocast covers the backbone; the model's head runs in float32.
+    ``tta`` > 1: the mean logit over the first ``tta`` views of ``TTA_CODES`` (test-time augmentation)."""
+    import torch
+
+    if tta not in TTA_CHOICES:
+        raise DHSError(f"tta must be one of {', '.join(map(str, TTA_CHOICES))} views, got {tta!r}")
     x = torch.from_numpy(images).to(device, non_blocking=True)
     m = torch.from_numpy(meta).to(device, non_blocking=True) if meta.shape[1] else None
     with torch.inference_mode(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         logits = model(x, m)
+        for code in TTA_CODES[1:tta]:
+            logits = logits + model(symmetric_view(x, code), m)
+        if tta > 1:
+            logits = logits / tta
     if logits.dtype != torch.float32:
         raise DHSError(f"model returned {logits.dtype} logits; expected float32")
     out = logits.cpu().numpy()
@@ -170,6 +194,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--use_bf16", action="store_true", help="bf16 autocast for the backbone (logits stay float32)")
+    parser.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES,
+                        help="test-time augmentation: mean logit over this many symmetric views of each stamp")
     parser.add_argument("--num_workers", type=int, default=0,
                         help="decoding processes (0: one background thread in this process)")
     parser.add_argument("--max_skip_frac", type=float, default=0.01,
@@ -273,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
                 table = item["table"]
                 if table.num_rows:
                     n_meta_nan += _non_finite_meta(table, meta_cols) if meta_cols else 0
-                    logits = forward_logits(model, item["images"], item["meta"], device, args.use_bf16)
+                    logits = forward_logits(model, item["images"], item["meta"], device, args.use_bf16, args.tta)
                     table = table.append_column("logit", pa.array(logits, pa.float32()))
                     table = table.append_column("score", pa.array(sigmoid32(logits), pa.float32()))
                     if writer is None:

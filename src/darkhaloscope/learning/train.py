@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--meta_cols", default="", help="comma-separated observing-condition inputs")
     p.add_argument("--resume", default=None, help="last.pt: continue; a finished stage's best.pt: warm start")
     p.add_argument("--init_from", default=None, help="warm start: weights only, fresh optimizer and schedule")
+    p.add_argument("--init_backbone_from", default=None,
+                   help="warm start of the image backbone only, from another stage's checkpoint (e.g. Gen2's best.pt, "
+                        "whose meta inputs may differ): the meta MLP and the head start fresh")
     p.add_argument("--hard_negs", default=None, help="mined hard-negative parquet (task_id)")
     p.add_argument("--hard_neg_weight", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
@@ -203,15 +206,23 @@ def bf16_enabled(requested: bool, device: torch.device) -> bool:
 
 
 SELECTION_FPRS = (1e-4, 1e-3, 1e-2)
+# A validation tpr@fpr t counts for the selection only when the threshold is set by at least this many
+# validation controls (n_neg * t >= 10): the threshold is an order statistic of the controls' scores, and
+# with k controls above it the estimate moves by ~1/sqrt(k) between epochs by chance alone. With 2.6 (the
+# demo's 2568 controls at 1e-3) the pick was noise: it kept an earlier epoch whose test tpr was lower than
+# the last epoch's on every target (docs/finder.md, row 30).
+SELECTION_MIN_FP = 10
 
 
 def selection_key(m: dict) -> tuple:
     """best.pt: highest val tpr@fpr1e-4, ties by tpr@fpr1e-3, then AUROC (NaN counts as worst).
 
-    Only FPR targets the validation controls can estimate count (metrics.fpr_target_estimable): with fewer
-    than 1/t controls, tpr@fpr t is merely the TPR at zero false positives, a noisy pick. The two lowest
-    estimable targets of 1e-4, 1e-3, 1e-2 lead, so small validation sets select on tpr@fpr1e-2 and AUROC."""
-    fprs = [t for t in SELECTION_FPRS if metrics.fpr_target_estimable(int(m.get("n_neg", 0)), t)][:2]
+    Only FPR targets the validation controls resolve with at least ``SELECTION_MIN_FP`` false positives
+    count (metrics.fpr_target_estimable): with fewer, tpr@fpr t rests on a handful of controls (or is merely
+    the TPR at zero false positives), a noisy pick. The two lowest such targets of 1e-4, 1e-3, 1e-2 lead, so
+    small validation sets select on tpr@fpr1e-2 and AUROC."""
+    n_neg = int(m.get("n_neg", 0))
+    fprs = [t for t in SELECTION_FPRS if metrics.fpr_target_estimable(n_neg, t, SELECTION_MIN_FP)][:2]
     keys = [f"tpr@fpr{t:g}" for t in fprs] + ["auroc"]
     return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k] for k in keys)
 
@@ -236,11 +247,12 @@ def _explicit_source(args) -> tuple[str | None, dict | None, str]:
     return None, None, ""
 
 
-def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str]) -> None:
+def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None) -> None:
+    """The checkpoint's network is the one the flags build (meta_cols None: the backbone only)."""
     kw = ckpt["model_kwargs"]
     if kw.get("arch") != args.arch:
         raise DHSError(f"checkpoint {path} is a '{kw.get('arch')}' but --arch is '{args.arch}'")
-    if list(ckpt["meta_cols"]) != meta_cols:
+    if meta_cols is not None and list(ckpt["meta_cols"]) != meta_cols:
         raise DHSError(f"checkpoint {path} has meta columns {','.join(ckpt['meta_cols']) or '(none)'} but "
                        f"--meta_cols is {','.join(meta_cols) or '(none)'}")
     if (kw.get("timm_kwargs") or None) != (json.loads(args.timm_kwargs) if args.timm_kwargs else None):
@@ -327,6 +339,9 @@ class Setup:
         self.match = args.match_controls == "on" or (args.match_controls == "auto" and self.cuts)
 
         mode, ckpt, path = _explicit_source(args)
+        if args.init_backbone_from and mode == "warm":
+            raise DHSError(f"--init_backbone_from and a warm start of the whole network ({path}) are both given: "
+                           "use one of them")
         self.hard_ids = stream.read_hard_negatives(args.hard_negs) if args.hard_negs else None
 
         # data: index the train and val splits (scalars only) and check classes and columns
@@ -349,6 +364,8 @@ class Setup:
                        "init_from": file_identity(args.init_from), "hard_negs": file_identity(args.hard_negs),
                        "warm_start": file_identity(warm_path) if warm_path != args.init_from else None,
                        "world_size": d.world}
+        if args.init_backbone_from:  # only when given: the fingerprints of runs without it stay as they were
+            self.inputs["init_backbone_from"] = file_identity(args.init_backbone_from)
         self.fingerprint = fingerprint(self.result_args, self.inputs)
 
         # an unfinished state_dir/last.pt with the same fingerprint wins under --auto_resume
@@ -388,6 +405,12 @@ class Setup:
                                             f"and a new {args.epochs}-epoch schedule")
         else:
             self.resume_note = auto_note + "starting fresh"
+        # a backbone-only warm start (not when continuing: last.pt holds the whole network)
+        self.backbone_ckpt = None
+        if args.init_backbone_from and self.resume_ckpt is None:
+            self.backbone_ckpt = load_checkpoint(args.init_backbone_from)
+            _check_ckpt_matches(self.backbone_ckpt, args.init_backbone_from, args, None)
+            self.resume_note += (f"; image backbone from {args.init_backbone_from}, meta MLP and head fresh")
 
         # meta standardisation: continue/warm start keep the statistics the weights were trained with
         source = self.resume_ckpt or self.init_ckpt
@@ -552,6 +575,10 @@ def _run(args, d: Dist) -> int:
     model = build_model(**kwargs)
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])
+    if s.backbone_ckpt is not None:
+        prefix = "backbone."
+        model.backbone.load_state_dict({k[len(prefix):]: v for k, v in s.backbone_ckpt["state_dict"].items()
+                                        if k.startswith(prefix)})
     model.to(d.device)
     opt = _optimizer(model, args)
     ckpts = Checkpoints(s, d, model, kwargs, opt)
