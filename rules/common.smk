@@ -111,6 +111,16 @@ TEST_VARIANTS = sorted({variant for _, variant, split in SCORES.values() if spli
 MODELS = ["gen3", "gen2"]
 
 
+def infer_flags(name):
+    """`dhs infer` flags of a score file. Test-split scores (the models' evaluation): infer.tta views (1, the CLI
+    default, is left out of the command line, which Snakemake compares, so runs made before the key existed
+    stay up to date). The mining scores of the training split: one view, controls only (mining ranks controls)."""
+    if SCORES[name][2] == "test":
+        views = config["infer"].get("tta", 1)
+        return flag("tta", views) if views > 1 else ""
+    return "--only_controls"
+
+
 def existing(variant):
     return config["variants"][variant].get("existing")
 
@@ -162,8 +172,11 @@ def clump_args(sim):
 def train_args(stage):
     """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
     t, s = config["train"], config[STAGES[stage]["section"]]
-    keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps"]
-    args = [flag(k, t.get(k)) for k in keys]  # stem_stride, crop: optional (the CLI defaults)
+    keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps",
+            "val_every"]
+    # stem_stride, crop, val_every: optional (the CLI defaults); val_every 1 is left out, so that the command
+    # lines (which Snakemake compares) of runs made before it existed stay the same
+    args = [flag(k, t.get(k)) for k in keys if not (k == "val_every" and t.get(k, 1) == 1)]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
                                           "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]
     args.append(flag("variant", STAGES[stage]["variant"]))

@@ -12,9 +12,7 @@ rule infer:
         split=lambda w: SCORES[w.name][2],
         batch_size=config["infer"]["batch_size"],
         bf16=flag("use_bf16", config["infer"]["use_bf16"]),
-        # test-time augmentation for the test-split scores (the models' evaluation); the mining scores of
-        # the training controls keep one view
-        tta=lambda w: flag("tta", config["infer"].get("tta", 1) if SCORES[w.name][2] == "test" else None),
+        extra=lambda w: infer_flags(w.name),
     log:
         "logs/infer/{name}.log",
     benchmark:
@@ -27,4 +25,4 @@ rule infer:
         "../envs/train.yaml"
     shell:
         "OMP_NUM_THREADS={threads} dhs infer --data {params.data:q} --ckpt {input.ckpt:q} --out {output:q}"
-        " --split {params.split:q} --batch_size {params.batch_size:q} {params.bf16} {params.tta} > {log:q} 2>&1"
+        " --split {params.split:q} --batch_size {params.batch_size:q} {params.bf16} {params.extra} > {log:q} 2>&1"

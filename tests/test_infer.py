@@ -133,6 +133,22 @@ def test_tta_views_are_the_training_symmetries_and_their_mean_is_invariant(fake_
     assert not (tmp_path / "bad.parquet").exists()
 
 
+def test_only_controls_scores_the_controls_exactly_as_a_full_run(fake_phase4c, ckpt, tmp_path, caplog):
+    """--only_controls (the workflow's mining scores): the lenses are dropped before decoding; every control
+    keeps the logit of a full run, in the same order."""
+    full, part = tmp_path / "all.parquet", tmp_path / "controls.parquet"
+    assert _infer(fake_phase4c, ckpt, full) == 0
+    with caplog.at_level(logging.INFO):
+        assert _infer(fake_phase4c, ckpt, part, "--only_controls") == 0
+    every = pq.read_table(full).to_pandas()
+    got = pq.read_table(part).to_pandas()
+    expected = every[every["is_control"] == 1].reset_index(drop=True)
+    assert 0 < len(got) < len(every) and (got["is_control"] == 1).all()
+    np.testing.assert_array_equal(got["task_id"].to_numpy(), expected["task_id"].to_numpy())
+    np.testing.assert_allclose(got["logit"].to_numpy(), expected["logit"].to_numpy(), rtol=1e-5, atol=1e-5)
+    assert f"{len(every) - len(got)} rows that are not controls were not scored" in caplog.text
+
+
 def _infer_once(data, ckpt, tmp_path):
     out = tmp_path / "one_view.parquet"
     assert _infer(data, ckpt, out) == 0

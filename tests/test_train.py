@@ -156,6 +156,26 @@ def test_backbone_warm_start_takes_only_the_backbone_from_a_stage_with_other_met
     assert rc == 2 and "has crop 64, flags say 32" in err.splitlines()[-1]
 
 
+def test_val_every_skips_validation_but_never_the_last_epoch(data, tmp_path, capsys):
+    out = tmp_path / "v"
+    three = [*BASE[:5], "3", *BASE[6:]]
+    rc, err = _train(capsys, "--data", data, "--out_dir", out, *three, "--val_every", "2")
+    assert rc == 0
+    rows = _history(out)["epochs"]
+    assert [("val_cut" in r, "val_all" in r) for r in rows] == [(False, False), (True, True), (True, True)]
+    assert err.count("not validated (--val_every)") == 1
+    assert load_checkpoint(out / "best.pt")["epoch"] in (2, 3)  # an unvalidated epoch cannot be best.pt
+    # it decides best.pt, so it is part of the fingerprint: a default run does not continue this one
+    fp = _history(out)["fingerprint"]
+    for every, same in (("1", False), ("2", True)):
+        d = tmp_path / f"d{every}"
+        rc, _ = _train(capsys, "--data", data, "--out_dir", d, *three, "--val_every", every, "--stop_after_steps", "1",
+                       "--save_every_steps", "1")
+        assert rc == 0 and (load_checkpoint(d / "last.pt")["fingerprint"] == fp) == same
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "bad", *three, "--val_every", "0")
+    assert rc == 2 and "--val_every must be >= 1" in err.splitlines()[-1]
+
+
 def test_best_checkpoint_keeps_the_best_epoch_and_history_holds_its_values(data, tmp_path, capsys, monkeypatch):
     """Two epochs, the second forced to validate worse: best.pt must keep epoch 1's weights and metrics,
     and the recorded values must be those of the run (metrics reproduced from best.pt's logits with

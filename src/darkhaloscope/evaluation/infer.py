@@ -40,13 +40,20 @@ PASSTHROUGH_COLUMNS = ("ra", "dec", "brickname", "region_split", "is_control", "
 # Batches: read -> decode/normalise -> (passthrough columns of the scored rows, images, meta, n_skipped)
 # ----------------------------------------------------------------------------------------------------
 
-def _prepare(batch: pa.RecordBatch, passthrough, meta_cols, meta_mean, meta_std) -> dict:
+def _prepare(batch: pa.RecordBatch, passthrough, meta_cols, meta_mean, meta_std, controls_only: bool = False) -> dict:
     from darkhaloscope.learning.stream import decode_batch
+    from darkhaloscope.stamps.dataset import control_flags
 
+    n_rows = batch.num_rows
+    n_not_control = 0
+    if controls_only:  # before decoding: the lenses' stamps are never decoded or scored
+        control = control_flags(batch.column("is_control"), "--only_controls") == 1
+        n_not_control = int((~control).sum())
+        batch = batch.filter(pa.array(control))
     images, meta, ok, cutout = decode_batch(batch, meta_cols, meta_mean, meta_std)
     keep = pa.array(ok)
     table = pa.Table.from_batches([batch.select(["task_id", *passthrough])]).filter(keep)
-    return {"table": table, "images": images, "meta": meta, "n_rows": batch.num_rows,
+    return {"table": table, "images": images, "meta": meta, "n_rows": n_rows, "n_not_control": n_not_control,
             "n_skipped": int((cutout & ~ok).sum()), "n_no_cutout": int((~cutout).sum())}
 
 
@@ -65,9 +72,9 @@ class _PreparedBatches:
     (each worker streams the split; only the decoding, the expensive part, is divided), which a
     DataLoader's round-robin fetching returns in the original order."""
 
-    def __init__(self, split, read_columns, batch_size, passthrough, ckpt):  # split: stamps.dataset.Split
+    def __init__(self, split, read_columns, batch_size, passthrough, ckpt, controls_only=False):  # split: dataset.Split
         self.split, self.args = split, (read_columns, batch_size)
-        self.passthrough = passthrough
+        self.passthrough, self.controls_only = passthrough, controls_only
         self.meta = (list(ckpt["meta_cols"]), ckpt["meta_mean"], ckpt["meta_std"])
 
     def __iter__(self):
@@ -77,7 +84,7 @@ class _PreparedBatches:
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for i, batch in enumerate(self.split.iter_batches(*self.args)):
             if i % n_workers == worker:
-                yield _prepare(batch, self.passthrough, *self.meta)
+                yield _prepare(batch, self.passthrough, *self.meta, self.controls_only)
 
 
 def _in_background(iterable, depth: int = 2):
@@ -117,9 +124,9 @@ def _in_background(iterable, depth: int = 2):
         thread.join(timeout=5)
 
 
-def prepared_batches(split, read_columns, batch_size, passthrough, ckpt, num_workers: int = 0):
+def prepared_batches(split, read_columns, batch_size, passthrough, ckpt, num_workers: int = 0, controls_only=False):
     """``split``: a ``stamps.dataset.Split``."""
-    source = _prepared_batches_class()(split, read_columns, batch_size, passthrough, ckpt)
+    source = _prepared_batches_class()(split, read_columns, batch_size, passthrough, ckpt, controls_only)
     if num_workers <= 0:
         return _in_background(source)
     from torch.utils.data import DataLoader
@@ -196,6 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--use_bf16", action="store_true", help="bf16 autocast for the backbone (logits stay float32)")
     parser.add_argument("--tta", type=int, default=1, choices=TTA_CHOICES,
                         help="test-time augmentation: mean logit over this many symmetric views of each stamp")
+    parser.add_argument("--only_controls", action="store_true",
+                        help="score only the controls (is_control == 1), e.g. for hard-negative mining")
     parser.add_argument("--num_workers", type=int, default=0,
                         help="decoding processes (0: one background thread in this process)")
     parser.add_argument("--max_skip_frac", type=float, default=0.01,
@@ -271,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
     meta_cols = list(ckpt["meta_cols"])
     read_columns = list(dict.fromkeys(["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in split.schema.names else []),
                                        *passthrough, *meta_cols]))
+    if args.only_controls:
+        split.require(["is_control"], f"--only_controls: {split.where}")
     split.require(read_columns)
     n_total, n_cutout = scan_split(split, split.where)
     if n_total == 0:
@@ -282,13 +293,15 @@ def run(args: argparse.Namespace) -> int:
     log.info("scoring %d rows of %s split '%s' (%d declared cutout failures not scored) with %s (%s, meta %s) on %s%s",
              n_cutout, args.data, args.split, n_total - n_cutout, args.ckpt, ckpt["model_kwargs"].get("arch"),
              ",".join(meta_cols) or "none", device, " with bf16 autocast" if args.use_bf16 else "")
-    n_rows = n_skipped = n_scored = n_no_cutout = n_meta_nan = 0
+    n_rows = n_skipped = n_scored = n_no_cutout = n_meta_nan = n_not_control = 0
     with atomic_output(args.out) as tmp:
         writer = None
         bar = tqdm(total=n_total, unit="stamp", desc="dhs infer", leave=False)
         try:
-            for item in prepared_batches(split, read_columns, args.batch_size, passthrough, ckpt, args.num_workers):
+            for item in prepared_batches(split, read_columns, args.batch_size, passthrough, ckpt, args.num_workers,
+                                         args.only_controls):
                 n_rows += item["n_rows"]
+                n_not_control += item["n_not_control"]
                 n_skipped += item["n_skipped"]
                 n_no_cutout += item["n_no_cutout"]
                 bar.update(item["n_rows"])
@@ -317,11 +330,14 @@ def run(args: argparse.Namespace) -> int:
             if writer is not None:
                 writer.close()
         if writer is None:
-            raise DHSError(f"no row of split '{args.split}' could be scored ({n_skipped} bad stamps)")
+            raise DHSError(f"no row of split '{args.split}' could be scored ({n_skipped} bad stamps"
+                           + (f", {n_not_control} rows not controls under --only_controls)" if args.only_controls else ")"))
     if n_meta_nan:
         log.warning("%d meta value(s) (%s) were NaN/inf and were replaced by the training mean", n_meta_nan,
                     ",".join(meta_cols))
     log.info("scored %d rows; %d declared cutout failures (cutout_ok != 1) not scored; skipped %d unscorable "
              "stamps (did not decode / not 3x64x64 / not finite, %.3g%% of %d rows with a cutout); wrote %s", n_scored,
              n_no_cutout, n_skipped, 100.0 * n_skipped / max(n_cutout, 1), n_cutout, args.out)
+    if args.only_controls:
+        log.info("--only_controls: %d rows that are not controls were not scored", n_not_control)
     return 0

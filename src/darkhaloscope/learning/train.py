@@ -42,6 +42,8 @@ RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_deca
                "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
                "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
                "train_split", "match_controls", "max_skip_frac", "variant")
+# Added later: hashed only when not at their default, so the fingerprints of runs without them stay as they were.
+OPTIONAL_RESULT_ARGS = {"val_every": 1}
 
 
 KILL_ENV = "DHS_TRAIN_STOP_AFTER_STEPS"
@@ -85,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warm-up, in (fractional) epochs")
     p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    p.add_argument("--val_every", type=int, default=1,
+                   help="validate (and consider for best.pt) every N epochs and always after the last")
     p.add_argument("--val_split", default="val")
     p.add_argument("--train_split", default="train")
     p.add_argument("--max_skip_frac", type=float, default=0.01,
@@ -168,7 +172,7 @@ def data_identity(fs, files: list[str]) -> list:
 
 def fingerprint(result_args: dict, inputs: dict) -> str:
     """Hash of the arguments that change the result (``RESULT_ARGS``, as the run uses them) and the inputs."""
-    fields = {k: result_args[k] for k in RESULT_ARGS}
+    fields = {k: v for k, v in result_args.items() if k in RESULT_ARGS or k in OPTIONAL_RESULT_ARGS}
     fields["inputs"] = inputs
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -306,6 +310,7 @@ def check_numbers(args) -> None:
     need(finite(args.warmup_epochs) and args.warmup_epochs >= 0, f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
     need(finite(args.grad_clip) and args.grad_clip >= 0, f"--grad_clip must be >= 0, got {args.grad_clip}")
     need(0.0 <= args.max_skip_frac <= 1.0, f"--max_skip_frac must be in [0, 1], got {args.max_skip_frac}")
+    need(args.val_every >= 1, f"--val_every must be >= 1, got {args.val_every}")
     need(args.save_every_steps >= 0, f"--save_every_steps must be >= 0, got {args.save_every_steps}")
 
 
@@ -326,6 +331,8 @@ class Setup:
         self.variant = args.variant if args.variant is not None else Path(str(args.data).rstrip("/")).name
         self.result_args = {**{k: getattr(args, k) for k in RESULT_ARGS}, "meta_cols": ",".join(self.meta_cols),
                             "variant": self.variant}
+        self.result_args.update({k: getattr(args, k) for k, default in OPTIONAL_RESULT_ARGS.items()
+                                 if getattr(args, k) != default})
         import timm
 
         if not timm.is_model(args.arch):
@@ -390,7 +397,8 @@ class Setup:
             _check_ckpt_matches(ckpt, path, args, self.meta_cols)
             if ckpt.get("fingerprint") != self.fingerprint:
                 used = {**ckpt.get("args", {}), "meta_cols": ",".join(ckpt["meta_cols"]), "variant": ckpt.get("variant")}
-                diff = [k for k in RESULT_ARGS if str(used.get(k)) != str(self.result_args[k])]
+                diff = [k for k in (*RESULT_ARGS, *OPTIONAL_RESULT_ARGS) if str(used.get(k, OPTIONAL_RESULT_ARGS.get(k)))
+                        != str(self.result_args.get(k, OPTIONAL_RESULT_ARGS.get(k)))]
                 raise DHSError(f"--resume {path}: that run used different arguments or inputs "
                                f"({', '.join(diff) or 'input files'} differ); use --init_from for a warm start")
             self.resume_ckpt = ckpt
@@ -608,11 +616,14 @@ def _run(args, d: Dist) -> int:
             return 0
         loss_sum, n_seen, n_bad, n_planned = d.sum(list(progress.partial))
         _check_skips(n_bad, n_planned, args.max_skip_frac, final=True)
-        val = validate(net, val_dl, val_ds, s, d, use_bf16)
+        # the epochs --val_every skips have no validation in their history row and cannot become best.pt
+        validated = (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs
+        val = validate(net, val_dl, val_ds, s, d, use_bf16) if validated else {}
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "lr": lr, "steps": progress.global_step,
                "n_train": int(n_seen), "n_skipped": int(n_bad), **val}
         progress.history.append(row)
-        improved = progress.best is None or selection_key(val["val_cut"]) > selection_key(progress.best["val_cut"])
+        improved = validated and (progress.best is None or
+                                  selection_key(val["val_cut"]) > selection_key(progress.best["val_cut"]))
         if improved:
             progress.best = {"epoch": epoch + 1, "val_cut": val["val_cut"], "val_all": val["val_all"]}
         log(d, _format_epoch(row, improved))
@@ -737,7 +748,8 @@ def _format_epoch(row: dict, improved: bool) -> str:
     return (f"epoch {row['epoch']}: train loss {row['train_loss']:.4f} lr {row['lr']:.2e}, skipped stamps: "
             f"{row['n_skipped']} of {row['n_skipped'] + row['n_train']} in training, {row.get('val_skipped', 0)} in "
             f"validation (did not decode / not 3x64x64 / not finite)\n"
-            f"    val (cuts)    {_fmt(row['val_cut'])}\n    val (no cuts) {_fmt(row['val_all'])}"
+            + (f"    val (cuts)    {_fmt(row['val_cut'])}\n    val (no cuts) {_fmt(row['val_all'])}" if "val_cut" in row
+               else "    not validated (--val_every)")
             + ("\n    -> new best.pt" if improved else ""))
 
 
