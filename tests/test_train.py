@@ -164,7 +164,9 @@ def test_val_every_skips_validation_but_never_the_last_epoch(data, tmp_path, cap
     rows = _history(out)["epochs"]
     assert [("val_cut" in r, "val_all" in r) for r in rows] == [(False, False), (True, True), (True, True)]
     assert err.count("not validated (--val_every)") == 1
-    assert load_checkpoint(out / "best.pt")["epoch"] in (2, 3)  # an unvalidated epoch cannot be best.pt
+    best = load_checkpoint(out / "best.pt")
+    assert best["epoch"] in (2, 3)  # an unvalidated epoch cannot be best.pt
+    assert best["metrics"]["selected_by"] == "val_cut auroc"  # 25 validation controls: no FPR target counts
     # it decides best.pt, so it is part of the fingerprint: a default run does not continue this one
     fp = _history(out)["fingerprint"]
     for every, same in (("1", False), ("2", True)):
@@ -371,6 +373,8 @@ def test_best_epoch_selection_uses_only_estimable_fpr_targets():
     early = {"n_neg": 2568, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.20, "tpr@fpr0.01": 0.37, "auroc": 0.889}
     last = {"n_neg": 2568, "tpr@fpr0.0001": 0.11, "tpr@fpr0.001": 0.17, "tpr@fpr0.01": 0.42, "auroc": 0.899}
     assert selection_key(last) > selection_key(early)
+    from darkhaloscope.learning.train import selection_metrics
+    assert selection_metrics(last) == ["tpr@fpr0.01", "auroc"]
     lucky = {"n_neg": 918, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.08, "tpr@fpr0.01": 0.10, "auroc": 0.75}
     better = {"n_neg": 918, "tpr@fpr0.0001": 0.02, "tpr@fpr0.001": 0.02, "tpr@fpr0.01": 0.12, "auroc": 0.79}
     assert selection_key(better) > selection_key(lucky)  # 918 controls cannot estimate 1e-4 or 1e-3

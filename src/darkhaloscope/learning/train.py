@@ -225,10 +225,14 @@ def selection_key(m: dict) -> tuple:
     count (metrics.fpr_target_estimable): with fewer, tpr@fpr t rests on a handful of controls (or is merely
     the TPR at zero false positives), a noisy pick. The two lowest such targets of 1e-4, 1e-3, 1e-2 lead, so
     small validation sets select on tpr@fpr1e-2 and AUROC."""
+    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k] for k in selection_metrics(m))
+
+
+def selection_metrics(m: dict) -> list[str]:
+    """The metric names ``selection_key`` ranks by, in order, for validation metrics ``m``."""
     n_neg = int(m.get("n_neg", 0))
     fprs = [t for t in SELECTION_FPRS if metrics.fpr_target_estimable(n_neg, t, SELECTION_MIN_FP)][:2]
-    keys = [f"tpr@fpr{t:g}" for t in fprs] + ["auroc"]
-    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k] for k in keys)
+    return [f"tpr@fpr{t:g}" for t in fprs] + ["auroc"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -527,7 +531,7 @@ class Checkpoints:
 
     def save_best(self, epoch: int, row: dict) -> None:
         metrics_ = {"val_cut": row["val_cut"], "val_all": row["val_all"],
-                    "selected_by": "val_cut tpr@fpr1e-4, then tpr@fpr1e-3, then AUROC"}
+                    "selected_by": "val_cut " + ", then ".join(selection_metrics(row["val_cut"]))}
         save_checkpoint(self.out_dir / "best.pt", **self._common("best", epoch, metrics_, False))
 
     def mark_best_finished(self) -> None:
