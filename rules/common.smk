@@ -116,8 +116,7 @@ def infer_flags(name):
     default, is left out of the command line, which Snakemake compares, so runs made before the key existed
     stay up to date). The mining scores of the training split: one view, controls only (mining ranks controls)."""
     if SCORES[name][2] == "test":
-        views = config["infer"].get("tta", 1)
-        return flag("tta", views) if views > 1 else ""
+        return flag("tta", config["infer"].get("tta"), default=1)
     return "--only_controls"
 
 
@@ -149,10 +148,12 @@ def audit_file(variant):
     return [] if existing(variant) else [f"audit/{variant}.json"]
 
 
-def flag(name, value):
+def flag(name, value, default=None):
     """Render one CLI flag: booleans as switches, lists comma-joined, None omitted. The value is
-    shell-quoted (shlex.quote): a config value is one argument, never a second word or command."""
-    if value is None or value is False:
+    shell-quoted (shlex.quote): a config value is one argument, never a second word or command.
+    ``default``: the CLI's own default of a flag added later, omitted when the value equals it, so the
+    command lines (which Snakemake compares) of runs made before the flag existed stay the same."""
+    if value is None or value is False or (default is not None and value == default):
         return ""
     if value is True:
         return f"--{name}"
@@ -174,9 +175,8 @@ def train_args(stage):
     t, s = config["train"], config[STAGES[stage]["section"]]
     keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps",
             "val_every"]
-    # stem_stride, crop, val_every: optional (the CLI defaults); val_every 1 is left out, so that the command
-    # lines (which Snakemake compares) of runs made before it existed stay the same
-    args = [flag(k, t.get(k)) for k in keys if not (k == "val_every" and t.get(k, 1) == 1)]
+    # stem_stride, crop, val_every: optional (the CLI defaults); val_every 1 is left out (flag's default)
+    args = [flag(k, t.get(k), default=1 if k == "val_every" else None) for k in keys]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
                                           "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]
     args.append(flag("variant", STAGES[stage]["variant"]))

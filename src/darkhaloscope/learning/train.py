@@ -42,8 +42,10 @@ RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_deca
                "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
                "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
                "train_split", "match_controls", "max_skip_frac", "variant")
-# Added later: hashed only when not at their default, so the fingerprints of runs without them stay as they were.
+# Added later: hashed only when not at their default (an input: when given), so the fingerprints of runs without
+# them stay as they were.
 OPTIONAL_RESULT_ARGS = {"val_every": 1}
+OPTIONAL_INPUTS = ("init_backbone_from",)
 
 
 KILL_ENV = "DHS_TRAIN_STOP_AFTER_STEPS"
@@ -171,9 +173,11 @@ def data_identity(fs, files: list[str]) -> list:
 
 
 def fingerprint(result_args: dict, inputs: dict) -> str:
-    """Hash of the arguments that change the result (``RESULT_ARGS``, as the run uses them) and the inputs."""
-    fields = {k: v for k, v in result_args.items() if k in RESULT_ARGS or k in OPTIONAL_RESULT_ARGS}
-    fields["inputs"] = inputs
+    """Hash of the arguments that change the result (``RESULT_ARGS``, as the run uses them, and
+    ``OPTIONAL_RESULT_ARGS`` away from their defaults) and the inputs (``OPTIONAL_INPUTS`` when given)."""
+    fields = {k: result_args[k] for k in RESULT_ARGS}
+    fields.update({k: result_args[k] for k, default in OPTIONAL_RESULT_ARGS.items() if result_args[k] != default})
+    fields["inputs"] = {k: v for k, v in inputs.items() if not (k in OPTIONAL_INPUTS and v is None)}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -333,10 +337,8 @@ class Setup:
         check_writable_dir(args.state_dir or args.out_dir, "--state_dir")
         self.meta_cols = contract.parse_meta_columns(args.meta_cols)
         self.variant = args.variant if args.variant is not None else Path(str(args.data).rstrip("/")).name
-        self.result_args = {**{k: getattr(args, k) for k in RESULT_ARGS}, "meta_cols": ",".join(self.meta_cols),
-                            "variant": self.variant}
-        self.result_args.update({k: getattr(args, k) for k, default in OPTIONAL_RESULT_ARGS.items()
-                                 if getattr(args, k) != default})
+        self.result_args = {**{k: getattr(args, k) for k in (*RESULT_ARGS, *OPTIONAL_RESULT_ARGS)},
+                            "meta_cols": ",".join(self.meta_cols), "variant": self.variant}
         import timm
 
         if not timm.is_model(args.arch):
@@ -374,9 +376,7 @@ class Setup:
         self.inputs = {"train": data_identity(self.fs, self.train_files), "val": data_identity(self.fs, self.val_files),
                        "init_from": file_identity(args.init_from), "hard_negs": file_identity(args.hard_negs),
                        "warm_start": file_identity(warm_path) if warm_path != args.init_from else None,
-                       "world_size": d.world}
-        if args.init_backbone_from:  # only when given: the fingerprints of runs without it stay as they were
-            self.inputs["init_backbone_from"] = file_identity(args.init_backbone_from)
+                       "init_backbone_from": file_identity(args.init_backbone_from), "world_size": d.world}
         self.fingerprint = fingerprint(self.result_args, self.inputs)
 
         # an unfinished state_dir/last.pt with the same fingerprint wins under --auto_resume
@@ -401,8 +401,8 @@ class Setup:
             _check_ckpt_matches(ckpt, path, args, self.meta_cols)
             if ckpt.get("fingerprint") != self.fingerprint:
                 used = {**ckpt.get("args", {}), "meta_cols": ",".join(ckpt["meta_cols"]), "variant": ckpt.get("variant")}
-                diff = [k for k in (*RESULT_ARGS, *OPTIONAL_RESULT_ARGS) if str(used.get(k, OPTIONAL_RESULT_ARGS.get(k)))
-                        != str(self.result_args.get(k, OPTIONAL_RESULT_ARGS.get(k)))]
+                diff = [k for k in (*RESULT_ARGS, *OPTIONAL_RESULT_ARGS)
+                        if str(used.get(k, OPTIONAL_RESULT_ARGS.get(k))) != str(self.result_args[k])]
                 raise DHSError(f"--resume {path}: that run used different arguments or inputs "
                                f"({', '.join(diff) or 'input files'} differ); use --init_from for a warm start")
             self.resume_ckpt = ckpt
