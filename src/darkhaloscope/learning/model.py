@@ -27,6 +27,8 @@ from darkhaloscope.io import atomic_output
 CKPT_FORMAT = "darkhaloscope-ckpt-v1"
 DEFAULT_STEM_STRIDE = 4
 STAMP_SIZE = 64
+STRETCHES = ("clip", "asinh")
+STRETCH_SCALE = 10.0  # sigma: the clip's limit, and where the asinh stretch turns from linear to logarithmic
 
 
 def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -37,19 +39,36 @@ def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images if lo == 0 else images[..., lo:lo + size, lo:lo + size]
 
 
+def stretch(images: torch.Tensor, name: str = "clip") -> torch.Tensor:
+    """The network's input stretch of sky-normalised stamps (units of the sky noise, unclipped).
+
+    ``clip``: clip to +-10 sigma, the seed's normalisation (the values of ``contract.normalize_stamps``).
+    ``asinh``: 10 * asinh(x / 10), linear within a few sigma and logarithmic beyond, so an arc lying on a
+    host's core tens to hundreds of sigma above the sky keeps its contrast instead of being clipped away
+    (with the clip, deep images of bright hosts lose the arc wherever the host exceeds 10 sigma)."""
+    if name == "clip":
+        return images.clamp(-STRETCH_SCALE, STRETCH_SCALE)
+    if name == "asinh":
+        return torch.asinh(images / STRETCH_SCALE) * STRETCH_SCALE
+    raise DHSError(f"unknown input stretch {name!r}; choose one of {', '.join(STRETCHES)}")
+
+
 class LensClassifier(nn.Module):
     """Image features (timm backbone, global pooled) concatenated with an MLP embedding of the
     standardised meta inputs, then dropout and one linear layer -> one float32 logit per stamp."""
 
     def __init__(self, arch: str, n_meta: int = 0, dropout: float = 0.1, drop_path: float = 0.0,
                  stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32, timm_kwargs: dict | None = None,
-                 crop: int = STAMP_SIZE):
+                 crop: int = STAMP_SIZE, stretch: str = "clip"):
         super().__init__()
         import timm
 
         if not (isinstance(crop, int) and 16 <= crop <= STAMP_SIZE and crop % 2 == 0):
             raise DHSError(f"crop must be an even number of pixels in [16, {STAMP_SIZE}], got {crop!r}")
+        if stretch not in STRETCHES:
+            raise DHSError(f"unknown input stretch {stretch!r}; choose one of {', '.join(STRETCHES)}")
         self.crop = crop
+        self.stretch = stretch
 
         if not timm.is_model(arch):
             raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
@@ -112,7 +131,8 @@ class LensClassifier(nn.Module):
                        f"ResNet-style stems (conv1 + maxpool), not for '{self.arch}'")
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        feats = self.backbone(centre_crop(images, self.crop).contiguous(memory_format=torch.channels_last))
+        images = stretch(centre_crop(images, self.crop), self.stretch)
+        feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
         if self.meta_mlp is not None:
             if meta is None or meta.shape[-1] != self.n_meta:
                 got = None if meta is None else tuple(meta.shape)
@@ -127,7 +147,8 @@ class LensClassifier(nn.Module):
 
 def build_model(arch: str, n_meta: int, dropout: float = 0.1, **kwargs) -> LensClassifier:
     """``kwargs``: ``drop_path`` (stochastic depth rate), ``stem_stride`` (4 = timm default, 2 = finer
-    stem for 64x64 stamps), ``crop`` (the network sees the central crop x crop pixels), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
+    stem for 64x64 stamps), ``crop`` (the network sees the central crop x crop pixels), ``stretch`` (the input
+    stretch of the sky-normalised stamps: ``clip`` or ``asinh``), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
     e.g. smaller ``depths``/``dims``). Everything passed here is stored as ``model_kwargs``."""
     return LensClassifier(arch, n_meta=n_meta, dropout=dropout, **kwargs)
 

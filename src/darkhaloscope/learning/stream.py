@@ -65,11 +65,13 @@ def draw_symmetries(rng: np.random.Generator, n: int) -> np.ndarray:
 def prepare_stamps(blobs, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """npz blobs (pyarrow binary column or sequence of bytes/None) -> (normalised (N_ok, 3, 64, 64)
     float32, ok mask (N,)); augmented by ``draw_symmetries`` when ``rng`` is given (the symmetry is
-    applied while normalising, in place)."""
+    applied while normalising, in place). Sky-normalised and not clipped: the network applies its input
+    stretch (``model.stretch``), so a bright host's core keeps the arc on top of it for a stretch that can
+    show it."""
     images, ok = contract.decode_stamps(blobs)
     codes = draw_symmetries(rng, len(images)) if rng is not None else None
     if len(images):
-        contract.normalize_stamps(images, codes, out=images)
+        contract.normalize_stamps(images, codes, out=images, clip=None)
     return images, ok
 
 

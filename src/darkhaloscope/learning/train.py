@@ -31,7 +31,7 @@ from darkhaloscope.evaluation import metrics
 from darkhaloscope.io import atomic_output, finite_or_null
 from darkhaloscope.learning import stream
 from darkhaloscope.learning.losses import LOSSES, make_loss
-from darkhaloscope.learning.model import (build_model, load_checkpoint, meta_statistics, model_kwargs,
+from darkhaloscope.learning.model import (STRETCHES, build_model, load_checkpoint, meta_statistics, model_kwargs,
                                           save_checkpoint, unwrap)
 from darkhaloscope.stamps import contract
 from darkhaloscope.stamps import dataset
@@ -44,7 +44,7 @@ RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_deca
                "train_split", "match_controls", "max_skip_frac", "variant")
 # Added later: hashed only when not at their default (an input: when given), so the fingerprints of runs without
 # them stay as they were.
-OPTIONAL_RESULT_ARGS = {"val_every": 1}
+OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip"}
 OPTIONAL_INPUTS = ("init_backbone_from",)
 
 
@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "~4x cost); 1 = ResNet-style stems only")
     p.add_argument("--crop", type=int, default=64,
                    help="the network sees the central crop x crop pixels of each stamp (even, 16-64; 64 = all)")
+    p.add_argument("--stretch", choices=STRETCHES, default="clip",
+                   help="input stretch of the sky-normalised stamps: clip = +-10 sigma (the seed's); asinh = "
+                        "10 asinh(x/10), which keeps an arc on a bright host's core")
     p.add_argument("--timm_kwargs", default="",
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
     p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
@@ -271,6 +274,8 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None
         raise DHSError(f"checkpoint {path} has timm_kwargs {kw.get('timm_kwargs')}, flags say {args.timm_kwargs!r}")
     if int(kw.get("crop", 64)) != args.crop:
         raise DHSError(f"checkpoint {path} has crop {kw.get('crop', 64)}, flags say {args.crop}")
+    if kw.get("stretch", "clip") != args.stretch:
+        raise DHSError(f"checkpoint {path} has input stretch {kw.get('stretch', 'clip')}, flags say {args.stretch}")
     if int(kw.get("stem_stride", 4)) != args.stem_stride:
         raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
 
@@ -583,7 +588,8 @@ def _run(args, d: Dist) -> int:
     if args.use_bf16 and not use_bf16:
         log(d, "bf16 autocast requested but off: this device has no native bf16")
     kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
-                          stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs, crop=args.crop)
+                          stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs, crop=args.crop,
+                          stretch=args.stretch)
     model = build_model(**kwargs)
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])

@@ -177,10 +177,13 @@ def annulus_sky(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sky, MAD_TO_SIGMA * np.median(np.abs(outer - sky[..., None]), axis=-1)
 
 
-def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, out: np.ndarray | None = None,
+                     clip: float | None = NORM_CLIP) -> np.ndarray:
     """Per stamp and band: subtract the median and divide by 1.4826*MAD of the outer annulus (r > 16 px),
-    then clip to +-10. The one normalisation used by training, inference and the audit; (..., 3, 64, 64)
-    float -> float32 of the same shape. The values are those of the numpy formulation with np.median
+    then clip to +-``clip`` (None: no clip). The one normalisation used by training, inference and the audit;
+    (..., 3, 64, 64) float -> float32 of the same shape. The data stream keeps the values unclipped and the
+    network applies its own input stretch (``learning.model.stretch``: the +-10 clip by default, the same
+    values as here). The values are those of the numpy formulation with np.median
     (tests check bit equality); ``robust.normalize_annulus`` computes them ~3x cheaper.
 
     ``symmetries`` (one code per stamp, k + 4 * flip: np.rot90 k times, then a left-right flip) writes
@@ -201,7 +204,7 @@ def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, o
     if out is not None and not (out.dtype == np.float32 and out.flags.c_contiguous and out.shape == images.shape):
         raise DHSError(f"out must be a C-contiguous float32 array of shape {images.shape}")
     target = np.empty_like(flat) if out is None else out.reshape(flat.shape)
-    normalize_annulus(flat, _OUTER_INDEX, NORM_CLIP, codes, target)
+    normalize_annulus(flat, _OUTER_INDEX, np.inf if clip is None else float(clip), codes, target)
     return target.reshape(images.shape)
 
 
