@@ -120,3 +120,39 @@ def test_bad_crops_are_named():
     with pytest.raises(DHSError, match="crop 16 is too small for 'convnext_atto'"):
         M.build_model("convnext_atto", 0, crop=16)
     assert M.build_model("convnext_atto", 0, crop=16, stem_stride=2).crop == 16
+
+
+def test_input_stretch_clip_and_asinh():
+    """``clip`` is the seed's +-10 sigma clip; ``asinh`` is 10 asinh(x / 10): the same as the identity within a
+    sigma or two, odd, monotonic, and it keeps an arc on a host core far above 10 sigma, which the clip erases."""
+    x = torch.linspace(-3000, 3000, 60001)
+    clip, asinh = M.stretch(x, "clip"), M.stretch(x, "asinh")
+    assert torch.equal(clip, x.clamp(-10, 10))
+    np.testing.assert_allclose(asinh.numpy(), 10 * np.arcsinh(x.numpy().astype(np.float64) / 10), rtol=1e-5, atol=1e-5)
+    assert torch.equal(M.stretch(-x, "asinh"), -asinh) and bool((asinh.diff() > 0).all())
+    small = x[x.abs() <= 1]
+    assert float((M.stretch(small, "asinh") - small).abs().max()) < 2e-3
+    host, arc = torch.full((1, 3, 64, 64), 200.0), torch.zeros(1, 3, 64, 64)
+    arc[..., 20:24, 30:40] = 20.0  # a 20-sigma arc on a 200-sigma host core
+    assert torch.equal(M.stretch(host + arc, "clip"), M.stretch(host, "clip"))  # clipped away
+    assert float((M.stretch(host + arc, "asinh") - M.stretch(host, "asinh")).max()) > 0.5  # kept
+    with pytest.raises(DHSError, match="unknown input stretch 'log'"):
+        M.build_model("resnet10t", 0, stretch="log")
+
+
+def test_stretch_is_stored_in_the_checkpoint_and_old_checkpoints_clip(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64) * 300  # sky-normalised and unclipped, as the stream gives them
+    for name in ("clip", "asinh"):
+        net = M.build_model("resnet10t", 0, crop=32, stretch=name).eval()
+        path = tmp_path / f"{name}.pt"
+        kwargs = M.model_kwargs("resnet10t", 0, 0.1, crop=32, stretch=name)
+        if name == "clip":
+            del kwargs["stretch"]  # a checkpoint from before the option existed
+        M.save_checkpoint(path, kind="best", arch="resnet10t", model_kwargs=kwargs, state_dict=net.state_dict(),
+                          meta_cols=[], meta_mean=[], meta_std=[], variant="v", args={}, epoch=1, metrics={},
+                          finished=True)
+        loaded, _ = M.load_model(path)
+        assert loaded.stretch == name and torch.equal(loaded(x), net(x))
+        # the clipping network cannot tell values beyond 10 sigma apart; the asinh one can
+        assert torch.equal(net(x), net(x.clamp(-10, 10))) == (name == "clip")

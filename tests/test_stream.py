@@ -14,6 +14,7 @@ import torch
 from factory import fake_rows
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.learning import model as M
 from darkhaloscope.learning import stream
 from darkhaloscope.stamps import contract
 
@@ -202,9 +203,13 @@ def test_iter_table_batches_and_decode_batch(fake_phase4c):
     assert ok.all() and images.shape == (batches[0].num_rows, 3, 64, 64) and meta.shape == (len(images), 1)
     raw = np.asarray(batches[0].column("psfsize_r").to_numpy())
     assert np.allclose(meta[:, 0], (raw - 1.25) / 0.2, atol=1e-5)
-    # the same decode + normalise as the training stream
-    expect = contract.normalize_stamps(contract.decode_stamps(batches[0].column("stamp_npz").to_pylist())[0])
-    assert np.array_equal(images, expect)
+    # the same decode + normalise as the training stream: sky-normalised, not clipped (the network stretches)
+    raw_images = contract.decode_stamps(batches[0].column("stamp_npz").to_pylist())[0]
+    expect = contract.normalize_stamps(raw_images, clip=None)
+    assert np.array_equal(images, expect) and np.abs(images).max() > contract.NORM_CLIP
+    # the network's default stretch gives exactly the seed's clipped normalisation
+    clipped = M.stretch(torch.from_numpy(images), "clip").numpy()
+    assert np.array_equal(clipped, contract.normalize_stamps(raw_images))
     with pytest.raises(DHSError, match="lacks column"):
         next(stream.open_split(str(fake_phase4c), "val").iter_batches(["task_id", "arc_snr_nope"]))
     with pytest.raises(DHSError, match="no parquet files for split"):
@@ -249,7 +254,7 @@ def test_augment_is_a_symmetry_of_the_square():
     aug, _ = stream.prepare_stamps(blobs, np.random.default_rng(1))
     drawn = stream.draw_symmetries(np.random.default_rng(1), 64)
     assert set(drawn.tolist()) == set(range(8))
-    assert np.array_equal(aug, contract.normalize_stamps(contract.decode_stamps(blobs)[0], drawn))
+    assert np.array_equal(aug, contract.normalize_stamps(contract.decode_stamps(blobs)[0], drawn, clip=None))
     assert not np.array_equal(aug, base)
 
 

@@ -154,6 +154,9 @@ def test_backbone_warm_start_takes_only_the_backbone_from_a_stage_with_other_met
     rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "crop", *ONE_EPOCH, "--crop", "32",
                      "--init_backbone_from", a1_best)
     assert rc == 2 and "has crop 64, flags say 32" in err.splitlines()[-1]
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "stretch", *ONE_EPOCH, "--stretch", "asinh",
+                     "--init_backbone_from", a1_best)
+    assert rc == 2 and "has input stretch clip, flags say asinh" in err.splitlines()[-1]
 
 
 def test_val_every_skips_validation_but_never_the_last_epoch(data, tmp_path, capsys):
@@ -400,3 +403,20 @@ def test_checkpoints_store_the_flags_as_given_and_numpy_global_rng_is_unused(dat
     assert set(load_checkpoint(out / "last.pt")["rng"]) <= {"torch", "python", "cuda"}
     history = _history(out)
     assert history["variant"] == Path(data).name and history["args"]["variant"] is None
+
+
+def test_stretch_reaches_the_checkpoint_and_the_fingerprint_only_when_not_the_default(data, tmp_path, capsys):
+    import hashlib
+
+    from darkhaloscope.learning import train
+
+    rc, _ = _train(capsys, "--data", data, "--out_dir", tmp_path / "a", *ONE_EPOCH, "--stretch", "asinh",
+                   "--stop_after_steps", "1", "--save_every_steps", "1")
+    assert rc == 0 and load_checkpoint(tmp_path / "a" / "last.pt")["model_kwargs"]["stretch"] == "asinh"
+    args = {k: i for i, k in enumerate(train.RESULT_ARGS)}
+    old = hashlib.sha256(json.dumps({**args, "inputs": {}}, sort_keys=True).encode()).hexdigest()[:16]
+    assert train.fingerprint({**args, "val_every": 1, "stretch": "clip"}, {}) == old  # runs from before the flag
+    assert train.fingerprint({**args, "val_every": 1, "stretch": "asinh"}, {}) != old
+    with pytest.raises(SystemExit):
+        _train(capsys, "--data", data, "--out_dir", tmp_path / "b", *ONE_EPOCH, "--stretch", "log")
+    assert "argument --stretch: invalid choice: 'log'" in capsys.readouterr().err
