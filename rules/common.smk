@@ -174,9 +174,9 @@ def train_args(stage):
     """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
     t, s = config["train"], config[STAGES[stage]["section"]]
     keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps",
-            "val_every", "stretch", "colour_residuals"]
-    # stem_stride, crop, val_every, stretch, colour_residuals: optional (the CLI defaults); val_every 1 and
-    # stretch clip, the CLI defaults of flags added later, are left out (a false switch always is)
+            "val_every", "stretch"]
+    # stem_stride, crop, val_every, stretch: optional (the CLI defaults); val_every 1 and stretch clip, the CLI
+    # defaults of flags added later, are left out
     later = {"val_every": 1, "stretch": "clip"}
     args = [flag(k, t.get(k), default=later.get(k)) for k in keys]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",

@@ -156,3 +156,4 @@ def test_stretch_is_stored_in_the_checkpoint_and_old_checkpoints_clip(tmp_path):
         assert loaded.stretch == name and torch.equal(loaded(x), net(x))
         # the clipping network cannot tell values beyond 10 sigma apart; the asinh one can
         assert torch.equal(net(x), net(x.clamp(-10, 10))) == (name == "clip")
+

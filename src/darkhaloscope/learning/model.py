@@ -53,31 +53,13 @@ def stretch(images: torch.Tensor, name: str = "clip") -> torch.Tensor:
     raise DHSError(f"unknown input stretch {name!r}; choose one of {', '.join(STRETCHES)}")
 
 
-CORE_PIX = 4  # the central 4x4 px (1" square) that sets each band's host scale for the colour residuals
-
-
-def colour_residuals(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) sky-normalised g, r, z -> (N, 5, H, W): the three bands, then g - a_g z and r - a_r z, where
-    a_b is the least-squares scale of z to band b over the central 4x4 px. A lens galaxy is red and the same
-    shape in every band, so scaling the z image to its core and subtracting removes most of it, while a blue
-    arc stays: the colour-difference images of RingFinder (Gavazzi et al. 2014, ApJ 785, 144). Each band is in
-    units of its own sky noise, so the host's colour ratio varies from stamp to stamp with the depths, and
-    the network would otherwise have to estimate it per stamp."""
-    lo = (images.shape[-1] - CORE_PIX) // 2
-    core = images[..., lo:lo + CORE_PIX, lo:lo + CORE_PIX].flatten(2)
-    z = core[:, 2:3]
-    scale = (core[:, :2] * z).sum(-1) / (z * z).sum(-1).clamp_min(1e-6)
-    residual = images[:, :2] - scale[..., None, None] * images[:, 2:3]
-    return torch.cat([images, residual], dim=1)
-
-
 class LensClassifier(nn.Module):
     """Image features (timm backbone, global pooled) concatenated with an MLP embedding of the
     standardised meta inputs, then dropout and one linear layer -> one float32 logit per stamp."""
 
     def __init__(self, arch: str, n_meta: int = 0, dropout: float = 0.1, drop_path: float = 0.0,
                  stem_stride: int = DEFAULT_STEM_STRIDE, meta_hidden: int = 32, timm_kwargs: dict | None = None,
-                 crop: int = STAMP_SIZE, stretch: str = "clip", colour_residuals: bool = False):
+                 crop: int = STAMP_SIZE, stretch: str = "clip"):
         super().__init__()
         import timm
 
@@ -87,8 +69,6 @@ class LensClassifier(nn.Module):
             raise DHSError(f"unknown input stretch {stretch!r}; choose one of {', '.join(STRETCHES)}")
         self.crop = crop
         self.stretch = stretch
-        self.colour_residuals = bool(colour_residuals)
-        in_chans = 5 if self.colour_residuals else 3
 
         if not timm.is_model(arch):
             raise DHSError(f"unknown architecture '{arch}': not a timm model name (see timm.list_models())")
@@ -100,7 +80,7 @@ class LensClassifier(nn.Module):
         self.arch = arch
         self.n_meta = int(n_meta)
         try:
-            self.backbone = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=0,
+            self.backbone = timm.create_model(arch, pretrained=False, in_chans=3, num_classes=0,
                                               drop_path_rate=float(drop_path), **(timm_kwargs or {}))
         except (TypeError, ValueError, AssertionError, IndexError, KeyError, RuntimeError) as exc:
             raise DHSError(f"timm model '{arch}' does not accept {timm_kwargs}: {type(exc).__name__}: "
@@ -110,7 +90,7 @@ class LensClassifier(nn.Module):
         if crop != STAMP_SIZE:  # a crop too small for the backbone's downsampling fails here, not mid-training
             try:
                 with torch.no_grad():
-                    self.backbone.eval()(torch.zeros(1, in_chans, crop, crop))
+                    self.backbone.eval()(torch.zeros(1, 3, crop, crop))
             except RuntimeError:
                 raise DHSError(f"crop {crop} is too small for '{arch}' with stem_stride {stem_stride}") from None
             self.backbone.train()
@@ -151,10 +131,7 @@ class LensClassifier(nn.Module):
                        f"ResNet-style stems (conv1 + maxpool), not for '{self.arch}'")
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
-        images = centre_crop(images, self.crop)
-        if self.colour_residuals:
-            images = colour_residuals(images)
-        images = stretch(images, self.stretch)
+        images = stretch(centre_crop(images, self.crop), self.stretch)
         feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
         if self.meta_mlp is not None:
             if meta is None or meta.shape[-1] != self.n_meta:
@@ -171,8 +148,7 @@ class LensClassifier(nn.Module):
 def build_model(arch: str, n_meta: int, dropout: float = 0.1, **kwargs) -> LensClassifier:
     """``kwargs``: ``drop_path`` (stochastic depth rate), ``stem_stride`` (4 = timm default, 2 = finer
     stem for 64x64 stamps), ``crop`` (the network sees the central crop x crop pixels), ``stretch`` (the input
-    stretch of the sky-normalised stamps: ``clip`` or ``asinh``), ``colour_residuals`` (two more input channels,
-    ``colour_residuals``), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
+    stretch of the sky-normalised stamps: ``clip`` or ``asinh``), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
     e.g. smaller ``depths``/``dims``). Everything passed here is stored as ``model_kwargs``."""
     return LensClassifier(arch, n_meta=n_meta, dropout=dropout, **kwargs)
 

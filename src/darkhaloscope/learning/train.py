@@ -44,7 +44,7 @@ RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_deca
                "train_split", "match_controls", "max_skip_frac", "variant")
 # Added later: hashed only when not at their default (an input: when given), so the fingerprints of runs without
 # them stay as they were.
-OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip", "colour_residuals": False}
+OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip"}
 OPTIONAL_INPUTS = ("init_backbone_from",)
 
 
@@ -69,9 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stretch", choices=STRETCHES, default="clip",
                    help="input stretch of the sky-normalised stamps: clip = +-10 sigma (the seed's); asinh = "
                         "10 asinh(x/10), which keeps an arc on a bright host's core")
-    p.add_argument("--colour_residuals", action="store_true",
-                   help="two more input channels, g and r minus the z image scaled to the host's core (RingFinder's "
-                        "colour-difference images): the red lens galaxy largely cancels, a blue arc stays")
     p.add_argument("--timm_kwargs", default="",
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
     p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
@@ -279,9 +276,6 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None
         raise DHSError(f"checkpoint {path} has crop {kw.get('crop', 64)}, flags say {args.crop}")
     if kw.get("stretch", "clip") != args.stretch:
         raise DHSError(f"checkpoint {path} has input stretch {kw.get('stretch', 'clip')}, flags say {args.stretch}")
-    if bool(kw.get("colour_residuals", False)) != args.colour_residuals:
-        raise DHSError(f"checkpoint {path} has colour_residuals {bool(kw.get('colour_residuals', False))}, "
-                       f"flags say {args.colour_residuals}")
     if int(kw.get("stem_stride", 4)) != args.stem_stride:
         raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
 
@@ -595,7 +589,7 @@ def _run(args, d: Dist) -> int:
         log(d, "bf16 autocast requested but off: this device has no native bf16")
     kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
                           stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs, crop=args.crop,
-                          stretch=args.stretch, colour_residuals=args.colour_residuals)
+                          stretch=args.stretch)
     model = build_model(**kwargs)
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])
