@@ -14,6 +14,7 @@ seconds on any machine (reads ~1k stamps).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -21,12 +22,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
-from darkhaloscope.evaluation import metrics
+from darkhaloscope.evaluation import metrics, strata
 from darkhaloscope.stamps import contract
 
-TRUTH = ["task_id", "host_mag_r", "src_mag_r", "theta_e_arcsec", "psf_fwhm_used_r", "arc_snr", "psfdepth_r",
-         "magnification"]
-PIXEL_ARCSEC = 0.262
+# the resolved-bright cut of the finder tables (one definition: benchmarks/finder_table.py)
+_spec = importlib.util.spec_from_file_location("finder_table", Path(__file__).with_name("finder_table.py"))
+finder_table = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(finder_table)
+
+TRUTH = ["task_id", "host_mag_r", "src_mag_r", "psfdepth_r", "magnification"]  # beyond the score file's own
 ANNULUS_HALF_WIDTH = 0.4  # arcsec either side of theta_E
 CONTRAST_BINS = (-np.inf, 2, 3, 4, np.inf)
 CLIP_BINS = (-0.01, 0.01, 0.2, 0.5, 0.8, 1.0)
@@ -38,7 +42,7 @@ def annulus_clip_fraction(stamps: np.ndarray, theta_e: np.ndarray) -> np.ndarray
     norm = contract.normalize_stamps(stamps)[:, 1]
     yy, xx = np.mgrid[:contract.STAMP_SIZE, :contract.STAMP_SIZE]
     centre = (contract.STAMP_SIZE - 1) / 2
-    radius = np.hypot(xx - centre, yy - centre) * PIXEL_ARCSEC
+    radius = np.hypot(xx - centre, yy - centre) * contract.PIXEL_SCALE_ARCSEC
     out = np.empty(len(norm))
     for i, (img, te) in enumerate(zip(norm, theta_e)):
         ring = np.abs(radius - te) < ANNULUS_HALF_WIDTH
@@ -47,22 +51,20 @@ def annulus_clip_fraction(stamps: np.ndarray, theta_e: np.ndarray) -> np.ndarray
 
 
 def missed_table(run_dir: Path, model: str, data: Path) -> tuple[pd.DataFrame, float]:
-    scores = pd.read_parquet(run_dir / "scores" / f"{model}_test_scores.parquet", columns=["task_id", "is_control", "logit"])
-    ctrl = scores.loc[scores.is_control == 1, "logit"].to_numpy()
-    pos = scores[scores.is_control == 0]
-    y = np.r_[np.ones(len(pos), np.int8), np.zeros(ctrl.size, np.int8)]
-    threshold = metrics.tpr_at_fpr(metrics.roc_points(y, np.r_[pos.logit.to_numpy(), ctrl]), 1e-2)[1]
+    scores = strata.load_scores(run_dir / "scores" / f"{model}_test_scores.parquet")
+    threshold = metrics.tpr_at_fpr(metrics.roc_points(scores.y.to_numpy(), scores["rank"].to_numpy()), 1e-2)[1]
+    df = scores[(scores.y == 1) & (scores.theta_over_psf >= finder_table.RESOLVED_MIN_RATIO)
+                & (scores.arc_snr >= finder_table.BRIGHT_MIN_SNR)]
     dset = ds.dataset(str(data), format="parquet", partitioning="hive")
-    truth = dset.to_table(columns=TRUTH, filter=ds.field("task_id").isin(pos.task_id.tolist())).to_pandas()
-    df = pos.merge(truth, on="task_id")
-    df = df[(df.theta_e_arcsec / df.psf_fwhm_used_r >= 1.4) & (df.arc_snr >= 20)].reset_index(drop=True)
+    truth = dset.to_table(columns=TRUTH, filter=ds.field("task_id").isin(df.task_id.tolist())).to_pandas()
+    df = df.merge(truth, on="task_id").reset_index(drop=True)
     blobs = dset.to_table(columns=["task_id", "stamp_npz"], filter=ds.field("task_id").isin(df.task_id.tolist()))
     stamps, ok = contract.decode_stamps(blobs.column("stamp_npz"))
     order = pd.Series(np.arange(len(df)), index=df.task_id)
     rows = order[np.asarray(blobs.column("task_id").to_pylist())[ok]].to_numpy()
     df["clip_frac"] = np.nan
     df.loc[rows, "clip_frac"] = annulus_clip_fraction(stamps, df.theta_e_arcsec.to_numpy()[rows])
-    df["missed"] = df.logit < threshold
+    df["missed"] = df["rank"] < threshold
     df["contrast"] = df.src_mag_r - df.host_mag_r
     return df, float(threshold)
 

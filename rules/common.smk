@@ -176,7 +176,8 @@ def train_args(stage):
     keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps",
             "val_every", "stretch"]
     # stem_stride, crop, val_every, stretch: optional (the CLI defaults); val_every 1 and stretch clip, the CLI
-    # defaults of flags added later, are left out
+    # defaults of flags added later, are left out (the same pairs as learning.train.OPTIONAL_RESULT_ARGS, not
+    # imported: that module loads torch on every workflow parse; keep the two in step)
     later = {"val_every": 1, "stretch": "clip"}
     args = [flag(k, t.get(k), default=later.get(k)) for k in keys]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",

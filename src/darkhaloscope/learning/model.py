@@ -23,12 +23,13 @@ from torch import nn
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
+from darkhaloscope.stamps.contract import NORM_CLIP
 
 CKPT_FORMAT = "darkhaloscope-ckpt-v1"
 DEFAULT_STEM_STRIDE = 4
 STAMP_SIZE = 64
 STRETCHES = ("clip", "asinh")
-STRETCH_SCALE = 10.0  # sigma: the clip's limit, and where the asinh stretch turns from linear to logarithmic
+STRETCH_SCALE = NORM_CLIP  # sigma: the seed's clip, and where the asinh stretch turns from linear to logarithmic
 
 
 def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -51,8 +52,8 @@ def stretch(images: torch.Tensor, name: str = "clip") -> torch.Tensor:
     if name == "asinh":
         scaled = images / STRETCH_SCALE
         if scaled.device.type == "cpu" and not scaled.requires_grad and scaled.dtype == torch.float32:
-            # torch's CPU asinh is scalar code: ~10 ms per 128x3x32x32 batch on one core, 17x numpy's vectorised
-            # arcsinh (benchmarks/bench_stretch.py). Same function, within an ulp.
+            # torch's CPU asinh is scalar code: 6.6 ms per 128x3x32x32 batch on one core, 8.8x numpy's vectorised
+            # arcsinh (benchmarks/bench_stretch.py, docs/benchmarks.md). Same function, within an ulp.
             return torch.from_numpy(np.arcsinh(scaled.numpy())) * STRETCH_SCALE
         return torch.asinh(scaled) * STRETCH_SCALE
     raise DHSError(f"unknown input stretch {name!r}; choose one of {', '.join(STRETCHES)}")
