@@ -235,6 +235,7 @@ def manifest_args():
     args = [flag(k, sim[k]) for k in keys] + [flag("seed", config["seed"])] + clump_args(sim) + [hosts_flag()]
     if not REAL:  # test-only controls (the 1e-4 operating point needs >= 10^4 of them)
         args.append(flag("extra_test_controls", sim.get("extra_test_controls") or None))
+        args.append(flag("train_confuser_frac", sim.get("train_confuser_frac")))
     return " ".join(a for a in args if a)
 
 

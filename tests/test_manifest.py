@@ -99,6 +99,23 @@ def test_confusers_same_rate_in_both_classes(big):
     assert set(big.loc[has, "confuser_kind"]) == {"tidal_arc", "ring", "spiral_arm", "blue_companion"}
 
 
+def test_training_confuser_rate_leaves_validation_and_test_unchanged(big):
+    rich = build_manifest(3000, seed=11, train_confuser_frac=0.4).to_pandas()
+    train = (rich.region_split == "train").to_numpy()
+    has = rich["confuser_kind"] != "none"
+    # the training split's rate is raised, still the same in both classes (no label shortcut)
+    for control in (0, 1):
+        assert has[train & (rich.is_control == control)].mean() == pytest.approx(0.4, abs=0.04)
+    # validation and test rows are exactly the population's draw (same random stream, same rows)
+    pd_cols = ["confuser_kind", "conf_r", "conf_mag_r", "theta_e_arcsec", "host_mag_r"]
+    for col in pd_cols:
+        assert rich.loc[~train, col].equals(big.loc[~train, col]), col
+    assert "train_confuser_frac=0.4" in build_manifest(50, seed=1, train_confuser_frac=0.4).schema.metadata[
+        b"dhs_manifest"].decode()
+    with pytest.raises(DHSError, match="--train_confuser_frac must be in"):
+        build_manifest(50, seed=1, train_confuser_frac=1.5)
+
+
 def test_lens_truth_only_for_positives_and_realistic_priors(big):
     pos, ctrl = big[big.is_control == 0], big[big.is_control == 1]
     assert ctrl["theta_e_arcsec"].isna().all() and ctrl["src_flux_r"].isna().all()

@@ -246,9 +246,9 @@ _CONFUSER_COLOURS = {  # (g-r mean, r-z mean): tidal debris is host-red, the res
 }
 
 
-def draw_confusers(rng: np.random.Generator, n: int, frac: float) -> dict:
+def draw_confusers(rng: np.random.Generator, n: int, frac) -> dict:
     """Lens-like features at radius 0.8-3 arcsec (the Einstein-radius range), drawn for every row with
-    the same rate regardless of the label. Geometry (see scene.confuser_light): ``conf_r`` radius,
+    the same rate regardless of the label (``frac``: a number, or one rate per row). Geometry (see scene.confuser_light): ``conf_r`` radius,
     ``conf_phi`` central angle, ``conf_span`` angular half-extent (rad), ``conf_width`` Gaussian radial
     sigma (arcsec), ``conf_pitch`` spiral growth d ln r / d angle."""
     has = rng.random(n) < frac
@@ -424,8 +424,12 @@ def parse_split_fracs(value, flag: str = "--split_fracs") -> tuple[float, float,
 def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fracs=(0.7, 0.15, 0.15),
                    source_priors: str = "realistic", confuser_frac: float = 0.1,
                    n_regions: int | None = None, clumps: ClumpPrior = ClumpPrior(),
-                   host_priors: str = "dr10") -> pa.Table:
-    """The Phase 4a table as a pyarrow Table (see the module docstring for conventions)."""
+                   host_priors: str = "dr10", train_confuser_frac: float | None = None) -> pa.Table:
+    """The Phase 4a table as a pyarrow Table (see the module docstring for conventions).
+
+    ``train_confuser_frac`` (None: ``confuser_frac``) is the confuser rate of the training split's rows only,
+    still the same in both classes: the network can see more of the lens-like features that set its false
+    positives, while validation and test keep the population's rate."""
     clumps.check()
     if n_tasks < 1:
         raise DHSError(f"--n_tasks must be >= 1, got {n_tasks}")
@@ -433,6 +437,8 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
         raise DHSError(f"--control_frac must be in [0, 1], got {control_frac}")
     if not 0.0 <= confuser_frac <= 1.0:
         raise DHSError(f"--confuser_frac must be in [0, 1], got {confuser_frac}")
+    if train_confuser_frac is not None and not 0.0 <= train_confuser_frac <= 1.0:
+        raise DHSError(f"--train_confuser_frac must be in [0, 1], got {train_confuser_frac}")
     if source_priors not in SOURCE_PRIORS:
         raise DHSError(f"unknown --source_priors '{source_priors}' (choose from {', '.join(SOURCE_PRIORS)})")
     if host_priors not in HOST_PRIORS:
@@ -462,7 +468,9 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     cols.update(hosts)
     cols.update(draw_neighbours(_stream(seed, "neighbours"), n))
     cols.update(draw_stars(_stream(seed, "stars"), n))
-    cols.update(draw_confusers(_stream(seed, "confusers"), n, confuser_frac))
+    frac = confuser_frac if train_confuser_frac is None else \
+        np.where(cols["region_split"] == "train", train_confuser_frac, confuser_frac)
+    cols.update(draw_confusers(_stream(seed, "confusers"), n, frac))
     lenses = draw_lenses(_stream(seed, "lens"), hosts, source_priors)
     positive = is_control == 0
     for k, v in lenses.items():
@@ -484,6 +492,8 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     text = (f"seed={seed};host_priors={host_priors};source_priors={source_priors};n_regions={n_regions};"
             f"control_frac={control_frac};confuser_frac={confuser_frac};"
             f"split_fracs={','.join(map(str, split_fracs))}")
+    if train_confuser_frac is not None:
+        text += f";train_confuser_frac={train_confuser_frac}"
     if clumps.max > 0:
         text += (f";source_clumps=max:{clumps.max},flux_frac:{clumps.flux_frac[0]}-{clumps.flux_frac[1]},"
                  f"sigma_arcsec:{clumps.sigma_arcsec[0]}-{clumps.sigma_arcsec[1]},radius_reff:{clumps.radius_reff}")
@@ -608,6 +618,8 @@ def add_arguments(parser) -> None:
                         help="host LRGs like the DR10 parent sample (dr10) or the seed's n ~ 4 hosts (sota)")
     parser.add_argument("--confuser_frac", type=float, default=0.1,
                         help="fraction of stamps (both classes) with a lens-like confuser")
+    parser.add_argument("--train_confuser_frac", type=float, default=None,
+                        help="confuser rate of the training split only (both classes; default --confuser_frac)")
     parser.add_argument("--extra_test_controls", type=int, default=0,
                         help="extra control tasks in test-split regions only (low-FPR estimates; training unchanged)")
     parser.add_argument("--n_regions", type=int, default=None,
@@ -641,7 +653,7 @@ def run(args) -> int:
         raise DHSError("--n_tasks is required (or --hosts DIR for real host stamps)")
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
-                           args.host_priors)
+                           args.host_priors, args.train_confuser_frac)
     table = add_test_controls(table, args.extra_test_controls, args.seed, args.control_frac,
                               parse_split_fracs(args.split_fracs), args.source_priors, args.confuser_frac,
                               clump_prior(args), args.host_priors)
