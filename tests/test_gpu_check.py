@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from workflow_helpers import REPO
+from workflow_helpers import REPO, source_lock
 
 pytestmark = pytest.mark.slow
 
@@ -18,15 +18,16 @@ pytestmark = pytest.mark.slow
 def test_gpu_check_reduced_mode_runs_every_step(tmp_path):
     out = tmp_path / "gpu_check.json"
     # its own process group, so that a timeout also ends the snakemake run it started
-    proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--workdir",
-                             str(tmp_path / "work"), "--reduced"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        stdout, _ = proc.communicate(timeout=2400)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with source_lock():  # it runs the workflow of this checkout (workflow_helpers.source_lock)
+        proc = subprocess.Popen([sys.executable, "benchmarks/gpu_check.py", "--out", str(out), "--workdir",
+                                 str(tmp_path / "work"), "--reduced"], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            stdout, _ = proc.communicate(timeout=2400)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     assert proc.returncode == 0, stdout[-5000:]
     res = json.loads(out.read_text())
     assert res["mode"] == "reduced" and res["sizes"]["arch"] == "convnext_atto"

@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from slurm_cluster import SlurmCluster, missing_tools
-from workflow_helpers import REPO, SNAKEMAKE, write_config
+from workflow_helpers import REPO, SNAKEMAKE, source_lock, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -66,26 +66,27 @@ def test_profile_runs_on_slurm_and_a_cancelled_job_is_retried(cluster, tmp_path)
     cmd = [SNAKEMAKE, "--configfile", str(cfg), "--profile", "profiles/slurm",
            "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "3",
            "--slurm-logdir", str(logdir), "--set-threads", "train=2", "infer=2"]
-    log = open(tmp_path / "snakemake.log", "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    cancelled = None
-    try:
-        # kill the Gen2 training job once it runs: Slurm reports it CANCELLED, the profile's `retries: 1` reruns it
-        deadline = time.monotonic() + 2400  # a quiet 2-core machine needs ~5 min; a loaded one 3x that
-        while cancelled is None and proc.poll() is None and time.monotonic() < deadline:
-            for job in cluster.jobs():
-                if job["Comment"] == "rule_train_wildcards_gen2" and job["JobState"] == "RUNNING":
-                    cluster.run("scancel", job["JobId"])
-                    cancelled = job["JobId"]
-                    break
-            time.sleep(1)
-        rc = proc.wait(timeout=max(60, deadline - time.monotonic()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-            subprocess.run(["scancel", "--user", str(os.getuid())], env=cluster.env(), check=False)
-        log.close()
+    with source_lock():  # the workflow of this checkout runs (workflow_helpers.source_lock)
+        log = open(tmp_path / "snakemake.log", "w")
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        cancelled = None
+        try:
+            # kill the Gen2 training job once it runs: Slurm reports it CANCELLED, the profile's `retries: 1` reruns it
+            deadline = time.monotonic() + 2400  # a quiet 2-core machine needs ~5 min; a loaded one 3x that
+            while cancelled is None and proc.poll() is None and time.monotonic() < deadline:
+                for job in cluster.jobs():
+                    if job["Comment"] == "rule_train_wildcards_gen2" and job["JobState"] == "RUNNING":
+                        cluster.run("scancel", job["JobId"])
+                        cancelled = job["JobId"]
+                        break
+                time.sleep(1)
+            rc = proc.wait(timeout=max(60, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                subprocess.run(["scancel", "--user", str(os.getuid())], env=cluster.env(), check=False)
+            log.close()
     out = (tmp_path / "snakemake.log").read_text()
     assert rc == 0, out[-6000:] + "\n" + cluster.logs()
     assert cancelled, "the gen2 training job never reached RUNNING"

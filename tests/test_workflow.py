@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from workflow_helpers import REPO, snakemake, write_config
+from workflow_helpers import REPO, snakemake, source_lock, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -120,6 +120,7 @@ def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
     out = tmp_path / "nohn"
     code = REPO / "src/darkhaloscope/simulation/physics/lens.py"
     times = code.stat()
+    # a newer mtime with the same content (no source_lock needed: Snakemake compares checksums)
     os.utime(code, (times.st_atime, max(times.st_mtime, time.time()) + 5))
     try:
         result = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
@@ -174,14 +175,15 @@ def test_changing_simulator_code_reruns_everything_downstream(run):
     _, _, cfg = run
     code = REPO / "src/darkhaloscope/simulation/physics/lens.py"
     stat, original = code.stat(), code.read_bytes()
-    try:
-        os.utime(code, None)  # newer but identical: Snakemake compares checksums, so nothing reruns
-        assert jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg))) == {}
-        code.write_bytes(original + b"\n# an edit of the simulator's code\n")
-        planned = jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg)))
-    finally:
-        code.write_bytes(original)
-        os.utime(code, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with source_lock(exclusive=True):  # no workflow of another test file (another xdist worker) sees the edit
+        try:
+            os.utime(code, None)  # newer but identical: Snakemake compares checksums, so nothing reruns
+            assert jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg))) == {}
+            code.write_bytes(original + b"\n# an edit of the simulator's code\n")
+            planned = jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg)))
+        finally:
+            code.write_bytes(original)
+            os.utime(code, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert planned.get("manifest") == 1 and planned.get("inject") == 4 and planned.get("train") == 3
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
+import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -42,11 +46,39 @@ def write_config(path: Path, run_dir: Path, *overrides: dict) -> Path:
     return path
 
 
+# The simulator's sources are inputs of the workflow (rules/common.smk: SIM_CODE), and the suite runs in two
+# pytest-xdist workers: a test that edits one of them (test_workflow.py) must not do so while a workflow of
+# another test file is being planned or run, or that run sees "updated input" and re-simulates everything
+# (seen in CI: the object-storage rerun test rewrote every output). Every workflow run holds the lock shared,
+# an edit holds it exclusively. flock, since the workers are separate processes; the lock file is per checkout.
+SOURCE_LOCK = Path(tempfile.gettempdir()) / f"darkhaloscope-tests-{hashlib.sha1(str(REPO).encode()).hexdigest()[:12]}.lock"
+_exclusive_here = False
+
+
+@contextlib.contextmanager
+def source_lock(exclusive: bool = False):
+    """Hold the repository-sources lock: shared for a workflow run, exclusive for an edit of a source file.
+    Re-entrant inside this process's exclusive hold (the editing test plans workflows while it holds it)."""
+    global _exclusive_here
+    if _exclusive_here:
+        yield
+        return
+    with open(SOURCE_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        _exclusive_here = exclusive
+        try:
+            yield
+        finally:
+            _exclusive_here = False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def snakemake(*args: str, env: dict | None = None, timeout: int | None = None) -> subprocess.CompletedProcess:
-    """`snakemake ARGS` from the repository root (the default workflow profile supplies --cores). The
-    timeout (900 s) can be raised with DHS_SNAKEMAKE_TIMEOUT on a loaded machine."""
+    """`snakemake ARGS` from the repository root (the default workflow profile supplies --cores), holding the
+    sources lock shared. The timeout (900 s) can be raised with DHS_SNAKEMAKE_TIMEOUT on a loaded machine."""
     timeout = timeout or int(os.environ.get("DHS_SNAKEMAKE_TIMEOUT", "900"))
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    return subprocess.run([SNAKEMAKE, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
-                          timeout=timeout)
+    with source_lock():
+        return subprocess.run([SNAKEMAKE, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+                              timeout=timeout)
