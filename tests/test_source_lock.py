@@ -53,6 +53,8 @@ def test_a_running_workflow_blocks_an_edit_and_an_edit_blocks_workflows():
     proc = _holder(exclusive=True)  # another worker's edit
     try:
         assert not _try(fcntl.LOCK_SH)
+        start = time.monotonic()
+        with source_lock():  # a workflow run waits for the edit to end
+            assert time.monotonic() - start > 2
     finally:
         proc.wait()
-    assert _try(fcntl.LOCK_EX)
