@@ -107,8 +107,7 @@ def test_training_confuser_rate_leaves_validation_and_test_unchanged(big):
     for control in (0, 1):
         assert has[train & (rich.is_control == control)].mean() == pytest.approx(0.4, abs=0.04)
     # validation and test rows are exactly the population's draw (same random stream, same rows)
-    pd_cols = ["confuser_kind", "conf_r", "conf_mag_r", "theta_e_arcsec", "host_mag_r"]
-    for col in pd_cols:
+    for col in ("confuser_kind", "conf_r", "conf_mag_r", "theta_e_arcsec", "host_mag_r"):
         assert rich.loc[~train, col].equals(big.loc[~train, col]), col
     assert "train_confuser_frac=0.4" in build_manifest(50, seed=1, train_confuser_frac=0.4).schema.metadata[
         b"dhs_manifest"].decode()

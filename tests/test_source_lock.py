@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from workflow_helpers import SOURCE_LOCK, source_lock
+from workflow_helpers import REPO, SOURCE_LOCK, source_lock
 
 HOLD = """
 import sys, time
@@ -21,8 +21,6 @@ with source_lock(exclusive={exclusive}):
 
 
 def _holder(exclusive: bool) -> subprocess.Popen:
-    from workflow_helpers import REPO
-
     proc = subprocess.Popen([sys.executable, "-c", HOLD.format(tests=str(REPO / "tests"), exclusive=exclusive)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"

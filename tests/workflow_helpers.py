@@ -51,7 +51,8 @@ def write_config(path: Path, run_dir: Path, *overrides: dict) -> Path:
 # another test file is being planned or run, or that run sees "updated input" and re-simulates everything
 # (seen in CI: the object-storage rerun test rewrote every output). Every workflow run holds the lock shared,
 # an edit holds it exclusively. flock, since the workers are separate processes; the lock file is per checkout.
-SOURCE_LOCK = Path(tempfile.gettempdir()) / f"darkhaloscope-tests-{hashlib.sha1(str(REPO).encode()).hexdigest()[:12]}.lock"
+_CHECKOUT = hashlib.sha1(str(REPO).encode()).hexdigest()[:12]
+SOURCE_LOCK = Path(tempfile.gettempdir()) / f"darkhaloscope-tests-{_CHECKOUT}.lock"
 _exclusive_here = False
 
 

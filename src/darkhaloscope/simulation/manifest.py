@@ -248,9 +248,9 @@ _CONFUSER_COLOURS = {  # (g-r mean, r-z mean): tidal debris is host-red, the res
 
 def draw_confusers(rng: np.random.Generator, n: int, frac) -> dict:
     """Lens-like features at radius 0.8-3 arcsec (the Einstein-radius range), drawn for every row with
-    the same rate regardless of the label (``frac``: a number, or one rate per row). Geometry (see scene.confuser_light): ``conf_r`` radius,
-    ``conf_phi`` central angle, ``conf_span`` angular half-extent (rad), ``conf_width`` Gaussian radial
-    sigma (arcsec), ``conf_pitch`` spiral growth d ln r / d angle."""
+    the same rate regardless of the label (``frac``: a number, or one rate per row). Geometry (see
+    scene.confuser_light): ``conf_r`` radius, ``conf_phi`` central angle, ``conf_span`` angular half-extent
+    (rad), ``conf_width`` Gaussian radial sigma (arcsec), ``conf_pitch`` spiral growth d ln r / d angle."""
     has = rng.random(n) < frac
     kind = np.where(has, np.array(CONFUSER_KINDS, dtype=object)[rng.integers(0, len(CONFUSER_KINDS), n)],
                     "none").astype(object)
