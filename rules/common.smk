@@ -174,11 +174,12 @@ def train_args(stage):
     """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
     t, s = config["train"], config[STAGES[stage]["section"]]
     keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps",
-            "val_every", "stretch"]
-    # stem_stride, crop, val_every, stretch: optional (the CLI defaults); val_every 1 and stretch clip, the CLI
-    # defaults of flags added later, are left out (the same pairs as learning.train.OPTIONAL_RESULT_ARGS, not
-    # imported: that module loads torch on every workflow parse; keep the two in step)
-    later = {"val_every": 1, "stretch": "clip"}
+            "val_every", "stretch", "rot180_residual"]
+    # stem_stride, crop, val_every, stretch, rot180_residual: optional (the CLI defaults); the CLI defaults of
+    # flags added later (val_every 1, stretch clip, rot180_residual false) are left out (the same pairs as
+    # learning.train.OPTIONAL_RESULT_ARGS, not imported: that module loads torch on every workflow parse; keep
+    # the two in step)
+    later = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
     args = [flag(k, t.get(k), default=later.get(k)) for k in keys]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
                                           "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]

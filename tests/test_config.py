@@ -53,6 +53,7 @@ def test_full_config_is_the_seeds_recipe():
     assert full["train"]["arch"] == "convnext_tiny" and full["train"]["batch_size"] == 256
     assert full["train"]["use_bf16"] is True and full["train"]["dropout"] == 0.10
     assert full["train"].get("crop", 64) == 64 and full["train"].get("stem_stride", 4) == 4  # whole 64x64 stamps
+    assert full["train"].get("rot180_residual", False) is False  # the seed's three bands, nothing more
     a1, a2 = full["gen3_a1"], full["gen3_a2"]
     assert (a1["epochs"], a1["lr"], a1["min_theta_over_psf"], a1["min_arc_snr"]) == (6, 3e-4, 0.80, 7.0)
     assert (a2["epochs"], a2["lr"], a2["min_theta_over_psf"], a2["min_arc_snr"]) == (6, 1e-4, 0.50, 3.0)
@@ -86,3 +87,17 @@ def test_schema_meta_cols_enum_is_the_contracts_allow_list():
     schema = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())
     enum = schema["$defs"]["meta_cols"]["items"]["enum"]
     assert len(enum) == len(set(enum)) and set(enum) == ALLOWED_META_COLUMNS
+
+
+def test_rules_leave_out_the_same_late_flag_defaults_as_the_training_fingerprint():
+    """rules/common.smk omits a later `dhs train` flag at its CLI default, so the command lines of older runs stay
+    the same; `dhs train` leaves the same defaults out of its resume fingerprint. The two lists must be one (the
+    rules cannot import it: that module loads torch on every workflow parse)."""
+    import ast
+    import re
+
+    from darkhaloscope.learning.train import OPTIONAL_RESULT_ARGS
+
+    text = (REPO / "rules/common.smk").read_text()
+    later = ast.literal_eval(re.search(r"^\s*later = (\{.*?\})$", text, re.M).group(1))
+    assert later == OPTIONAL_RESULT_ARGS

@@ -140,6 +140,39 @@ def test_input_stretch_clip_and_asinh():
         M.build_model("resnet10t", 0, stretch="log")
 
 
+def test_rot180_residual_removes_a_centred_host_and_keeps_the_arc(tmp_path):
+    """The residual channels cancel anything point-symmetric about the stamp centre (a Sersic host on the
+    centre, whatever its brightness) and keep an arc; they commute with the 8 test-time symmetries; the option
+    is stored in the checkpoint (old checkpoints: off)."""
+    from darkhaloscope.evaluation.infer import symmetric_view
+
+    yy, xx = torch.meshgrid(torch.arange(64.0) - 31.5, torch.arange(64.0) - 31.5, indexing="ij")
+    r = torch.sqrt((xx / 0.7) ** 2 + yy**2)  # elliptical, centred on the stamp centre (31.5, 31.5)
+    host = (500.0 * torch.exp(-r / 3.0)).expand(1, 3, 64, 64)
+    arc = torch.zeros(1, 3, 64, 64)
+    arc[..., 20:23, 26:38] = 15.0  # an arc above the centre, no counter-image
+    assert float(M.rot180_residual(host).abs().max()) < 1e-3  # the host is gone
+    res = M.rot180_residual(host + arc)
+    assert torch.allclose(res[..., 20:23, 26:38], arc[..., 20:23, 26:38], atol=1e-3)  # the arc is kept
+    assert torch.allclose(res, -torch.flip(res, dims=(-2, -1)))  # and mirrored with the opposite sign
+    for code in range(8):  # the augmentation's and test-time views' symmetries commute with the rotation by 180
+        view = symmetric_view(host + arc, code)
+        assert torch.allclose(M.rot180_residual(view), symmetric_view(res, code))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64) * 30
+    net = M.build_model("resnet10t", 0, crop=32, stretch="asinh", rot180_residual=True).eval()
+    assert net.backbone.conv1[0].in_channels == 6
+    kwargs = M.model_kwargs("resnet10t", 0, 0.1, crop=32, stretch="asinh", rot180_residual=True)
+    M.save_checkpoint(tmp_path / "r.pt", kind="best", arch="resnet10t", model_kwargs=kwargs,
+                      state_dict=net.state_dict(), meta_cols=[], meta_mean=[], meta_std=[], variant="v", args={},
+                      epoch=1, metrics={}, finished=True)
+    loaded, _ = M.load_model(tmp_path / "r.pt")
+    assert loaded.rot180_residual and torch.equal(loaded(x), net(x))
+    assert not M.build_model("resnet10t", 0, crop=32).rot180_residual
+    with pytest.raises(DHSError, match="rot180_residual must be true or false"):
+        M.build_model("resnet10t", 0, rot180_residual="yes")
+
+
 def test_stretch_is_stored_in_the_checkpoint_and_old_checkpoints_clip(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64) * 300  # sky-normalised and unclipped, as the stream gives them

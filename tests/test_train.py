@@ -157,6 +157,9 @@ def test_backbone_warm_start_takes_only_the_backbone_from_a_stage_with_other_met
     rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "stretch", *ONE_EPOCH, "--stretch", "asinh",
                      "--init_backbone_from", a1_best)
     assert rc == 2 and "has input stretch clip, flags say asinh" in err.splitlines()[-1]
+    rc, err = _train(capsys, "--data", data, "--out_dir", tmp_path / "residual", *ONE_EPOCH, "--rot180_residual",
+                     "--init_backbone_from", a1_best)
+    assert rc == 2 and "has rot180_residual False, flags say True" in err.splitlines()[-1]
 
 
 def test_val_every_skips_validation_but_never_the_last_epoch(data, tmp_path, capsys):
@@ -405,19 +408,21 @@ def test_checkpoints_store_the_flags_as_given_and_numpy_global_rng_is_unused(dat
     assert history["variant"] == Path(data).name and history["args"]["variant"] is None
 
 
-def test_stretch_reaches_the_checkpoint_and_the_fingerprint_only_when_not_the_default(data, tmp_path, capsys):
+def test_stretch_and_residual_reach_the_checkpoint_and_the_fingerprint_only_when_not_the_default(data, tmp_path, capsys):
     import hashlib
 
     from darkhaloscope.learning import train
 
     rc, _ = _train(capsys, "--data", data, "--out_dir", tmp_path / "a", *ONE_EPOCH, "--stretch", "asinh",
-                   "--stop_after_steps", "1", "--save_every_steps", "1")
-    assert rc == 0 and load_checkpoint(tmp_path / "a" / "last.pt")["model_kwargs"]["stretch"] == "asinh"
+                   "--rot180_residual", "--stop_after_steps", "1", "--save_every_steps", "1")
+    kwargs = load_checkpoint(tmp_path / "a" / "last.pt")["model_kwargs"]
+    assert rc == 0 and kwargs["stretch"] == "asinh" and kwargs["rot180_residual"] is True
     args = {k: i for i, k in enumerate(train.RESULT_ARGS)}
     old = hashlib.sha256(json.dumps({**args, "inputs": {}}, sort_keys=True).encode()).hexdigest()[:16]
-    default = {"val_every": 1, "stretch": "clip"}
-    assert train.fingerprint({**args, **default}, {}) == old  # runs from before the flag
+    default = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
+    assert train.fingerprint({**args, **default}, {}) == old  # runs from before the flags
     assert train.fingerprint({**args, **default, "stretch": "asinh"}, {}) != old
+    assert train.fingerprint({**args, **default, "rot180_residual": True}, {}) != old
     with pytest.raises(SystemExit):
         _train(capsys, "--data", data, "--out_dir", tmp_path / "b", *ONE_EPOCH, "--stretch", "log")
     assert "argument --stretch: invalid choice: 'log'" in capsys.readouterr().err

@@ -44,7 +44,7 @@ RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_deca
                "train_split", "match_controls", "max_skip_frac", "variant")
 # Added later: hashed only when not at their default (an input: when given), so the fingerprints of runs without
 # them stay as they were.
-OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip"}
+OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
 OPTIONAL_INPUTS = ("init_backbone_from",)
 
 
@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stretch", choices=STRETCHES, default="clip",
                    help="input stretch of the sky-normalised stamps: clip = +-10 sigma (the seed's); asinh = "
                         "10 asinh(x/10), which keeps an arc on a bright host's core")
+    p.add_argument("--rot180_residual", action="store_true",
+                   help="3 more input channels: each band minus its 180-degree rotation about the stamp centre, "
+                        "which removes the point-symmetric host and keeps the arc")
     p.add_argument("--timm_kwargs", default="",
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
     p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
@@ -276,6 +279,9 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None
         raise DHSError(f"checkpoint {path} has crop {kw.get('crop', 64)}, flags say {args.crop}")
     if kw.get("stretch", "clip") != args.stretch:
         raise DHSError(f"checkpoint {path} has input stretch {kw.get('stretch', 'clip')}, flags say {args.stretch}")
+    if bool(kw.get("rot180_residual", False)) != args.rot180_residual:
+        raise DHSError(f"checkpoint {path} has rot180_residual {bool(kw.get('rot180_residual', False))}, "
+                       f"flags say {args.rot180_residual}")
     if int(kw.get("stem_stride", 4)) != args.stem_stride:
         raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
 
@@ -589,7 +595,7 @@ def _run(args, d: Dist) -> int:
         log(d, "bf16 autocast requested but off: this device has no native bf16")
     kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
                           stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs, crop=args.crop,
-                          stretch=args.stretch)
+                          stretch=args.stretch, rot180_residual=args.rot180_residual)
     model = build_model(**kwargs)
     if s.init_ckpt is not None:
         model.load_state_dict(s.init_ckpt["state_dict"])
