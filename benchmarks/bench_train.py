@@ -12,9 +12,12 @@ Writes benchmarks/out/bench_train.json.
 
     python benchmarks/bench_train.py [--archs convnext_atto,convnext_tiny] [--batch 64] [--steps 4]
         [--threads 1] [--workers 0] [--bf16] [--crops 64,32] [--layouts] [--batches 64,128] [--bf16_vs_fp32]
+        [--residual]
 
 ``--batches`` times the bare channels-last loop at each batch size (interleaved; speed-up over the first),
 ``--bf16_vs_fp32`` the same loop with and without bf16 autocast (on a CPU: does its native bf16 pay?).
+``--residual`` times the pipeline (last crop, asinh stretch) with and without the rot180 residual channels
+(``--rot180_residual``), interleaved: what the three extra input channels cost per stamp.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def bare_loop(arch, batch, steps, device, bf16, size=64, channels_last=False):
     return steps * batch / (time.perf_counter() - t)
 
 
-def pipeline_loop(arch, batch, steps, device, bf16, data, workers, crop=64):
+def pipeline_loop(arch, batch, steps, device, bf16, data, workers, crop=64, **model_options):
     sp = stream.open_split(str(data), "train")
     fs, files = sp.fs, sp.files
     index = stream.build_index(fs, files, ["psfsize_r", "psfdepth_r"])
@@ -75,7 +78,7 @@ def pipeline_loop(arch, batch, steps, device, bf16, data, workers, crop=64):
                             shuffle=True, augment=True, seed=0, num_workers=workers)
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
-    model = build_model(arch, 2, 0.1, crop=crop).to(device)
+    model = build_model(arch, 2, 0.1, crop=crop, **model_options).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_fn = make_loss("focal")
     done, t, epoch = -1, None, 0
@@ -114,6 +117,8 @@ def main() -> None:
                          "interleaved, as stamps/s and speed-up over the first")
     ap.add_argument("--bf16_vs_fp32", action="store_true",
                     help="also time the bare channels-last loop (last crop, --batch) with and without bf16 autocast")
+    ap.add_argument("--residual", action="store_true",
+                    help="also time the pipeline (last crop, asinh stretch) with and without the rot180 residual")
     args = ap.parse_args()
     crops = [int(c) for c in args.crops.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +135,7 @@ def main() -> None:
             layout = {(c, cl): [] for c in crops for cl in (False, True)} if args.layouts else {}
             sizes = {b: [] for b in ([int(b) for b in args.batches.split(",")] if args.batches else [])}
             dtypes = {False: [], True: []} if args.bf16_vs_fp32 else {}
+            residual = {False: [], True: []} if args.residual else {}
             for _ in range(args.repeat):
                 bare.append(bare_loop(arch, args.batch, args.steps, device, args.bf16))
                 for c, cl in layout:
@@ -140,6 +146,9 @@ def main() -> None:
                     sizes[b].append(bare_loop(arch, b, args.steps, device, args.bf16, crops[-1], True))
                 for bf in dtypes:
                     dtypes[bf].append(bare_loop(arch, args.batch, args.steps, device, bf, crops[-1], True))
+                for on in residual:
+                    residual[on].append(pipeline_loop(arch, args.batch, args.steps, device, args.bf16, data,
+                                                      args.workers, crops[-1], stretch="asinh", rot180_residual=on))
             first = max(pipe[crops[0]])
             results["archs"][arch] = {"bare_images_per_s": max(bare), "pipeline_images_per_s": first,
                                       "ratio": first / max(bare)}
@@ -156,6 +165,10 @@ def main() -> None:
                 results["archs"][arch][f"bare_crop{crops[-1]}_batch{b}_speedup"] = max(sizes[b]) / max(sizes[next(iter(sizes))])
             if dtypes:
                 results["archs"][arch][f"bare_crop{crops[-1]}_bf16_over_fp32"] = max(dtypes[True]) / max(dtypes[False])
+            if residual:
+                results["archs"][arch][f"pipeline_crop{crops[-1]}_asinh_images_per_s"] = max(residual[False])
+                results["archs"][arch][f"pipeline_crop{crops[-1]}_asinh_rot180_residual_images_per_s"] = max(residual[True])
+                results["archs"][arch]["rot180_residual_over_plain"] = max(residual[True]) / max(residual[False])
             print(arch, json.dumps(results["archs"][arch]), flush=True)
     out = Path(__file__).parent / "out"
     out.mkdir(exist_ok=True)
