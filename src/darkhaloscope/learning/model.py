@@ -153,7 +153,7 @@ class LensClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         images = centre_crop(images, self.crop)
-        if self.rot180_residual:  # the residual of the unstretched stamps: a stretch would not cancel the host
+        if self.rot180_residual:  # subtract before the stretch, which would compress an arc on a bright core first
             images = torch.cat([images, rot180_residual(images)], dim=1)
         images = stretch(images, self.stretch)
         feats = self.backbone(images.contiguous(memory_format=torch.channels_last))
