@@ -408,7 +408,8 @@ def test_checkpoints_store_the_flags_as_given_and_numpy_global_rng_is_unused(dat
     assert history["variant"] == Path(data).name and history["args"]["variant"] is None
 
 
-def test_stretch_and_residual_reach_the_checkpoint_and_the_fingerprint_only_when_not_the_default(data, tmp_path, capsys):
+def test_stretch_and_residual_reach_the_checkpoint_and_the_fingerprint_only_when_not_the_default(data, tmp_path,
+                                                                                               capsys):
     import hashlib
 
     from darkhaloscope.learning import train

@@ -173,8 +173,9 @@ def build_model(arch: str, n_meta: int, dropout: float = 0.1, **kwargs) -> LensC
     """``kwargs``: ``drop_path`` (stochastic depth rate), ``stem_stride`` (4 = timm default, 2 = finer
     stem for 64x64 stamps), ``crop`` (the network sees the central crop x crop pixels), ``stretch`` (the input
     stretch of the sky-normalised stamps: ``clip`` or ``asinh``), ``rot180_residual`` (3 more input channels:
-    each band minus its 180-degree rotation about the stamp centre, stretched the same way), ``meta_hidden``, ``timm_kwargs`` (extra ``timm.create_model`` arguments,
-    e.g. smaller ``depths``/``dims``). Everything passed here is stored as ``model_kwargs``."""
+    each band minus its 180-degree rotation about the stamp centre, stretched the same way), ``meta_hidden``,
+    ``timm_kwargs`` (extra ``timm.create_model`` arguments, e.g. smaller ``depths``/``dims``). Everything passed
+    here is stored as ``model_kwargs``."""
     return LensClassifier(arch, n_meta=n_meta, dropout=dropout, **kwargs)
 
 

@@ -31,8 +31,8 @@ from darkhaloscope.evaluation import metrics
 from darkhaloscope.io import atomic_output, finite_or_null
 from darkhaloscope.learning import stream
 from darkhaloscope.learning.losses import LOSSES, make_loss
-from darkhaloscope.learning.model import (STRETCHES, build_model, load_checkpoint, meta_statistics, model_kwargs,
-                                          save_checkpoint, unwrap)
+from darkhaloscope.learning.model import (DEFAULT_STEM_STRIDE, STAMP_SIZE, STRETCHES, build_model, load_checkpoint,
+                                          meta_statistics, model_kwargs, save_checkpoint, unwrap)
 from darkhaloscope.stamps import contract
 from darkhaloscope.stamps import dataset
 
@@ -275,15 +275,15 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None
                        f"--meta_cols is {','.join(meta_cols) or '(none)'}")
     if (kw.get("timm_kwargs") or None) != (json.loads(args.timm_kwargs) if args.timm_kwargs else None):
         raise DHSError(f"checkpoint {path} has timm_kwargs {kw.get('timm_kwargs')}, flags say {args.timm_kwargs!r}")
-    if int(kw.get("crop", 64)) != args.crop:
-        raise DHSError(f"checkpoint {path} has crop {kw.get('crop', 64)}, flags say {args.crop}")
-    if kw.get("stretch", "clip") != args.stretch:
-        raise DHSError(f"checkpoint {path} has input stretch {kw.get('stretch', 'clip')}, flags say {args.stretch}")
-    if bool(kw.get("rot180_residual", False)) != args.rot180_residual:
-        raise DHSError(f"checkpoint {path} has rot180_residual {bool(kw.get('rot180_residual', False))}, "
-                       f"flags say {args.rot180_residual}")
-    if int(kw.get("stem_stride", 4)) != args.stem_stride:
-        raise DHSError(f"checkpoint {path} has stem_stride {kw.get('stem_stride', 4)}, flags say {args.stem_stride}")
+    # the network's input and stem: (model_kwargs key = flag, name in the message, value in a checkpoint from before
+    # the key existed), compared as the flag's type
+    for key, label, before in (("crop", "crop", STAMP_SIZE), ("stretch", "input stretch", "clip"),
+                               ("rot180_residual", "rot180_residual", False),
+                               ("stem_stride", "stem_stride", DEFAULT_STEM_STRIDE)):
+        flag = getattr(args, key)
+        have = type(flag)(kw.get(key, before))
+        if have != flag:
+            raise DHSError(f"checkpoint {path} has {label} {have}, flags say {flag}")
 
 
 def _open_and_index(args, d: Dist, split: str, meta_cols: list[str], need_cuts: bool, need_match: bool):
