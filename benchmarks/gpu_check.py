@@ -278,25 +278,32 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results = {"mode": "reduced" if reduced else "full", "machine": machine(), "sizes": sz}
     start = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def run_step(name, fn):
+        # the JSON is rewritten after every step, so a check killed at a time limit keeps what it measured
+        step(results, name, fn)
+        results["total_s"] = round(time.perf_counter() - start, 1)
+        out.write_text(json.dumps(results, indent=2))
+
     try:
         if "e2e" not in skip:
-            step(results, "e2e", lambda: e2e(work, sz, n_gpus))
+            run_step("e2e", lambda: e2e(work, sz, n_gpus))
         data = Path(results["e2e"]["run_dir"]) / "data/v4_sota_moffat" if results.get("e2e", {}).get("ok") else None
         if data is None:  # no simulated stamps: the test factory's Phase 4c-contract stamps instead
             rows = max(4 * sz["batch"], 256)
             data = write_fake_phase4c(work / "fake", {"train": rows, "val": rows // 4, "test": rows}, files_per_split=2)
         results["data"] = str(data)
         if "train" not in skip:
-            step(results, "train", lambda: train_throughput(data, sz, device))
+            run_step("train", lambda: train_throughput(data, sz, device))
         if "infer" not in skip:
-            step(results, "infer", lambda: infer_throughput(data, sz, device, work))
+            run_step("infer", lambda: infer_throughput(data, sz, device, work))
         if "torchrun" not in skip:
-            step(results, "torchrun", lambda: torchrun_smoke(data, sz, n_gpus, work))
-        step(results, "projection", lambda: projection(results, sz))
+            run_step("torchrun", lambda: torchrun_smoke(data, sz, n_gpus, work))
+        run_step("projection", lambda: projection(results, sz))
     finally:
         results["total_s"] = round(time.perf_counter() - start, 1)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
