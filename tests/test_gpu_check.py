@@ -46,6 +46,13 @@ def test_gpu_check_reduced_mode_runs_every_step(tmp_path):
         assert r["ok"] and r["pipeline_images_per_s"] > 0 and r["bare_images_per_s"] > 0
         assert r["ratio"] == pytest.approx(r["pipeline_images_per_s"] / r["bare_images_per_s"], rel=0.01)
     assert res["infer"]["stamps"] > 0
+    # two split sizes give the command's fixed cost and its per-stamp rate: t = fixed + n / rate, both splits
+    inf = res["infer"]
+    assert inf["train_split_stamps"] > inf["stamps"]
+    if "marginal_images_per_s" in inf:  # absent only where the larger split did not take longer (noise)
+        for n, t in ((inf["stamps"], inf["stamps"] / inf["pipeline_images_per_s"]),
+                     (inf["train_split_stamps"], inf["train_split_s"])):
+            assert inf["fixed_s"] + n / inf["marginal_images_per_s"] == pytest.approx(t, rel=0.02, abs=0.02)
 
     if not res["machine"]["gpus"]:
         assert res["torchrun"]["ok"] and "needs 2" in res["torchrun"]["skipped"]
