@@ -66,6 +66,8 @@ def test_full_config_is_the_seeds_recipe():
     assert full["variants"]["v4_sota_moffat"] == {"psf_model": "moffat", "moffat_beta": 3.5, "existing": None}
     # the seed's data: grid_sota injections into the seed's n ~ 4 hosts (the demo draws DR10-like hosts)
     assert full["simulation"]["source_priors"] == "grid_sota" and full["simulation"]["host_priors"] == "sota"
+    # one confuser rate in every split: the overlay must undo the demo's richer training split explicitly
+    assert "train_confuser_frac" in full["simulation"] and full["simulation"]["train_confuser_frac"] is None
 
 
 def test_config_values_reach_the_shell_quoted(tmp_path):
