@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.evaluation import evaluate as ev
+from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation import metrics, strata
 from darkhaloscope.io import finite_or_null
 
@@ -170,10 +171,18 @@ def main(argv=None) -> int:
     pairs = [s.split("=", 1) for s in args.scores]
     if args.run_dir:
         run = Path(args.run_dir)
-        pairs = [(k, str(run / "scores" / f"{k}_test_scores.parquet")) for k in ("gen3", "gen2")] + pairs
+        found = [(k, run / "scores" / f"{k}_test_scores.parquet") for k in ("gen3", "gen2")]
+        if not found[1][1].exists():  # `snakemake gen3_stratified_fpr.csv` alone scores Gen3 only
+            print(f"finder_table: {found[1][1]} absent (the report or gen2_stratified_fpr.csv makes it): "
+                  "Gen2 left out", file=sys.stderr)
+        pairs = [(k, str(p)) for k, p in found if k == "gen3" or p.exists()] + pairs
     if not pairs or any(len(p) != 2 for p in pairs):
         ap.error("give --run_dir or --scores label=path")
-    results = {label: model_tables(path) for label, path in pairs}
+    try:
+        results = {label: model_tables(path) for label, path in pairs}
+    except DHSError as exc:  # a missing or malformed score file: one line, no traceback
+        print(f"finder_table: error: {exc}", file=sys.stderr)
+        return 2
     text = markdown(results)
     doc = {"models": results}
     if args.run_dir:

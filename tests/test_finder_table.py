@@ -57,6 +57,21 @@ def test_tables_match_direct_computation(tmp_path):
     assert sum(c["above@0.01"] for c in r["confusers"]) <= 90
 
 
+def test_run_dir_without_gen2_scores_and_a_missing_file(tmp_path, capsys):
+    """`snakemake gen3_stratified_fpr.csv` alone scores only Gen3: its run directory gives Gen3's tables and says
+    Gen2 is left out; a score file that is not there is one line naming it, not a traceback."""
+    _, path = scores(tmp_path, n_pos=300, n_neg=1200)
+    (tmp_path / "run" / "scores").mkdir(parents=True)
+    path.rename(tmp_path / "run" / "scores" / "gen3_test_scores.parquet")
+    out = tmp_path / "t.json"
+    assert ft.main(["--run_dir", str(tmp_path / "run"), "--json", str(out)]) == 0
+    assert list(json.loads(out.read_text())["models"]) == ["gen3"]
+    assert "gen2_test_scores.parquet absent" in capsys.readouterr().err
+    assert ft.main(["--scores", f"m={tmp_path / 'nope.parquet'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("finder_table: error:") and "nope.parquet" in err and len(err.splitlines()) == 1
+
+
 def test_hanley_mcneil_interval_shrinks_with_n():
     w = [np.diff(ft.auroc_interval(0.8, n, n))[0] for n in (100, 1000, 10000)]
     assert w[0] > w[1] > w[2] > 0 and math.isnan(ft.auroc_interval(0.8, 0, 10)[0])
