@@ -15,6 +15,7 @@ Per model, on its test split (rows joined with the stamps' truth columns by `dhs
   FPR 1e-2 and 1e-3 (a ring or tidal-arc confuser *is* arc-like light: the matched-filter reference, whose
   controls are pure noise, does not know about them);
 * with --run_dir, the wall seconds of each rule from Snakemake's benchmark files and their sum.
+  A run made by `snakemake gen3_stratified_fpr.csv` alone has no Gen2 test scores: Gen3 only, and a note says so.
 
 Prints Markdown; --json also saves the numbers. No network, no training: seconds on any machine.
 """
@@ -30,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from darkhaloscope.evaluation import evaluate as ev
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation import evaluate as ev
 from darkhaloscope.evaluation import metrics, strata
 from darkhaloscope.io import finite_or_null
 
