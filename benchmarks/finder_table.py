@@ -3,6 +3,8 @@
 
     python benchmarks/finder_table.py --run_dir results                 # gen3_test + gen2_test of a run
     python benchmarks/finder_table.py --scores gen3=a.parquet --scores gen2=b.parquet [--json out.json]
+    python benchmarks/finder_table.py --run_dir results --append_csv docs/measurements/finder_runs.csv \
+        --row_id 72 --change "what this run changed"    # also record the run: gen3 as row 72, gen2 as 72'
 
 Per model, on its test split (rows joined with the stamps' truth columns by `dhs infer`):
 * the summary row: AUROC (all positives, 95% Hanley-McNeil interval), tpr@fpr 1e-2 / 1e-3 / 1e-4 of all
@@ -17,12 +19,16 @@ Per model, on its test split (rows joined with the stamps' truth columns by `dhs
 * with --run_dir, the wall seconds of each rule from Snakemake's benchmark files and their sum.
   A run made by `snakemake gen3_stratified_fpr.csv` alone has no Gen2 test scores: Gen3 only, and a note says so.
 
-Prints Markdown; --json also saves the numbers. No network, no training: seconds on any machine.
+Prints Markdown; --json also saves the numbers; --append_csv adds one row per model to the measured-runs log
+(`docs/measurements/finder_runs.csv`, columns CSV_COLUMNS). No network, no training: seconds on any machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
+import io
 import json
 import math
 import sys
@@ -162,13 +168,67 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# The measured-runs log (docs/measurements/finder_runs.csv): one row per model of a measured run; the
+# resolved-bright ("rb") figures with their 95% intervals; empty cells where a figure was not recorded.
+RB_COLUMNS = {1e-2: "rb_tpr_1e-2", 1e-3: "rb_tpr_1e-3", 1e-4: "rb_tpr_1e-4"}
+CSV_COLUMNS = ("row_id", "date", "model", "change", "n_pos", "n_neg", "rb_n", "auroc", "auroc_lo", "auroc_hi",
+               *(col + suffix for col in RB_COLUMNS.values() for suffix in ("", "_lo", "_hi")), "timing", "verdict")
+
+
+def csv_rows(results: dict, row_id: str, change: str, timing: str = "", verdict: str = "") -> list[dict]:
+    """The measured-runs rows of these results: gen3 (or a lone model) as row_id, gen2 as row_id', any other
+    label as row_id-label."""
+    rows = []
+    for label, r in results.items():
+        rid = row_id + "'" if label == "gen2" else row_id if label == "gen3" or len(results) == 1 else f"{row_id}-{label}"
+        a, rb = r["all"], r["resolved_bright"]
+        row = {"row_id": rid, "date": datetime.date.today().isoformat(), "model": label, "change": change,
+               "n_pos": a["n_pos"], "n_neg": a["n_neg"], "rb_n": rb["n_pos"], "auroc": _f(a["auroc"]),
+               "auroc_lo": _f(a["auroc_ci"][0], 2), "auroc_hi": _f(a["auroc_ci"][1], 2),
+               "timing": timing, "verdict": verdict}
+        for f, col in RB_COLUMNS.items():
+            value, (lo, hi) = rb[f"tpr@{f:g}"], rb[f"tpr@{f:g}_ci"]
+            row[col], row[col + "_lo"], row[col + "_hi"] = _f(value), _f(lo, 2), _f(hi, 2)
+        rows.append(row)
+    return rows
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows to the measured-runs log; the header is written when the file is new. A file with other
+    columns or a row id already there is refused before anything is written."""
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+                raise DHSError(f"{path}: columns {reader.fieldnames} are not the log's {list(CSV_COLUMNS)}")
+            taken = {r["row_id"] for r in reader} & {r["row_id"] for r in rows}
+        if taken:
+            raise DHSError(f"{path}: row id {', '.join(sorted(taken))} already recorded")
+        header = False
+    else:
+        header = True
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    with path.open("a", newline="") as fh:  # one write: the log never holds half a run
+        fh.write(buf.getvalue())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", help="a finished workflow run directory (scores/gen3_test, gen2_test)")
     ap.add_argument("--scores", action="append", default=[], help="label=path of a score parquet (repeatable)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--md", help="also write the Markdown here")
+    ap.add_argument("--append_csv", help="also append the run to this measured-runs log (CSV_COLUMNS)")
+    ap.add_argument("--row_id", help="the run's row id in the log (with --append_csv; gen2 gets ID')")
+    ap.add_argument("--change", help="what the run changed, for the log (with --append_csv)")
+    ap.add_argument("--verdict", default="", help="optional verdict cell for the log")
     args = ap.parse_args(argv)
+    if args.append_csv and not (args.row_id and args.change):
+        ap.error("--append_csv needs --row_id and --change")
     pairs = [s.split("=", 1) for s in args.scores]
     if args.run_dir:
         run = Path(args.run_dir)
@@ -196,6 +256,14 @@ def main(argv=None) -> int:
         Path(args.md).write_text(text + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(finite_or_null(doc), indent=1))
+    if args.append_csv:
+        secs = doc.get("rule_seconds", {})
+        timing = (f"rule wall s: train {secs.get('train', 0):.0f}, sum {sum(secs.values()):.0f}" if secs else "")
+        try:
+            append_csv(Path(args.append_csv), csv_rows(results, args.row_id, args.change, timing, args.verdict))
+        except DHSError as exc:
+            print(f"finder_table: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

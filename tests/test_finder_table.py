@@ -75,3 +75,35 @@ def test_run_dir_without_gen2_scores_and_a_missing_file(tmp_path, capsys):
 def test_hanley_mcneil_interval_shrinks_with_n():
     w = [np.diff(ft.auroc_interval(0.8, n, n))[0] for n in (100, 1000, 10000)]
     assert w[0] > w[1] > w[2] > 0 and math.isnan(ft.auroc_interval(0.8, 0, 10)[0])
+
+
+def test_append_csv_records_the_run_in_the_log_schema(tmp_path, capsys):
+    """--append_csv writes one row per model in the schema of docs/measurements/finder_runs.csv (gen3 as the row
+    id, gen2 as id'), with the figures the tables print; a repeated row id or a foreign file is refused untouched."""
+    _, path = scores(tmp_path)
+    log, out = tmp_path / "runs.csv", tmp_path / "t.json"
+    assert ft.main(["--scores", f"gen3={path}", "--scores", f"gen2={path}", "--json", str(out),
+                    "--append_csv", str(log), "--row_id", "72", "--change", "a test run"]) == 0
+    rows = pd.read_csv(log, dtype=str, keep_default_na=False)
+    assert tuple(rows.columns) == ft.CSV_COLUMNS
+    assert list(rows.row_id) == ["72", "72'"] and list(rows.model) == ["gen3", "gen2"]
+    r = json.loads(out.read_text())["models"]["gen3"]
+    first = rows.iloc[0]
+    assert float(first.auroc) == pytest.approx(r["all"]["auroc"], abs=5e-4)
+    assert float(first["rb_tpr_1e-2"]) == pytest.approx(r["resolved_bright"]["tpr@0.01"], abs=5e-4)
+    assert float(first["rb_tpr_1e-2_lo"]) <= float(first["rb_tpr_1e-2"]) <= float(first["rb_tpr_1e-2_hi"])
+    assert int(first.rb_n) == r["resolved_bright"]["n_pos"] and int(first.n_neg) == 9000
+    assert first["rb_tpr_1e-4"] == ""  # 9000 controls cannot resolve 1e-4: empty in the log too
+    before = log.read_text()
+    assert ft.main(["--scores", f"gen3={path}", "--append_csv", str(log), "--row_id", "72", "--change", "again"]) == 2
+    assert "72 already recorded" in capsys.readouterr().err and log.read_text() == before
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    assert ft.main(["--scores", f"gen3={path}", "--append_csv", str(other), "--row_id", "1", "--change", "x"]) == 2
+    assert other.read_text() == "a,b\n1,2\n"
+
+
+def test_the_committed_log_has_the_tools_schema():
+    log = pd.read_csv(REPO / "docs" / "measurements" / "finder_runs.csv", dtype=str, keep_default_na=False)
+    assert tuple(log.columns) == ft.CSV_COLUMNS and log.row_id.is_unique
+    assert {"69", "69'", "71"} <= set(log.row_id)
