@@ -1,15 +1,23 @@
-"""The README keeps exactly two set-up commands, and CI runs the README's test command verbatim."""
+"""The README keeps exactly two set-up commands, CI runs the README's test command verbatim, and every file the
+README names is in the repository."""
 
 import re
+import subprocess
 import tomllib
 
 from workflow_helpers import REPO
 
 
-def readme_commands():
+def readme_blocks():
+    """The two commands as printed: each may be broken over lines with `\\` continuations."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Two commands", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```bash\n(.+?)\n```", section, flags=re.S)
+
+
+def readme_commands():
+    """The two commands as the shell reads them: continuations joined, runs of blanks made one."""
+    return [" ".join(re.sub(r"\\\n", " ", block).split()) for block in readme_blocks()]
 
 
 def test_readme_has_the_two_commands():
@@ -18,10 +26,36 @@ def test_readme_has_the_two_commands():
     assert "pytest" in tests and "pip install -e '.[test]'" in tests
 
 
+def test_the_commands_paste_as_one_command_each():
+    """Every line but the last ends in a continuation, so a paste runs one command; bash parses it."""
+    for block in readme_blocks():
+        lines = block.splitlines()
+        assert all(line.endswith(" \\") for line in lines[:-1]) and not lines[-1].endswith("\\"), block
+        subprocess.run(["bash", "-n", "-c", block], check=True)
+
+
 def test_ci_runs_the_readme_test_command():
-    _, tests = readme_commands()
-    ci = (REPO / ".ci/run").read_text().splitlines()
-    assert tests in ci
+    _, tests = readme_blocks()
+    assert tests in (REPO / ".ci/run").read_text()
+
+
+def readme_paths():
+    """Relative link targets, and back-quoted names of repository files (a path with a file suffix the repository
+    uses, or under one of its top-level folders); run outputs (results/..., runs/...) are not repository files."""
+    text = (REPO / "README.md").read_text()
+    links = [t.split("#", 1)[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:|#", t)]
+    top = {p.name for p in REPO.iterdir() if not p.name.startswith(".")} | {".ci"}
+    names = [t for t in re.findall(r"`([\w./-]+)`", text)
+             if "/" in t and (t.split("/", 1)[0] in top or re.search(r"\.(md|py|ya?ml|smk|toml|sh|csv)$", t))
+             and not t.startswith(("results/", "runs/"))]
+    return links + names
+
+
+def test_every_file_the_readme_names_exists():
+    paths = readme_paths()
+    assert "docs/finder.md" in paths and "schemas/config.schema.yaml" in paths
+    missing = [p for p in paths if not (REPO / p).exists()]
+    assert not missing, f"README names files that are not in the repository: {missing}"
 
 
 def test_env_pins_match_pyproject():
