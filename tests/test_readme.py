@@ -74,3 +74,22 @@ def test_no_deps_packages_are_installed_the_same_way_everywhere():
     main, tests = readme_commands()
     assert install in main and install in tests
     assert install in (REPO / "envs/evaluate.post-deploy.sh").read_text()
+
+
+def test_the_readme_results_are_the_logged_run():
+    """The README's Gen3 and Gen2 rows are the figures of the measured run it names in the log."""
+    import csv
+
+    text = (REPO / "README.md").read_text()
+    run = re.search(r"row (\d+) of \[docs/measurements/finder_runs.csv\]", text).group(1)
+    with (REPO / "docs/measurements/finder_runs.csv").open(newline="") as fh:
+        log = {r["row_id"]: r for r in csv.DictReader(fh)}
+    cols = ["auroc", None, "rb_tpr_1e-2", "rb_tpr_1e-3", "rb_tpr_1e-4"]
+    for model, row_id in (("Gen3", run), ("Gen2", run + "'")):
+        cells = re.search(rf"(?m)^\| {model} \|(.+)\|$", text).group(1).split("|")
+        for cell, col in zip(cells, cols):
+            if col is None:  # all-positives tpr@fpr1e-2: not a column of the log
+                continue
+            value, lo, hi = re.fullmatch(r"\s*([0-9.]+) \[([0-9.]+), ([0-9.]+)\]\s*", cell).groups()
+            logged = log[row_id]
+            assert (value, lo, hi) == (logged[col], logged[col + "_lo"], logged[col + "_hi"]), (model, col)
