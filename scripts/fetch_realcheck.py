@@ -10,7 +10,12 @@ grant); this script rebuilds the same check set from the same commits.
     python scripts/fetch_realcheck.py --out data/realcheck \
         --git_dir aditrivaishnavi/toy_glens_kinematics=/path/to/a/clone   # offline, from a local clone
 
-Formats: ``npz_hwc_meta`` is the user's original repository's cutout file: ``cutout`` (N, N, 3) grz in
+Formats: ``lrg_catalog_csv`` is a DR10 LRG catalogue (``RA``, ``DEC``, ``TYPE``, ``z_mag``: the user's original
+repository's parent sample): the controls are its early-type profiles (``TYPE`` DEV or SER) brighter than
+z = ``CONTROL_MAX_ZMAG``, none within ``KNOWN_LENS_RADIUS`` of a known lens (lenscat, as ``dhs mine`` excludes
+them), the first ``N_CONTROLS`` in the order of sha256 of their position; their 64x64 grz stamps come from
+the Legacy Surveys cutout service through ``dhs cutouts``' fetcher (retries, cache), already on the
+contract's grid (the service's CRPIX is the stamp centre), so they are not resampled. ``npz_hwc_meta`` is the user's original repository's cutout file: ``cutout`` (N, N, 3) grz in
 nanomaggies from the Legacy Surveys cutout service (``meta_cutout_url``), ``meta_ra``/``meta_dec`` the
 requested position, ``meta_pixel_scale`` the scale, ``meta_galaxy_id`` the id. The request position sits at
 the service's CRPIX (N + 1) / 2, so ``darkhaloscope.sky.realcheck.to_contract`` resamples it to the
@@ -37,6 +42,9 @@ from darkhaloscope.errors import DHSError  # noqa: E402
 from darkhaloscope.sky.realcheck import SOURCE_COLUMNS, to_contract, write_check_set  # noqa: E402
 
 RAW_URL = "https://raw.githubusercontent.com/{repo}/{commit}/{path}"
+N_CONTROLS = 120          # >= 80 usable, so that each half has >= 40 after failed cutouts
+CONTROL_MAX_ZMAG = 19.7
+KNOWN_LENS_RADIUS = 5.0   # arcsec
 
 
 def git_blob_sha1(body: bytes) -> str:
@@ -62,6 +70,50 @@ def read_source(row: dict, git_dirs: dict[str, str], timeout: float) -> bytes:
         raise DHSError(f"{row['repo']}:{row['path']} at {row['commit'][:12]} is not the pinned blob "
                        f"{row['blob_sha1'][:12]}")
     return body
+
+
+def select_controls(body: bytes, known_lenses=None):
+    """The catalogue rows to fetch (module docstring): a DataFrame with ra, dec, id, in hash order."""
+    import pandas as pd
+
+    from darkhaloscope.evaluation.mine import KnownLensIndex, load_known_lenses
+
+    cat = pd.read_csv(io.BytesIO(body))
+    missing = {"RA", "DEC", "TYPE", "z_mag"} - set(cat.columns)
+    if missing:
+        raise DHSError(f"LRG catalogue lacks column(s) {', '.join(sorted(missing))}")
+    cat = cat[cat["TYPE"].isin(["DEV", "SER"]) & (cat["z_mag"] < CONTROL_MAX_ZMAG)].copy()
+    near = KnownLensIndex(*load_known_lenses(known_lenses)).near(cat["RA"], cat["DEC"], KNOWN_LENS_RADIUS)
+    cat = cat[~near]
+    cat["id"] = [f"LRG_{ra:.6f}{dec:+.6f}" for ra, dec in zip(cat["RA"], cat["DEC"])]
+    cat["order"] = [hashlib.sha256(i.encode()).hexdigest() for i in cat["id"]]
+    return cat.sort_values("order").rename(columns={"RA": "ra", "DEC": "dec"})[["id", "ra", "dec"]]
+
+
+def fetch_controls(row: dict, body: bytes, base_url: str, cache_dir, known_lenses=None,
+                   n_controls: int = N_CONTROLS) -> list[dict]:
+    """Cutouts of the selected controls; stops at ``n_controls`` usable ones (a failed cutout is skipped)."""
+    from darkhaloscope.sky.cutouts import FetchPolicy, Fetcher, cache_path, cutout_params, cutout_url, judge, parse_fits
+
+    fetcher = Fetcher(FetchPolicy(base_url=base_url, retries=2).check(), Path(cache_dir))
+    out, failed = [], 0
+    for r in select_controls(body, known_lenses).itertuples(index=False):
+        if len(out) == n_controls:
+            break
+        reason = fetcher.fetch(r.ra, r.dec)
+        image = None if reason else parse_fits(cache_path(fetcher.cache_dir, r.ra, r.dec).read_bytes())
+        if reason or judge(image):
+            failed += 1
+            if failed > n_controls // 2:
+                raise DHSError(f"{failed} control cutouts failed (last: {reason or judge(image)}): is "
+                               f"{base_url} reachable?")
+            continue
+        query = "&".join(f"{k}={v}" for k, v in cutout_params(r.ra, r.dec).items())
+        out.append({"id": r.id, "ra": r.ra, "dec": r.dec, "is_control": 1, "image": image,
+                    "source_repo": f"{row['repo']}@{row['commit'][:12]}:{row['path']} (positions)",
+                    "source_path": f"{cutout_url(base_url)}?{query}", "source_commit": row["commit"],
+                    "source_units": row["units"], "source_pixscale": row["pixscale"]})
+    return out
 
 
 def parse(row: dict, body: bytes) -> dict:
@@ -91,6 +143,12 @@ def main(argv=None) -> int:
     p.add_argument("--git_dir", action="append", default=[], help="OWNER/NAME=DIR: read that repository from a "
                    "local clone or bare mirror instead of downloading")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--base_url", default="https://www.legacysurvey.org", help="cutout service (controls)")
+    p.add_argument("--cache_dir", default=str(REPO / "data" / "realcheck.cache"), help="FITS cache of the controls")
+    p.add_argument("--kinds", default="control,candidate",
+                   help="which sources to fetch (candidate alone needs no cutout service)")
+    p.add_argument("--n_controls", type=int, default=N_CONTROLS, help="usable control cutouts to keep")
+    p.add_argument("--known_lenses", default=None, help="known-lens catalogue (default: lenscat, as dhs mine)")
     args = p.parse_args(argv)
     try:
         git_dirs = {}
@@ -106,9 +164,19 @@ def main(argv=None) -> int:
         for row in rows:
             if row["kind"] not in ("control", "candidate"):
                 raise DHSError(f"{row['path']}: kind '{row['kind']}' is not control or candidate")
-        records = [parse(row, read_source(row, git_dirs, args.timeout)) for row in rows]
+        kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
+        if not kinds or not kinds <= {"control", "candidate"}:
+            raise DHSError(f"--kinds '{args.kinds}' must list control and/or candidate")
+        records = []
+        for row in (r for r in rows if r["kind"] in kinds):
+            body = read_source(row, git_dirs, args.timeout)
+            if row["format"] == "lrg_catalog_csv":
+                records += fetch_controls(row, body, args.base_url, args.cache_dir, args.known_lenses,
+                                          args.n_controls)
+            else:
+                records.append(parse(row, body))
         counts = write_check_set(records, args.out)
-    except (DHSError, OSError, KeyError, ValueError) as exc:
+    except (DHSError, OSError, KeyError, ValueError) as exc:  # nothing is written before every source is read
         print(f"fetch_realcheck: error: {exc}", file=sys.stderr)
         return 2
     print("fetch_realcheck: " + ", ".join(f"{k} {h}: {n}" for (k, h), n in sorted(counts.items()))
