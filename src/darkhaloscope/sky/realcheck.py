@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
     summary = []
     for model in ckpts:
         sel = table[(table["model"] == model) & (table["row"] == "controls") & (table["half"] == "all")]
-        summary.append(f"{model}: " + ", ".join(f"{int(r.n_above)}/{r.n_controls} above {r.fpr_target:g}"
+        summary.append(f"{model}: " + ", ".join(f"{int(r.n_above)}/{int(r.n_controls)} above {r.fpr_target:g}"
                                                 for r in sel.itertuples() if pd.notna(r.n_above)))
     print(f"realcheck: {n_ctl} real controls, {n_cand} candidates; " + "; ".join(summary) + f" -> {args.out_csv}")
     return 0
