@@ -176,3 +176,18 @@ def test_realcheck_refuses_mismatched_models(scored_world, tmp_path, capsys):
                "--sim_scores", f"gen3={sim}", "--out_csv", str(tmp_path / "o.csv")])
     assert rc == 2 and "same models" in capsys.readouterr().err
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_realcheck_refuses_bad_inputs_in_one_line_writing_nothing(scored_world, tmp_path, capsys):
+    root, data, ckpt, sim, table, _, _ = scored_world
+    not_a_set = tmp_path / "plain"
+    (not_a_set / "region_split=test").mkdir(parents=True)
+    pq.write_table(pa.table({"task_id": ["a"], "is_control": [1]}), not_a_set / "region_split=test" / "p.parquet")
+    for data_arg, table_arg, what in ((not_a_set, table, "is not a check set"),
+                                      (data, tmp_path / "missing.csv", "does not exist")):
+        rc = main(["realcheck", "--data", str(data_arg), "--ckpt", f"gen3={ckpt}", "--table", f"gen3={table_arg}",
+                   "--sim_scores", f"gen3={sim}", "--out_csv", str(tmp_path / "o.csv"), "--report",
+                   str(tmp_path / "o.html")])
+        err = capsys.readouterr().err
+        assert rc == 2 and what in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o.csv").exists() and not (tmp_path / "o.html").exists()

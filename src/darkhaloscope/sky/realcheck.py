@@ -148,10 +148,12 @@ def read_check_set(data) -> pd.DataFrame:
     if not files:
         raise DHSError(f"{data} has no region_split=test/*.parquet (not a check set)")
     cols = ["task_id", "is_control", "half", "ra", "dec", *SOURCE_COLUMNS]
-    try:
-        df = pd.concat([pq.read_table(f, columns=cols).to_pandas() for f in files], ignore_index=True)
-    except (pa.ArrowInvalid, KeyError) as exc:
-        raise DHSError(f"{data} is not a check set: {exc}") from None
+    for f in files:
+        missing = [c for c in cols if c not in pq.read_schema(f).names]
+        if missing:
+            raise DHSError(f"{data} is not a check set: {f.name} lacks column(s) {', '.join(missing)} "
+                           f"(write it with {FETCH_HINT})")
+    df = pd.concat([pq.read_table(f, columns=cols).to_pandas() for f in files], ignore_index=True)
     bad = ~df["half"].isin(HALVES)
     if bad.any():
         raise DHSError(f"{data}: {int(bad.sum())} row(s) have a half other than {', '.join(HALVES)}")
