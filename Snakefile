@@ -37,3 +37,4 @@ rule all:
         "gen3_stratified_fpr.csv",
         "report/gen3_report.html",
         real_targets(),
+        realcheck_targets(),

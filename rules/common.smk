@@ -254,3 +254,25 @@ def real_targets():
     if REAL and REAL.get("lenses_catalog"):
         return ["gen3_stratified_fpr_recall.csv", "report/recall.html"]
     return []
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real check set (config `realcheck`, docs/realcheck.md): real galaxies and lens candidates scored by every
+# model at its simulated thresholds. The pixels are fetched (scripts/fetch_realcheck.py), not committed: when
+# the directory is absent the rule still runs and its outputs say so. A relative path is the repository's.
+# ----------------------------------------------------------------------------------------------------
+REALCHECK = config.get("realcheck") or None
+
+
+def realcheck_data():
+    path = Path(REALCHECK["data"])
+    return path if path.is_absolute() else REPO / path
+
+
+def realcheck_input():
+    """The check set as an input when it exists (so fetching it re-runs the rule), else nothing."""
+    return [str(realcheck_data())] if realcheck_data().is_dir() else []
+
+
+def realcheck_targets():
+    return ["realcheck.csv", "report/realcheck.html"] if REALCHECK else []

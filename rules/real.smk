@@ -48,3 +48,33 @@ rule recall:
         "dhs recall --data {input.lenses} --ckpt {input.ckpt} --stratified_csv {input.csv} --out_csv {output.csv}"
         " --scores_out {output.scores} --report {output.report} --batch_size {params.batch_size} {params.grade}"
         " > {log} 2>&1"
+
+
+rule realcheck:
+    input:
+        data=realcheck_input(),
+        ckpts=[SCORES[f"{m}_test"][0] for m in MODELS],
+        tables=expand("{model}_stratified_fpr.csv", model=MODELS),
+        scores=expand("scores/{model}_test_scores.parquet", model=MODELS),
+    output:
+        csv="realcheck.csv",
+        report=report("report/realcheck.html", caption="../docs/report_caption.rst", category="Real check set"),
+    params:
+        data=lambda w: str(realcheck_data()),
+        models=lambda w, input: " ".join(f"--ckpt {m}={c} --table {m}={t} --sim_scores {m}={s}"
+                                         for m, c, t, s in zip(MODELS, input.ckpts, input.tables, input.scores)),
+        tta=lambda w: flag("tta", config["infer"].get("tta"), default=1),
+        batch_size=config["infer"]["batch_size"],
+    log:
+        "logs/realcheck.log",
+    benchmark:
+        "benchmarks/realcheck.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "dhs realcheck --data {params.data:q} {params.models} --out_csv {output.csv:q} --report {output.report:q}"
+        " --scores_dir scores/realcheck {params.tta} --batch_size {params.batch_size} > {log:q} 2>&1"

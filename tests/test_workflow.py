@@ -53,6 +53,7 @@ def test_dry_run_plans_without_running(tmp_path):
     assert planned["manifest"] == planned["mine"] == planned["evaluate"] == 1 and "report" not in planned
     planned = jobs_planned(snakemake("-n", "--configfile", str(cfg)))  # the default target: + the report
     assert planned["infer"] == 3 and planned["evaluate"] == 2 and planned["report"] == 1
+    assert planned["realcheck"] == 1  # the real check set (docs/realcheck.md), run even when its data is absent
     run_dir = tmp_path / "results"
     produced = [p for p in run_dir.rglob("*") if p.is_file() and ".snakemake" not in p.parts] if run_dir.exists() else []
     assert produced == []  # only Snakemake's own bookkeeping (.snakemake/) may appear

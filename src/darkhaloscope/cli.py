@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "One offline HTML page (ROC curves, dhs eval's tables and completeness maps, galleries)"),
     "cutouts": ("darkhaloscope.sky.cutouts", "Phase 3 on the real sky: DR10 grz cutouts of a catalogue"),
     "recall": ("darkhaloscope.sky.recall", "Recall on real known lenses at the evaluation's thresholds"),
+    "realcheck": ("darkhaloscope.sky.realcheck",
+                  "The real check set (real galaxies and lens candidates) at the simulated thresholds"),
 }
 
 
