@@ -27,6 +27,7 @@ rule recall:
         lenses="sky/lenses",
         ckpt="runs/gen3_stageA2/best.pt",
         csv="gen3_stratified_fpr.csv",
+        scored_with="scores/gen3_test_scores.parquet",
     output:
         csv="gen3_stratified_fpr_recall.csv",
         scores="scores/known_lenses_scores.parquet",
@@ -45,6 +46,6 @@ rule recall:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs recall --data {input.lenses} --ckpt {input.ckpt} --stratified_csv {input.csv} --out_csv {output.csv}"
-        " --scores_out {output.scores} --report {output.report} --batch_size {params.batch_size} {params.grade}"
-        " > {log} 2>&1"
+        "dhs recall --data {input.lenses:q} --ckpt {input.ckpt:q} --stratified_csv {input.csv:q}"
+        " --scored_with {input.scored_with:q} --out_csv {output.csv:q} --scores_out {output.scores:q}"
+        " --report {output.report:q} --batch_size {params.batch_size} {params.grade} > {log:q} 2>&1"
