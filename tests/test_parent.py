@@ -41,6 +41,7 @@ def test_flags_reproduce_the_users_phase3_exactly(tmp_path):
         assert list(got["type"][:3]) == [t.strip() for t in src["TYPE"][:3]]
     for c in parent.REQUIRED:
         assert c in got.columns, c
+    assert got["id"].iloc[5] == f"{got['brickname'].iloc[5]}-5" and got["id"].is_unique
     assert got["mag_z"].to_numpy() == pytest.approx(22.5 - 2.5 * np.log10(got["flux_z"].to_numpy(np.float64)))
 
 

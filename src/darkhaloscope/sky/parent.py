@@ -15,7 +15,8 @@ Selections: the original pipeline's five LRG cuts on raw (not extinction-correct
 looked at ``TYPE``; ``--exclude_psf`` additionally drops point sources (``TYPE = PSF``), as the later Spark
 pipeline did.
 
-Output (``--out``, parquet, lower-case columns): ``ra, dec, brickname, objid, type, flux_g/r/z/w1,
+Output (``--out``, parquet, lower-case columns): ``id`` (``<brickname>-<objid>``: OBJID is unique within a brick
+only; ``dhs cutouts`` takes it as the task id), ``ra, dec, brickname, objid, type, flux_g/r/z/w1,
 mag_g/r/z/w1, r_minus_z, z_minus_w1, shape_e1, shape_e2, psfsize_g/r/z, psfdepth_g/r/z, maskbits``, the
 optional ``release, shape_r, ebv`` when the sweep has them, ``is_lrg_v1`` .. ``is_lrg_v5`` and ``sweep``
 (the file's name). It keeps the rows of ``--selection`` (default v3_color_relaxed). The psfdepth columns
@@ -215,6 +216,10 @@ def sweep_chunks(path: str, name: str, selection: str, exclude_psf: bool = False
                 yield None, len(chunk)
                 continue
             cols: dict[str, pa.Array] = {}
+            bricks = _strings(np.asarray(chunk[names["brickname"]])[idx])
+            objids = np.asarray(chunk[names["objid"]])[idx]
+            # OBJID is unique within a brick only: the Legacy Surveys' <brickname>-<objid> names the object
+            cols["id"] = pa.array([f"{b}-{int(o)}" for b, o in zip(bricks.to_pylist(), objids)], pa.string())
             for c in columns:
                 values = np.asarray(chunk[names[c]])[idx]
                 if c in ("brickname", "type"):
