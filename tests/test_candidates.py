@@ -3,9 +3,7 @@ CSV to grade and a gallery that Chromium renders; grades read back as counts and
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 
 import numpy as np
 import pandas as pd
@@ -15,10 +13,9 @@ import pytest
 
 from darkhaloscope.cli import main
 from darkhaloscope.evaluation.metrics import wilson_interval
+from chromium import needs_chromium, probe, screenshot
 from fake_cutouts import FakeCutoutService, simulated_sky
 from test_infer import make_checkpoint
-
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -131,30 +128,19 @@ def test_bad_input(sky, tmp_path, capsys):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed at /usr/bin/chromium")
+@needs_chromium
 def test_gallery_renders_in_headless_chromium(sky, tmp_path):
     root, cat, scores = sky
     rc, _, out_html = _run(root, scores, tmp_path, "--top_n", "8", "--no_known_lenses")
     assert rc == 0
-    probe = tmp_path / "probe.html"
-    script = ("<script>window.addEventListener('load',function(){var r=[];for(const i of document.images)"
-              "{r.push(i.closest('.card').dataset.rank+':'+i.dataset.kind+':'+i.naturalWidth+'x'+i.naturalHeight"
-              "+':'+i.complete+':'+i.width)}var p=document.createElement('pre');p.id='probe';"
-              "p.textContent=r.join(';');document.body.appendChild(p)});</script>")
-    probe.write_text(out_html.read_text().replace("</body>", script + "</body>"))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    found = re.search(r'<pre id="probe">([^<]*)</pre>', res.stdout)
-    assert found, res.stdout[-2000:]
-    items = [x.split(":") for x in found.group(1).split(";")]
+    found = probe(out_html, "var r=[];for(const i of document.images){r.push(i.closest('.card').dataset.rank+':'"
+                  "+i.dataset.kind+':'+i.naturalWidth+'x'+i.naturalHeight+':'+i.complete+':'+i.width)}"
+                  "return r.join(';');", tmp_path)
+    items = [x.split(":") for x in found.split(";")]
     assert len(items) == 8 * 4  # composite + g, r, z per candidate
     assert sorted({int(i[0]) for i in items}) == list(range(1, 9))
     for rank, kind, size, complete, width in items:
         assert size == "64x64" and complete == "true" and int(width) == 128, (rank, kind, size, width)
     shot = tmp_path / "shot.png"
-    res = subprocess.run(cmd[:-3] + [f"--screenshot={shot}", "--window-size=1200,2000", out_html.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and shot.stat().st_size > 10_000
+    screenshot(out_html, shot, tmp_path, "1200,2000")
+    assert shot.stat().st_size > 10_000
