@@ -112,6 +112,23 @@ def test_https_source(tmp_path):
         server.shutdown()
 
 
+@pytest.mark.s3
+def test_s3_glob_like_local(tmp_path, moto_s3):
+    local = tmp_path / "sweeps"
+    local.mkdir()
+    with fits.open(SWEEP) as hdul:
+        fits.BinTableHDU(hdul[1].data[:700]).writeto(local / "sweep-a.fits")
+        fits.BinTableHDU(hdul[1].data[700:]).writeto(local / "sweep-b.fits")
+    (local / "notes.txt").write_text("not a sweep")
+    uri = moto_s3.upload_dir(local, "dr10")
+    base, query = uri.split("?")
+    out = tmp_path / "p.parquet"
+    assert parent.build_parent([f"{base}/sweep-*.fits?{query}"], out, "v2") == (1509, 738)
+    got = pd.read_parquet(out)
+    np.testing.assert_array_equal(got["objid"], np.flatnonzero(oracle_flags()["is_lrg_v2"].to_numpy()))
+    assert sorted(got["sweep"].unique()) == ["sweep-a.fits", "sweep-b.fits"]
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing_column", "lacks column(s) MASKBITS"),
     ("no_match", "matches no file"),

@@ -116,23 +116,27 @@ def expand_inputs(patterns) -> list[str]:
 
 
 def _expand_uri(pattern: str) -> list[str]:
+    """An s3:// (or other pyarrow) URI, with a glob allowed in its last path part; a ``?query`` (e.g. an
+    ``endpoint_override``) is kept on every file's URI."""
     import pyarrow.fs as pafs
 
     from darkhaloscope.stamps.dataset import filesystem
 
-    scheme = pattern.split("://", 1)[0]
-    fs, path = filesystem(pattern if not glob.has_magic(pattern) else pattern.rsplit("/", 1)[0])
-    if not glob.has_magic(pattern):
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
+    base, _, query = pattern.partition("?")
+    query = f"?{query}" if query else ""
+    scheme = base.split("://", 1)[0]
+    if not glob.has_magic(base):
+        fs, path = filesystem(pattern)
+        if fs.get_file_info(path).type != pafs.FileType.File:
             raise DHSError(f"--sweeps: {pattern} does not exist")
         return [pattern]
-    name_glob = pattern.rsplit("/", 1)[1]
+    folder, name_glob = base.rsplit("/", 1)
+    fs, path = filesystem(folder + query)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     except Exception as exc:
-        raise DHSError(f"--sweeps: cannot list {pattern.rsplit('/', 1)[0]}: {exc}") from None
-    return sorted(f"{scheme}://{i.path}" for i in infos
+        raise DHSError(f"--sweeps: cannot list {folder}: {exc}") from None
+    return sorted(f"{scheme}://{i.path}{query}" for i in infos
                   if i.type == pafs.FileType.File and fnmatch.fnmatch(i.base_name, name_glob))
 
 
@@ -142,7 +146,7 @@ def local_copy(source: str, tmp_dir: str | None = None):
     if "://" not in source:
         yield source
         return
-    suffix = ".fits.gz" if source.lower().split("?")[0].endswith(".gz") else ".fits"
+    suffix = ".fits.gz" if source.lower().partition("?")[0].endswith(".gz") else ".fits"
     fd, tmp = tempfile.mkstemp(prefix="dhs-sweep-", suffix=suffix, dir=tmp_dir)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -251,7 +255,7 @@ def build_parent(sweeps, out, selection: str = DEFAULT_SELECTION, exclude_psf: b
         writer = None
         try:
             for source in tqdm(files, unit="sweep", desc="dhs parent"):
-                name = source.rstrip("/").rsplit("/", 1)[-1]
+                name = source.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
                 with local_copy(source, tmp_dir) as local:
                     for table, n in sweep_chunks(local, name, selection, exclude_psf, chunk_rows):
                         n_read += n
