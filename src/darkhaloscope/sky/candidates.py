@@ -195,7 +195,7 @@ def gallery_html(cands: pd.DataFrame, rows: dict, title: str, note: str) -> str:
 
 def build(args) -> pd.DataFrame:
     from darkhaloscope.evaluation.mine import read_known_lenses
-    from darkhaloscope.stamps.dataset import fetch_rows
+    from darkhaloscope.stamps.dataset import fetch_rows, open_dataset
 
     scores = read_scores(args.scores)
     if not len(scores):
@@ -203,8 +203,6 @@ def build(args) -> pd.DataFrame:
     known = None if args.no_known_lenses else read_known_lenses(args.known_lenses)
     cands = rank_unique(scores, args.top_n, args.dedup_arcsec)
     cands = match_known(cands, known, args.match_arcsec)
-    from darkhaloscope.stamps.dataset import open_dataset
-
     _, ds = open_dataset(args.data)
     want = [c for c in CONDITIONS if c in ds.schema.names]
     rows = fetch_rows(args.data, cands["task_id"].tolist(), want)
