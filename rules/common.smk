@@ -240,20 +240,50 @@ def manifest_args():
     return " ".join(a for a in args if a)
 
 
+PARENT = "sky/parent.parquet"  # `dhs parent`'s output: the host catalogue when real_sky.sweeps is set
+
+
+def from_sweeps():
+    return bool(REAL and REAL.get("sweeps"))
+
+
+def host_catalog():
+    return PARENT if from_sweeps() else REAL["hosts_catalog"]
+
+
+def parent_args():
+    """`dhs parent` flags: every sweep path or glob one shell-quoted argument."""
+    sweeps = REAL["sweeps"] if isinstance(REAL["sweeps"], list) else [REAL["sweeps"]]
+    return " ".join(["--sweeps", *(shlex.quote(str(s)) for s in sweeps), flag("selection", REAL.get("selection")),
+                     flag("exclude_psf", REAL.get("exclude_psf"))])
+
+
+def cutout_input(sample):
+    return [PARENT] if sample == "hosts" and from_sweeps() else []
+
+
+def candidate_args():
+    cand = REAL.get("candidates") or {}
+    return " ".join(flag(k, cand.get(k)) for k in ("top_n", "dedup_arcsec", "match_arcsec", "known_lenses"))
+
+
 def cutout_args(sample):
     """`dhs cutouts` flags of one sample (hosts or lenses)."""
     catalog_key, id_key, label = SKY_SAMPLES[sample]
-    args = [flag("catalog", REAL[catalog_key]), flag("id_column", REAL.get(id_key)), flag("label", label),
+    catalog = host_catalog() if sample == "hosts" else REAL[catalog_key]
+    args = [flag("catalog", catalog), flag("id_column", REAL.get(id_key)), flag("label", label),
             flag("base_url", REAL["base_url"]), flag("split_fracs", config["simulation"]["split_fracs"])]
     args += [flag(k, REAL[k]) for k in ("concurrency", "timeout", "retries", "max_fetch_fail_frac") if k in REAL]
     return " ".join(a for a in args if a)
 
 
 def real_targets():
-    """Extra default targets of a real-sky run: recall on known lenses when a lens catalogue is given."""
+    """Extra default targets of a real-sky run: the candidates of the parent sample to grade, and recall on
+    known lenses when a lens catalogue is given."""
+    targets = ["candidates/candidates.csv", "candidates/candidates.html"] if REAL else []
     if REAL and REAL.get("lenses_catalog"):
-        return ["gen3_stratified_fpr_recall.csv", "report/recall.html"]
-    return []
+        targets += ["gen3_stratified_fpr_recall.csv", "report/recall.html"]
+    return targets
 
 
 # ----------------------------------------------------------------------------------------------------

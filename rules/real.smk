@@ -1,9 +1,31 @@
-# The real sky (config `real_sky`): DR10 cutouts of the host and known-lens catalogues, and recall on the
-# known lenses at the operating thresholds of the stratified table. The FITS cache lives outside the
+# The real sky (config `real_sky`): the parent sample from DR10 sweep files (when `sweeps` is set), DR10 cutouts
+# of the host and known-lens catalogues, recall on the known lenses at the operating thresholds of the stratified
+# table, and the parent sample's top-N Gen3 scores as candidates for a person to grade. The FITS cache lives outside the
 # declared outputs (sky/cache/<sample>), so a failed or killed cutout job resumes where it stopped.
 
 
+rule parent:
+    output:
+        PARENT,
+    params:
+        args=lambda w: parent_args(),
+    log:
+        "logs/parent.log",
+    benchmark:
+        "benchmarks/parent.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=1440,
+    conda:
+        "../envs/simulate.yaml"
+    shell:
+        "dhs parent {params.args} --out {output:q} > {log:q} 2>&1"
+
+
 rule cutouts:
+    input:
+        lambda w: cutout_input(w.sample),
     output:
         directory("sky/{sample}"),
     params:
@@ -19,7 +41,7 @@ rule cutouts:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "dhs cutouts --out_dir {output} --cache_dir sky/cache/{wildcards.sample} {params.args} > {log} 2>&1"
+        "dhs cutouts --out_dir {output:q} --cache_dir sky/cache/{wildcards.sample} {params.args} > {log:q} 2>&1"
 
 
 rule recall:
@@ -27,6 +49,7 @@ rule recall:
         lenses="sky/lenses",
         ckpt="runs/gen3_stageA2/best.pt",
         csv="gen3_stratified_fpr.csv",
+        scored_with="scores/gen3_test_scores.parquet",
     output:
         csv="gen3_stratified_fpr_recall.csv",
         scores="scores/known_lenses_scores.parquet",
@@ -45,9 +68,58 @@ rule recall:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs recall --data {input.lenses} --ckpt {input.ckpt} --stratified_csv {input.csv} --out_csv {output.csv}"
-        " --scores_out {output.scores} --report {output.report} --batch_size {params.batch_size} {params.grade}"
-        " > {log} 2>&1"
+        "dhs recall --data {input.lenses:q} --ckpt {input.ckpt:q} --stratified_csv {input.csv:q}"
+        " --scored_with {input.scored_with:q} --out_csv {output.csv:q} --scores_out {output.scores:q}"
+        " --report {output.report:q} --batch_size {params.batch_size} {params.grade} > {log:q} 2>&1"
+
+
+rule sky_scores:
+    input:
+        hosts="sky/hosts",
+        ckpt="runs/gen3_stageA2/best.pt",
+    output:
+        "scores/sky_hosts_scores.parquet",
+    params:
+        tta=flag("tta", config["infer"].get("tta"), default=1),
+        batch_size=config["infer"]["batch_size"],
+    log:
+        "logs/sky_scores.log",
+    benchmark:
+        "benchmarks/sky_scores.tsv"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=600,
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "dhs infer --data {input.hosts:q} --ckpt {input.ckpt:q} --out {output:q} --split all"
+        " --batch_size {params.batch_size} {params.tta} > {log:q} 2>&1"
+
+
+rule candidates:
+    input:
+        scores="scores/sky_hosts_scores.parquet",
+        hosts="sky/hosts",
+    output:
+        csv="candidates/candidates.csv",
+        html=report("candidates/candidates.html", caption="../docs/report_caption.rst", category="Candidates"),
+    params:
+        args=lambda w: candidate_args(),
+    log:
+        "logs/candidates.log",
+    benchmark:
+        "benchmarks/candidates.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../envs/evaluate.yaml"
+    shell:
+        "dhs candidates --scores {input.scores:q} --data {input.hosts:q} --out_csv {output.csv:q}"
+        " --out_html {output.html:q} {params.args} > {log:q} 2>&1"
+
 
 
 rule realcheck:

@@ -165,3 +165,43 @@ def simulated_sky(n: int, seed: int = 0, control_frac: float = 1.0, psf_model: s
         cat[f"psfdepth_{b}"] = 1.0 / (mag_to_nanomaggy(rows[f"psfdepth_{b}"]) / 5.0) ** 2
     images = {(ra, dec): img for ra, dec, img in zip(rows["ra"], rows["dec"], batch.image)}
     return pa.table(cat), images, rows, batch
+
+
+def serve_catalogue(catalog: str, url_file: str, control_frac: float = 0.7, seed: int = 0) -> None:
+    """Serve simulator stamps at every position of a catalogue (parquet with ra/dec, any case) until killed:
+    row i gets the i-th scene of ``simulated_sky`` (a fraction 1 - ``control_frac`` of them lensed). The base URL
+    is written to ``url_file`` once the server listens (docs/real_sky.md's walk-through uses this)."""
+    import os
+    import signal
+
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(catalog)
+    names = {n.lower(): n for n in table.column_names}
+    ra = table.column(names["ra"]).to_numpy()
+    dec = table.column(names["dec"]).to_numpy()
+    _, scenes, _, _ = simulated_sky(len(ra), seed=seed, control_frac=control_frac)
+    images = {(r, d): img for r, d, img in zip(ra, dec, scenes.values())}
+    with FakeCutoutService(images) as svc:
+        tmp = f"{url_file}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(svc.base_url + "\n")
+        os.replace(tmp, url_file)
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a local stand-in for the Legacy Surveys cutout service")
+    parser.add_argument("--catalog", required=True, help="parquet with ra, dec: the positions to serve")
+    parser.add_argument("--url_file", required=True, help="the base URL is written here once it listens")
+    parser.add_argument("--control_frac", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    serve_catalogue(a.catalog, a.url_file, a.control_frac, a.seed)

@@ -44,14 +44,12 @@ def _stratified_csv(path, thresholds: dict):
 
 def test_recall_per_grade_at_the_eval_thresholds(lens_data, tmp_path, capsys):
     root, cat, ckpt = lens_data
-    # independent path: dhs infer on every split gives the lenses' logits
-    logits = {}
-    for split in ("train", "val", "test"):
-        out = tmp_path / f"{split}.parquet"
-        if main(["infer", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--out", str(out), "--split", split,
-                 "--max_skip_frac", "1"]) == 0:
-            t = pq.read_table(out)
-            logits.update(zip(t.column("task_id").to_pylist(), t.column("logit").to_pylist()))
+    # the other path: dhs infer on every split, in 4 views, gives the lenses' logits
+    infer_scores = tmp_path / "infer_all.parquet"
+    assert main(["infer", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--out", str(infer_scores),
+                 "--split", "all", "--max_skip_frac", "1", "--tta", "4"]) == 0
+    t = pq.read_table(infer_scores)
+    logits = dict(zip(t.column("task_id").to_pylist(), t.column("logit").to_pylist()))
     assert len(logits) == 23  # the all-zero cutout is not scorable
     values = np.array(sorted(logits.values()))
     thr = float(values[10])  # 13 of 23 at or above
@@ -60,8 +58,16 @@ def test_recall_per_grade_at_the_eval_thresholds(lens_data, tmp_path, capsys):
     scores = tmp_path / "lens_scores.parquet"
     report = tmp_path / "recall.html"
     assert main(["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(csv),
-                 "--grade_column", "grading", "--scores_out", str(scores), "--report", str(report)]) == 0
+                 "--grade_column", "grading", "--scores_out", str(scores), "--report", str(report),
+                 "--scored_with", str(infer_scores)]) == 0
     table = pd.read_csv(tmp_path / "gen3_stratified_fpr_recall.csv")
+    assert set(table["tta_views"]) == {4}  # the views of the scores the thresholds came from
+    # one scoring path: every lens has exactly the logit dhs infer gave it
+    per_lens = pq.read_table(scores).to_pandas().set_index("task_id")
+    scored = per_lens[per_lens["scored"]]
+    assert len(scored) == 23
+    np.testing.assert_array_equal(scored["logit"].to_numpy(np.float32),
+                                  np.array([logits[i] for i in scored.index], np.float32))
     assert list(table["grade"].unique()) == ["all", "confident", "probable"]
     assert list(table["fpr_target"]) == [1e-4, 1e-2] * 3
     grading = dict(zip(cat.column("name").to_pylist(), cat.column("grading").to_pylist()))
@@ -84,18 +90,37 @@ def test_recall_per_grade_at_the_eval_thresholds(lens_data, tmp_path, capsys):
     assert per["reason"].dropna().str.startswith("all_zero").sum() == 1
     page = report.read_text()
     assert 'data-figure="recall-found"' in page and 'data-figure="recall-missed"' in page
-    assert "recall on 24 known lenses (1 not scorable)" in capsys.readouterr().out
+    assert "recall on 24 known lenses (1 not scorable), 4 view(s)" in capsys.readouterr().out
+
+
+def test_recall_views_must_be_named_and_agree(lens_data, tmp_path, capsys):
+    root, cat, ckpt = lens_data
+    csv = tmp_path / "s.csv"
+    _stratified_csv(csv, {1e-2: 0.0})
+    base = ["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(csv)]
+    assert main(base) == 2
+    assert "say which views" in capsys.readouterr().err
+    one_view = tmp_path / "one.parquet"
+    assert main(["infer", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--out", str(one_view),
+                 "--split", "test", "--max_skip_frac", "1"]) == 0
+    assert main([*base, "--scored_with", str(one_view), "--tta", "4"]) == 2
+    assert "disagrees" in capsys.readouterr().err
+    legacy = tmp_path / "legacy.parquet"
+    pq.write_table(pq.read_table(one_view).replace_schema_metadata(None), legacy)
+    assert main([*base, "--scored_with", str(legacy)]) == 2
+    assert "does not record the views" in capsys.readouterr().err
 
 
 def test_recall_refuses_controls_and_a_foreign_table(lens_data, tmp_path, capsys):
     root, cat, ckpt = lens_data
     bad = tmp_path / "x.csv"
     pd.DataFrame({"a": [1]}).to_csv(bad, index=False)
-    rc = main(["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(bad)])
+    rc = main(["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(bad),
+               "--tta", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "lacks column(s) metric, stratum, target, threshold" in err
     csv = tmp_path / "s.csv"
     _stratified_csv(csv, {1e-2: 0.0})
     rc = main(["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(csv),
-               "--grade_column", "grade"])
+               "--grade_column", "grade", "--tta", "1"])
     assert rc == 2 and "no grade column 'grade'" in capsys.readouterr().err

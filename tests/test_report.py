@@ -3,9 +3,7 @@
 import base64
 import io
 import json
-import os
 import re
-import subprocess
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -14,10 +12,10 @@ import pytest
 
 from darkhaloscope import cli
 from darkhaloscope.evaluation import strata
+from chromium import needs_chromium, probe, screenshot
 
 FIGURES = ["roc", "tpr-vs-theta", "tpr-vs-res", "tpr-vs-snr", "completeness", "completeness-snr", "training", "gallery-top-controls",
            "gallery-hard-negatives", "gallery-missed-positives"]
-CHROMIUM = "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
@@ -155,27 +153,16 @@ def test_report_reads_the_operating_point_and_tables_dhs_eval_wrote(inputs, tmp_
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium not installed at /usr/bin/chromium")
+@needs_chromium
 def test_report_renders_in_headless_chromium(inputs, tmp_path):
     out = tmp_path / "report.html"
     assert _full_report(inputs, out) == 0
-    # A copy with a probe script that records every image's decoded size once the page has loaded.
-    probe = tmp_path / "probe.html"
-    script = ("<script>window.addEventListener('load',function(){var r=[];for(const i of document.images)"
-              "{r.push(i.dataset.figure+':'+i.naturalWidth+'x'+i.naturalHeight+':'+i.complete)}"
-              "var p=document.createElement('pre');p.id='probe';p.textContent=r.join(';');"
-              "document.body.appendChild(p)});</script>")
-    probe.write_text(out.read_text().replace("</body>", script + "</body>"))
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-           probe.as_uri()]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    found = re.search(r'<pre id="probe">([^<]*)</pre>', res.stdout)
-    assert found, res.stdout[-2000:]
+    # every image's decoded size once the page has loaded
+    found = probe(out, "var r=[];for(const i of document.images)"
+                  "{r.push(i.dataset.figure+':'+i.naturalWidth+'x'+i.naturalHeight+':'+i.complete)}return r.join(';');",
+                  tmp_path)
     rendered = {}
-    for item in found.group(1).split(";"):
+    for item in found.split(";"):
         name, size, complete = item.split(":")
         w, h = map(int, size.split("x"))
         rendered[name] = (w, h, complete)
@@ -184,6 +171,5 @@ def test_report_renders_in_headless_chromium(inputs, tmp_path):
         assert w > 100 and h > 100 and complete == "true", (name, w, h)
     # and a screenshot of the page is produced
     shot = tmp_path / "shot.png"
-    res = subprocess.run(cmd[:-3] + [f"--screenshot={shot}", "--window-size=1200,3000", out.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0 and shot.stat().st_size > 10_000
+    screenshot(out, shot, tmp_path)
+    assert shot.stat().st_size > 10_000

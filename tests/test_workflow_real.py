@@ -27,6 +27,7 @@ def test_real_config_dry_run_needs_no_network():
     assert result.returncode == 0, result.stderr[-3000:]
     planned = jobs_planned(result)
     assert planned["cutouts"] == 2 and planned["recall"] == 1 and planned["manifest"] == 1
+    assert planned["sky_scores"] == 1 and planned["candidates"] == 1 and "parent" not in planned  # no sweeps set
 
 
 def test_real_sky_workflow_end_to_end(tmp_path):
@@ -77,6 +78,12 @@ def test_real_sky_workflow_end_to_end(tmp_path):
     assert np.isfinite(scores.loc[scores["scored"], "logit"]).all() and scores["scored"].sum() == 20
     assert "recall-found" in (run_dir / "report/recall.html").read_text() or \
         "recall-missed" in (run_dir / "report/recall.html").read_text()
+    # the parent sample's candidates: every host scored (all splits, infer.tta views), the top 100 to grade
+    sky_scores = pq.read_table(run_dir / "scores/sky_hosts_scores.parquet")
+    assert sky_scores.num_rows == 400 and json.loads(sky_scores.schema.metadata[b"darkhaloscope.scoring"])["tta"] == 4
+    cands = pd.read_csv(run_dir / "candidates/candidates.csv", keep_default_na=False)
+    assert list(cands["rank"]) == list(range(1, 101)) and (cands["grade"] == "").all()
+    assert 'class="card' in (run_dir / "candidates/candidates.html").read_text()
     # a second run does nothing and needs no service
     again = snakemake("-n", "--configfile", str(cfg))
     assert jobs_planned(again) == {}, again.stdout[-2000:]

@@ -27,10 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("darkhaloscope.evaluation.evaluate", "Stratified tpr@fpr / fpr@tpr table with confidence intervals"),
     "report": ("darkhaloscope.evaluation.report",
                "One offline HTML page (ROC curves, dhs eval's tables and completeness maps, galleries)"),
+    "parent": ("darkhaloscope.sky.parent", "Phase 3: the LRG parent sample (v1..v5 selections) from DR10 sweep files"),
     "cutouts": ("darkhaloscope.sky.cutouts", "Phase 3 on the real sky: DR10 grz cutouts of a catalogue"),
     "recall": ("darkhaloscope.sky.recall", "Recall on real known lenses at the evaluation's thresholds"),
     "realcheck": ("darkhaloscope.sky.realcheck",
                   "The real check set (real galaxies and lens candidates) at the simulated thresholds"),
+    "candidates": ("darkhaloscope.sky.candidates",
+                   "The top-N real-sky scores as a CSV to grade and an HTML gallery; --grades reads the grades back"),
 }
 
 

@@ -72,9 +72,10 @@ def lenscat_catalogue() -> tuple[Path, str]:
     return path, dist.version
 
 
-def load_known_lenses(path=None) -> tuple[np.ndarray, np.ndarray]:
-    """(ra, dec) in degrees of known lenses: the ``lenscat`` catalogue by default (~33k lenses and
-    candidates, ``RA [deg]``/``DEC [deg]``), else a CSV or parquet file with ra/dec columns in degrees."""
+def read_known_lenses(path=None):
+    """Known lenses as a DataFrame with ``ra``, ``dec`` (degrees, finite rows only) and, where the catalogue has
+    them, ``name`` and ``grading``: the ``lenscat`` catalogue by default (~33k lenses and candidates,
+    ``RA [deg]``/``DEC [deg]``), else a CSV or parquet file with ra/dec columns in degrees."""
     import pandas as pd
 
     if path is None:
@@ -102,7 +103,18 @@ def load_known_lenses(path=None) -> tuple[np.ndarray, np.ndarray]:
     if not good.all():
         log.warning("known-lens catalogue %s: %d rows without ra/dec ignored", source, int((~good).sum()))
     log.info("known lenses: %d positions from %s", int(good.sum()), source)
-    return ra[good], dec[good]
+    out = pd.DataFrame({"ra": ra[good], "dec": dec[good]})
+    for want in ("name", "grading"):
+        col = _find_column(df.columns, want)
+        if col is not None:
+            out[want] = df[col].to_numpy()[good]
+    return out
+
+
+def load_known_lenses(path=None) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) in degrees of known lenses (``read_known_lenses``)."""
+    df = read_known_lenses(path)
+    return df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
 
 
 class KnownLensIndex:

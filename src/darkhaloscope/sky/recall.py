@@ -6,11 +6,15 @@ the stratified CSV that ``dhs eval`` wrote for that model. The operating thresho
 (logit) of the ``stratum = all``, ``metric = tpr@fpr`` rows of that CSV, i.e. those set on the test
 controls; a target whose threshold is empty there (too few controls to estimate it) gets empty cells here.
 
+Views: the thresholds are only valid for logits scored the same way, so a lens is scored in the views of the
+score file the stratified CSV was computed from (``--scored_with``, which records them; or ``--tta N``), through
+``dhs infer``'s own path (``infer.load_scorer``/``score_batches``): a lens gets the logit ``dhs infer`` gives it.
+
 A lens counts as found when its logit >= the threshold (the same rule as a ROC threshold, ties found).
 Output ``--out_csv`` (default ``<stem>_recall.csv`` next to the stratified CSV), one row per (grade,
 fpr target): ``grade`` (``all`` first, then each value of ``--grade_column``; a null grade is
-``ungraded``), ``fpr_target``, ``threshold``, ``n_lenses`` (rows of that grade), ``n_scored``, ``n_found``,
-``recall`` = n_found / n_scored with its 95% Wilson interval ``ci_low``/``ci_high``, and ``n_unscored``
+``ungraded``), ``fpr_target``, ``threshold``, ``tta_views`` (the views scored), ``n_lenses`` (rows of that
+grade), ``n_scored``, ``n_found``, ``recall`` = n_found / n_scored with its 95% Wilson interval ``ci_low``/``ci_high``, and ``n_unscored``
 (cutout_ok = 0, unusable stamp, or missing observing conditions the model needs: never silently dropped,
 and never counted as missed). ``--scores_out`` keeps per-lens logits with the catalogue's positions;
 ``--report`` writes an offline HTML page with the table and galleries of found and missed lenses.
@@ -31,8 +35,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from darkhaloscope.stamps.contract import SPLITS
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation.infer import TTA_CHOICES
+from darkhaloscope.stamps.contract import SPLITS
 from darkhaloscope.io import atomic_output
 
 log = logging.getLogger("dhs.recall")
@@ -59,89 +64,76 @@ def operating_thresholds(stratified_csv) -> list[tuple[float, float]]:
 
 
 def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size: int = 256,
-                 device: str = "auto") -> pd.DataFrame:
+                 device: str = "auto", tta: int = 1, use_bf16: bool = False) -> pd.DataFrame:
     """One row per lens of every split: task_id, ra, dec, grade, region_split, scored (bool), reason,
-    logit (NaN when not scored)."""
-    import torch
+    logit (NaN when not scored). Scored through ``infer``'s one path (``infer.load_scorer`` +
+    ``infer.score_batches``) in ``tta`` views, so a lens gets the logit ``dhs infer --tta`` gives it."""
+    from darkhaloscope.evaluation.infer import load_scorer, score_batches
+    from darkhaloscope.stamps.dataset import open_split
 
-    from darkhaloscope.learning.model import load_model
-    from darkhaloscope.evaluation.infer import forward_logits
-    from darkhaloscope.learning.stream import decode_batch, open_split
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, ckpt = load_model(ckpt_path, map_location=dev)
-    model.to(dev)
-    meta_cols = list(ckpt["meta_cols"])
+    scorer = load_scorer(ckpt_path, device, tta, use_bf16)
     frames = []
     for split in SPLITS:
         try:
             part = open_split(data, split)
-            schema = part.schema
         except DHSError as exc:
             if "no parquet files" in str(exc):
                 continue
             raise
+        schema = part.schema
         for c in ("ra", "dec"):
             if c not in schema.names:
                 raise DHSError(f"{data} lacks column {c}: recall needs the catalogue's positions")
         if grade_column and grade_column not in schema.names:
             raise DHSError(f"{data} has no grade column '{grade_column}' (--grade_column); columns: "
                            f"{', '.join(schema.names)}")
-        missing_meta = [c for c in meta_cols if c not in schema.names]
+        missing_meta = [c for c in scorer.meta_cols if c not in schema.names]
         if missing_meta:
             raise DHSError(f"{data} lacks the checkpoint's meta column(s) {', '.join(missing_meta)}")
-        cols = ["task_id", "ra", "dec", "stamp_npz", *meta_cols,
-                *[c for c in ("cutout_ok", "cutout_reason", "is_control") if c in schema.names],
-                *([grade_column] if grade_column else [])]
-        for batch in part.iter_batches(cols, batch_size):
-            n = batch.num_rows
-            reason = np.full(n, None, object)
-            if "is_control" in batch.schema.names and (batch.column("is_control").to_numpy(zero_copy_only=False) != 0).any():
-                raise DHSError(f"{data} split '{split}' has rows with is_control != 0: recall is for known lenses "
-                               "(dhs cutouts --label lens)")
-            if meta_cols:  # rows without the conditions the model needs are not scored (not NaN logits)
-                raw = np.column_stack([np.asarray(batch.column(c).to_numpy(zero_copy_only=False), np.float64)
-                                       for c in meta_cols])
-                bad = ~np.isfinite(raw).all(axis=1)
-                if bad.any():
-                    reason[bad] = "no_conditions:" + ",".join(meta_cols)
-                    table = pa.Table.from_batches([batch])
-                    cut = (table.column("cutout_ok").to_numpy(zero_copy_only=False) if "cutout_ok" in table.column_names
-                           else np.ones(n))
-                    table = _replace(table, "cutout_ok", pa.array(((cut == 1) & ~bad).astype(np.int32)))
-                    for j, c in enumerate(meta_cols):
-                        table = _replace(table, c, pa.array(np.where(bad, 0.0, raw[:, j])))
-                    batch = table
-            images, meta, ok, _ = decode_batch(batch, meta_cols, ckpt["meta_mean"], ckpt["meta_std"])
-            logit = np.full(n, np.nan)
-            if ok.any():
-                logit[ok] = forward_logits(model, images, meta, dev)
-            cut_reason = (batch.column("cutout_reason").to_pylist() if "cutout_reason" in batch.schema.names
-                          else [None] * n)
-            for i in np.flatnonzero(~ok):
-                if reason[i] is None:
-                    reason[i] = cut_reason[i] or "unusable_stamp"
-            grades = (batch.column(grade_column).to_pylist() if grade_column else [None] * n)
-            frames.append(pd.DataFrame({
-                "task_id": batch.column("task_id").to_pylist(),
-                "ra": batch.column("ra").to_numpy(zero_copy_only=False),
-                "dec": batch.column("dec").to_numpy(zero_copy_only=False),
-                "grade": [UNGRADED if g is None else str(g) for g in grades],
-                "region_split": split, "scored": ok, "reason": list(reason), "logit": logit,
-            }))
+        passthrough = list(dict.fromkeys(["ra", "dec", *([grade_column] if grade_column else []),
+                                          *(["is_control"] if "is_control" in schema.names else [])]))
+        for item in score_batches(part, scorer, passthrough, batch_size, skip_nan_meta=True, keep_unscored=True):
+            for table, scored in ((item["table"], True), (item["unscored"], False)):
+                if table is None or not table.num_rows:
+                    continue
+                if "is_control" in table.column_names and (
+                        table.column("is_control").to_numpy(zero_copy_only=False) != 0).any():
+                    raise DHSError(f"{data} split '{split}' has rows with is_control != 0: recall is for known "
+                                   "lenses (dhs cutouts --label lens)")
+                n = table.num_rows
+                grades = table.column(grade_column).to_pylist() if grade_column else [None] * n
+                frames.append(pd.DataFrame({
+                    "task_id": table.column("task_id").to_pylist(),
+                    "ra": table.column("ra").to_numpy(zero_copy_only=False),
+                    "dec": table.column("dec").to_numpy(zero_copy_only=False),
+                    "grade": [UNGRADED if g is None else str(g) for g in grades],
+                    "region_split": split, "scored": scored,
+                    "reason": [None] * n if scored else table.column("reason").to_pylist(),
+                    "logit": (table.column("logit").to_numpy(zero_copy_only=False).astype(np.float64) if scored
+                              else np.full(n, np.nan)),
+                }))
     if not frames:
         raise DHSError(f"{data} has no rows in any split")
     return pd.concat(frames, ignore_index=True)
 
 
-def _replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
-    if name in table.column_names:
-        return table.set_column(table.column_names.index(name), name, values)
-    return table.append_column(name, values)
+def views_of(tta: int | None, scored_with: str | None) -> int:
+    """The number of views to score in: those the stratified table's scores were made with."""
+    from darkhaloscope.evaluation.infer import scoring_of
+
+    if scored_with is None:
+        if tta is None:
+            raise DHSError("say which views the stratified table's scores used: --scored_with SCORES.parquet "
+                           "(the score file dhs eval read) or --tta N")
+        return tta
+    recorded = int(scoring_of(scored_with)["tta"])
+    if tta is not None and tta != recorded:
+        raise DHSError(f"--tta {tta} disagrees with {scored_with}, which was scored with {recorded} view(s)")
+    return recorded
 
 
-def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], grade_column: str | None) -> pd.DataFrame:
+def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], grade_column: str | None,
+                 tta: int = 1) -> pd.DataFrame:
     from darkhaloscope.evaluation.metrics import recall_at_threshold, wilson_interval
 
     groups = [("all", lenses)]
@@ -151,7 +143,7 @@ def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], gr
     for grade, df in groups:
         scored = df.loc[df["scored"], "logit"].to_numpy(np.float64)
         for target, thr in thresholds:
-            row = {"grade": grade, "fpr_target": target, "threshold": thr, "n_lenses": len(df),
+            row = {"grade": grade, "fpr_target": target, "threshold": thr, "tta_views": tta, "n_lenses": len(df),
                    "n_scored": len(scored), "n_found": math.nan, "recall": math.nan, "ci_low": math.nan,
                    "ci_high": math.nan, "n_unscored": int((~df["scored"]).sum())}
             if math.isfinite(thr) and len(scored):
@@ -211,6 +203,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores_out", default=None, help="also write per-lens logits (parquet)")
     parser.add_argument("--report", default=None, help="also write an HTML page with found/missed galleries")
     parser.add_argument("--gallery_n", type=int, default=16)
+    parser.add_argument("--scored_with", default=None,
+                        help="the score parquet the stratified CSV was computed from: its recorded views are used")
+    parser.add_argument("--tta", type=int, default=None, choices=TTA_CHOICES,
+                        help="views to score in (must match the thresholds' scores; --scored_with reads them)")
+    parser.add_argument("--use_bf16", action="store_true", help="as dhs infer --use_bf16")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto")
 
@@ -220,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
     thresholds = operating_thresholds(args.stratified_csv)
-    lenses = score_lenses(args.data, args.ckpt, args.grade_column, args.batch_size, args.device)
-    table = recall_table(lenses, thresholds, args.grade_column)
+    tta = views_of(args.tta, args.scored_with)
+    lenses = score_lenses(args.data, args.ckpt, args.grade_column, args.batch_size, args.device, tta, args.use_bf16)
+    table = recall_table(lenses, thresholds, args.grade_column, tta)
     out_csv = Path(args.out_csv) if args.out_csv else recall_path(args.stratified_csv)
     with atomic_output(out_csv) as tmp:
         table.to_csv(tmp, index=False, na_rep="")
@@ -236,5 +234,5 @@ def run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"fpr {t:g}: {r:.3f}" if pd.notna(r) else f"fpr {t:g}: -"
                         for t, r in zip(allrows["fpr_target"], allrows["recall"]))
     n_un = int((~lenses["scored"]).sum())
-    print(f"recall on {len(lenses)} known lenses ({n_un} not scorable): {summary} -> {out_csv}")
+    print(f"recall on {len(lenses)} known lenses ({n_un} not scorable), {tta} view(s): {summary} -> {out_csv}")
     return 0

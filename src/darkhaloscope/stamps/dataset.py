@@ -281,9 +281,9 @@ def splits_of(data: str) -> list[str]:
     return sorted(values)
 
 
-def fetch_stamps(data: str, task_ids) -> dict:
-    """task_id -> decoded (3, 64, 64) stamp, scanning every split once; ids keep their kind (int or str).
-    Declared cutout failures have no stamp. Used by the report's and the recall page's galleries."""
+def fetch_rows(data: str, task_ids, columns=()) -> dict:
+    """task_id -> {column: value} of ``columns`` plus the decoded (3, 64, 64) ``stamp`` (None when it does not
+    decode), scanning every split once; ids keep their kind (int or str). Declared cutout failures are left out."""
     from darkhaloscope.stamps.contract import decode_stamp
 
     wanted = [t.item() if hasattr(t, "item") else t for t in task_ids]
@@ -292,13 +292,14 @@ def fetch_stamps(data: str, task_ids) -> dict:
     found: dict = {}
     for split in splits_of(data):
         sp = open_split(data, split)
-        sp.require(["task_id", "stamp_npz"])
+        sp.require(["task_id", "stamp_npz", *columns])
         kind = task_id_kind(sp.schema.field("task_id").type, sp.where)
         try:
             value_set = pa.array(wanted, pa.int64() if kind == "int" else pa.string())
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             raise DHSError(f"the score files' task ids are not the {kind} ids of {data}: different datasets") from None
-        cols = ["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in sp.schema.names else [])]
+        cols = list(dict.fromkeys(["task_id", "stamp_npz", *(["cutout_ok"] if "cutout_ok" in sp.schema.names else []),
+                                   *columns]))
         for batch in sp.iter_batches(cols, batch_size=256):
             ids = batch.column("task_id")
             hit = pc.is_in(ids.cast(value_set.type), value_set=value_set)
@@ -306,9 +307,16 @@ def fetch_stamps(data: str, task_ids) -> dict:
             if not pc.any(hit).as_py():
                 continue
             batch = batch.filter(hit)
-            for tid, blob in zip(as_id_values(batch.column("task_id"), sp.where),
-                                 batch.column("stamp_npz").to_pylist()):
-                img = decode_stamp(blob) if blob is not None else None
-                if img is not None:
-                    found[tid.item() if hasattr(tid, "item") else tid] = img
+            values = {c: batch.column(c).to_pylist() for c in columns}
+            for i, (tid, blob) in enumerate(zip(as_id_values(batch.column("task_id"), sp.where),
+                                                batch.column("stamp_npz").to_pylist())):
+                row = {c: values[c][i] for c in columns}
+                row["stamp"] = decode_stamp(blob) if blob is not None else None
+                found[tid.item() if hasattr(tid, "item") else tid] = row
     return found
+
+
+def fetch_stamps(data: str, task_ids) -> dict:
+    """task_id -> decoded (3, 64, 64) stamp (``fetch_rows``); stamps that do not decode are left out. Used by the
+    report's and the recall page's galleries."""
+    return {t: row["stamp"] for t, row in fetch_rows(data, task_ids).items() if row["stamp"] is not None}
