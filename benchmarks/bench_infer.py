@@ -3,6 +3,7 @@ standardisation, forward, parquet write) against a bare timm forward pass of the
 same batch shape, in the same run (the machine is shared, so only the ratio is comparable across runs).
 
     python benchmarks/bench_infer.py [--archs convnext_atto,convnext_tiny] [--n 2048] [--batch_size 256]
+                                     [--num_workers 2]   # dhs infer's decoding processes (default 0: a thread)
 
 Prints a table and writes benchmarks/out/bench_infer.json. Goal: pipeline >= 0.9x the bare forward.
 """
@@ -71,6 +72,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=2048, help="stamps scored per measurement")
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2, help="best of this many runs of each")
+    p.add_argument("--num_workers", type=int, default=0, help="dhs infer --num_workers (0: one background thread)")
     args = p.parse_args()
     out_dir = HERE / "out" / "bench_infer"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,15 +88,16 @@ def main() -> None:
         bare, piped, steady = [], [], []
         for _ in range(args.repeats):  # interleaved, so both see the same machine load
             bare.append(bare_forward(arch, args.n, args.batch_size))
+            extra = ("--num_workers", str(args.num_workers))
             t_small = args.batch_size / pipeline(small, ckpt, out_dir / f"{arch}_small.parquet", args.batch_size,
-                                                 args.batch_size)
-            rate = pipeline(data, ckpt, out_dir / f"{arch}_scores.parquet", args.n, args.batch_size)
+                                                 args.batch_size, extra)
+            rate = pipeline(data, ckpt, out_dir / f"{arch}_scores.parquet", args.n, args.batch_size, extra)
             piped.append(rate)
             steady.append((args.n - args.batch_size) / max(args.n / rate - t_small, 1e-9))
         # ratios of each interleaved (bare, pipeline) pair, then their median: robust to load swings
         ratio = float(np.median(np.array(piped) / np.array(bare)))
         ratio_steady = float(np.median(np.array(steady) / np.array(bare)))
-        row = {"arch": arch, "batch_size": args.batch_size, "n": args.n, "bare_stamps_per_s": max(bare),
+        row = {"arch": arch, "batch_size": args.batch_size, "num_workers": args.num_workers, "n": args.n, "bare_stamps_per_s": max(bare),
                "pipeline_stamps_per_s": max(piped), "pipeline_steady_stamps_per_s": max(steady),
                "ratio": ratio, "ratio_steady": ratio_steady, "bare_all": bare, "pipeline_all": piped,
                "steady_all": steady}
