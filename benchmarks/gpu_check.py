@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --reduced       # the same steps at toy sizes (what the test suite runs on CPU)
     python benchmarks/gpu_check.py --quality       # the seed's headline: full.yaml trained and evaluated (~8 min)
     python benchmarks/gpu_check.py --quality --reduced   # the same at toy sizes (the test suite, on CPU)
+    python benchmarks/gpu_check.py --headline_of RUN_DIR # the same headline from any finished run directory
 
 Steps, in this order, each timed and recorded even when a later one fails:
 1. end to end: `config/full.yaml` scaled down (20k stamps per variant, 1 epoch per stage, the seed's
@@ -202,7 +203,8 @@ def headline(run: Path) -> dict:
             df = pd.read_csv(run / f"{model}_stratified_fpr.csv")
             hit = df[(df["stratum"] == STRATUM_ALL) & (df["metric"] == metric) & np.isclose(df["target"], target)]
             if len(hit) != 1:
-                raise RuntimeError(f"{model}_stratified_fpr.csv has no '{STRATUM_ALL}' row for {key}")
+                raise RuntimeError(f"{run / model}_stratified_fpr.csv has no '{STRATUM_ALL}' row for {key}: evaluated "
+                                   "without the seed's targets (eval.fpr_targets 1e-4, eval.tpr_targets 0.85)")
             r = hit.iloc[0]
             row[model] = {"value": num(r["value"]), "ci_low": num(r["ci_low"]), "ci_high": num(r["ci_high"]),
                           "n_pos": int(r["n_pos"]), "n_neg": int(r["n_neg"])}
@@ -240,24 +242,26 @@ def quality(work: Path, sz: dict, n_gpus: int) -> dict:
     return out
 
 
-def headline_table(q: dict) -> str:
+def headline_table(q: dict, title: str | None = None) -> str:
     def fmt(v):
         if v["value"] is None:
             return f"not resolvable ({v['n_neg']} controls)"
         return f"{v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]"
 
-    lc = q["learning_curve"]
-    lines = [f"seed headline: config/full.yaml at {q['stamps_per_variant']} tasks per variant "
-             f"(+{q['extra_test_controls']} test controls), epochs {q['epochs_per_stage']}; simulated grid_sota "
-             "stamps, 95% Wilson intervals",
+    lc = q.get("learning_curve")
+    title = title or (f"seed headline: config/full.yaml at {q['stamps_per_variant']} tasks per variant "
+                      f"(+{q['extra_test_controls']} test controls), epochs {q['epochs_per_stage']}; simulated "
+                      "grid_sota stamps, 95% Wilson intervals")
+    lines = [title,
              f"{'metric':14s}{'Gen3':34s}{'Gen2':34s}{'matched filter':16s}seed: Gen3 claim / Gen2"]
     for key, r in q["headline"].items():
         mf = "n/a" if r["matched_filter"] is None else f"{r['matched_filter']:.4g}"
         lines.append(f"{key:14s}{fmt(r['gen3']):34s}{fmt(r['gen2']):34s}{mf:16s}{r['seed_claim_gen3']} / "
                      f"{r['seed_gen2']:g}  (Gen3 meets claim: {r['gen3_meets_claim']})")
-    lines.append(f"learning-curve point: {lc['train_stamps_per_variant']} training stamps per variant -> Gen3 AUROC "
-                 f"{lc['gen3_auroc']:.4f} [{lc['ci_low']:.4f}, {lc['ci_high']:.4f}] "
-                 f"({lc['n_pos']} lenses, {lc['n_neg']} controls)")
+    if lc:
+        lines.append(f"learning-curve point: {lc['train_stamps_per_variant']} training stamps per variant -> Gen3 AUROC "
+                     f"{lc['gen3_auroc']:.4f} [{lc['ci_low']:.4f}, {lc['ci_high']:.4f}] "
+                     f"({lc['n_pos']} lenses, {lc['n_neg']} controls)")
     return "\n".join(lines)
 
 
@@ -416,6 +420,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reduced", action="store_true", help="toy sizes (automatic without a CUDA device)")
     ap.add_argument("--quality", action="store_true",
                     help="the seed's headline: config/full.yaml trained, scored and evaluated at ~8 GPU-minutes")
+    ap.add_argument("--headline_of", default=None, metavar="RUN_DIR",
+                    help="only print the seed's headline of a finished run directory (gen2/gen3_stratified_fpr.csv)")
     ap.add_argument("--out", default=str(HERE / "out/gpu_check.json"))
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--fake_rows", type=int, default=0,
@@ -423,6 +429,22 @@ def main(argv=None) -> int:
                          "failed (test and val get a quarter); default 4 batches")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: e2e,train,infer,torchrun")
     args = ap.parse_args(argv)
+    if args.headline_of:
+        run = Path(args.headline_of)
+        lacking = [f"{m}_stratified_fpr.csv" for m in ("gen3", "gen2") if not (run / f"{m}_stratified_fpr.csv").is_file()]
+        if lacking:
+            print(f"gpu_check: --headline_of {run}: no {' or '.join(lacking)} (run snakemake gen3_stratified_fpr.csv "
+                  "gen2_stratified_fpr.csv there first)", file=sys.stderr)
+            return 2
+        try:
+            q = {"headline": headline(run)}
+        except RuntimeError as exc:
+            print(f"gpu_check: --headline_of: {exc}", file=sys.stderr)
+            return 2
+        if (run / "data/v4_sota_moffat").is_dir():
+            q["learning_curve"] = learning_curve_point(run)
+        print(headline_table(q, f"seed headline of {run}, 95% Wilson intervals"))
+        return 0
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     reduced = args.reduced or n_gpus == 0
     device = torch.device("cuda" if n_gpus else "cpu")
