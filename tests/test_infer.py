@@ -316,8 +316,13 @@ def test_sharded_reader_is_the_sequential_split_and_reads_only_its_row_groups(tm
     sequential = list(split.iter_batches(cols, 48))
     assert [b.num_rows for b in sequential] == [48, 48, 34, 48, 27]  # per file, crossing row groups
     reads = []
-    real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, g, **kw: reads.append(g) or real(self, g, **kw))
+    real = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, row_groups=None, **kw):  # the row groups each read asks for
+        reads.extend(row_groups if row_groups is not None else range(self.metadata.num_row_groups))
+        return real(self, *args, row_groups=row_groups, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
     for n_workers in (2, 3):
         shards, per_worker = [], []
         for w in range(n_workers):

@@ -242,9 +242,9 @@ class Split:
                         yield self._with_partition(batch, columns)
 
     def _iter_shard(self, columns, file_columns, batch_size: int, worker: int, n_workers: int):
-        """Batches ``worker`` (mod ``n_workers``) of the split, as ``iter_batches`` cuts them, read by row group
-        (``ParquetFile.read_row_group``). A row group that straddles two batches of different workers is read by
-        both; one that several of this worker's batches share is read once (kept until passed)."""
+        """Batches ``worker`` (mod ``n_workers``) of the split, as ``iter_batches`` cuts them. Each is read from
+        the row groups it covers only (``iter_batches(row_groups=...)``, one batch from the first covered row
+        group's start, then a zero-copy slice); a row group that two batches straddle is read for both."""
         if not 0 <= worker < n_workers:
             raise DHSError(f"shard {worker} of {n_workers} does not exist")
         index = 0  # the batch's index in the whole split
@@ -252,25 +252,19 @@ class Split:
             with self.fs.open_input_file(path) as fh:
                 pf = self._open_file(fh, path, file_columns)
                 meta = pf.metadata
-                sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-                starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-                n_batches = -(-int(starts[-1]) // batch_size)
+                starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+                n_rows = int(starts[-1])
+                n_batches = -(-n_rows // batch_size)
                 mine = [k for k in range(n_batches) if (index + k) % n_workers == worker]
                 index += n_batches
-                cache: dict[int, pa.Table] = {}
                 for k in mine:
-                    lo, hi = k * batch_size, min((k + 1) * batch_size, int(starts[-1]))
+                    lo, hi = k * batch_size, min((k + 1) * batch_size, n_rows)
                     first = int(np.searchsorted(starts, lo, side="right")) - 1
                     last = int(np.searchsorted(starts, hi, side="left")) - 1
-                    for g in [g for g in cache if g < first]:
-                        del cache[g]
-                    for g in range(first, last + 1):
-                        if g not in cache:
-                            cache[g] = pf.read_row_group(g, columns=file_columns, use_threads=False)
-                    rows = pa.concat_tables([cache[g] for g in range(first, last + 1)])
-                    rows = rows.slice(lo - int(starts[first]), hi - lo).combine_chunks()
-                    for batch in rows.to_batches():
-                        yield self._with_partition(batch, columns)
+                    start = int(starts[first])
+                    batch = next(iter(pf.iter_batches(batch_size=hi - start, row_groups=list(range(first, last + 1)),
+                                                      columns=file_columns, use_threads=False)))
+                    yield self._with_partition(batch.slice(lo - start, hi - lo), columns)
 
 
 def _leftovers(fs: pafs.FileSystem, root: str) -> list[str]:
