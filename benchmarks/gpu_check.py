@@ -2,6 +2,9 @@
 
     python benchmarks/gpu_check.py                 # full check on the NVIDIA GPUs torch sees
     python benchmarks/gpu_check.py --reduced       # the same steps at toy sizes (what the test suite runs on CPU)
+    python benchmarks/gpu_check.py --quality       # the seed's headline: full.yaml trained and evaluated (~8 min)
+    python benchmarks/gpu_check.py --quality --reduced   # the same at toy sizes (the test suite, on CPU)
+    python benchmarks/gpu_check.py --headline_of RUN_DIR # the same headline from any finished run directory
 
 Steps, in this order, each timed and recorded even when a later one fails:
 1. end to end: `config/full.yaml` scaled down (20k stamps per variant, 1 epoch per stage, the seed's
@@ -14,8 +17,21 @@ Steps, in this order, each timed and recorded even when a later one fails:
    cost per command and its per-stamp rate.
 4. `torchrun --nproc_per_node 2` of `dhs train` (DDP) when two or more GPUs are visible.
 5. the projection: measured per-image cost -> hours for 6 epochs over the full recipe's training split, the
-   images/s that the budget in config/full.yaml (6 GPU-hours per stage) needs, and FLOPs per training image
+   images/s that the planning budget (6 GPU-hours per stage, the figure config/full.yaml carried before it was
+   measured) needs, and FLOPs per training image
    (counted by torch.utils.flop_counter on the real model).
+
+Quality mode (``--quality``, instead of steps 1-5): `config/full.yaml` as it stands (the seed's grid_sota sources
+in its n ~ 4 hosts, ConvNeXt-Tiny, batch 256, bf16, focal Gen3, the curriculum, 6 epochs per stage, mining at
+score >= 0.90) through the real `snakemake` for Gen2's and Gen3's stratified tables, at the largest size that
+finishes in about 8 minutes on one GPU, then the seed's headline (Gen3 against Gen2, tpr@fpr1e-4 and
+fpr@tpr0.85 with 95% Wilson intervals, beside the matched filter of the same positives and the seed's claim) and
+the learning-curve point (training stamps per variant -> Gen3 AUROC). The size, estimated from one H200's figures
+(docs/benchmarks.md, "GPU check"; 2026-11-30): every rule's fixed cost (process start, CUDA start, first call)
+came to ~250 s in the 20k-stamp end-to-end run; training runs at 6823 images/s (6 epochs x 3 stages x 0.7 N:
+~150 s at N = 80k), scoring at ~5700 images/s (~15 s), the simulation at ~1000 stamps/s per core on 16 cores
+(~15 s plus shard start-up). So N = 80k tasks per variant, plus 20k extra test controls so that the test split's
+~26k controls resolve FPR 1e-4: ~7.5 min.
 
 With no CUDA device it runs the reduced mode by itself (convnext_atto, tiny batches, ~500 stamps, fp32): same
 code paths, so the script is known to work before anyone has a GPU. Writes one JSON (default
@@ -36,6 +52,7 @@ import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -51,18 +68,27 @@ from factory import write_fake_phase4c  # noqa: E402
 # the Gen3 model they come from.
 TARGETS = ["gen3_stratified_fpr.csv", "gen3_stratified_fpr_auroc.csv", "gen3_stratified_fpr_completeness.csv",
            "report/gen3_report.html", "runs/gen3_stageA2/best.pt"]
+# ... and, in quality mode, Gen2's table beside Gen3's (the headline compares them)
+QUALITY_TARGETS = ["gen2_stratified_fpr.csv"]
 
-# The full recipe's scale and the budget the projection is held against (config/full.yaml's header: about
-# 6 GPU-hours per stage on one H100-class GPU; 6 epochs per stage).
+# The budget the projection is held against: 6 GPU-hours per stage on one H100-class GPU, the planning figure
+# config/full.yaml's header carried before it was measured (0.24 h per stage on one H200, docs/benchmarks.md).
 BUDGET_HOURS_PER_STAGE = 6.0
+
+# The seed's headline (shared/spec/gen3_seed.md, "Expected Performance"): Gen3's target and Gen2's epoch-2 figures.
+HEADLINE = (("tpr@fpr", 1e-4, ">", 0.85, 0.778), ("fpr@tpr", 0.85, "<", 0.001, 0.0017))
 
 
 def sizes(reduced: bool, n_gpus: int, cpus: int) -> dict:
     if reduced:
         return {"reduced": True, "arch": "convnext_atto", "batch": 16, "bf16": False, "workers": 1, "train_steps": 2, "repeat": 1,
                 "infer_batch": 64, "e2e_tasks": 480, "e2e_shards": 1, "e2e_batch": 32, "e2e_workers": 0,
-                "torchrun_rows": 0}
+                "torchrun_rows": 0, "quality_tasks": 600, "quality_extra_controls": 400, "quality_epochs": 1,
+                "quality_shards": 1, "quality_min_score": 0.5}
     return {"reduced": False, "arch": "convnext_tiny", "batch": 256, "bf16": True,
+            # quality mode: ~8 min on one GPU (the estimate is in the module docstring); full.yaml's epochs
+            "quality_tasks": 80000, "quality_extra_controls": 20000, "quality_epochs": None,
+            "quality_shards": max(2, min(32, 2 * cpus)), "quality_min_score": None,
             # ~1 DataLoader worker per ~3000 stamps/s (docs/benchmarks.md), leaving cores to the main process
             "workers": max(2, min(16, cpus // max(1, n_gpus) - 2)), "train_steps": 40, "repeat": 2,
             "infer_batch": 1024, "e2e_tasks": 20000, "e2e_shards": max(2, min(32, cpus)), "e2e_batch": 256,
@@ -99,31 +125,48 @@ def env_with_repo() -> dict:
     return env
 
 
-def e2e(work: Path, sz: dict, n_gpus: int) -> dict:
+def e2e(work: Path, sz: dict, n_gpus: int, quality: bool = False) -> dict:
+    """`config/full.yaml` through the real `snakemake`: scaled to 1 epoch per stage (the smoke), or with its own
+    epochs at the quality size (``quality``: Gen2's stratified table too)."""
     cfg = yaml.safe_load((REPO / "config/full.yaml").read_text())
-    cfg["run_dir"] = str(work / "e2e")
-    cfg["simulation"].update(n_tasks=sz["e2e_tasks"], n_shards=sz["e2e_shards"])
+    name = "quality" if quality else "e2e"
+    cfg["run_dir"] = str(work / name)
+    tasks = sz["quality_tasks"] if quality else sz["e2e_tasks"]
+    cfg["simulation"].update(n_tasks=tasks, n_shards=sz["quality_shards"] if quality else sz["e2e_shards"])
+    if quality:
+        cfg["simulation"]["extra_test_controls"] = sz["quality_extra_controls"]
     cfg["audit"]["max_rows"] = min(cfg["audit"]["max_rows"], sz["e2e_tasks"] // 2)
     cfg["train"].update(arch=sz["arch"], batch_size=sz["e2e_batch"], use_bf16=sz["bf16"],
                         num_workers=sz["e2e_workers"], gpus=min(n_gpus, 1), save_every_steps=50)
+    epochs = sz["quality_epochs"] if quality else 1
     for stage in ("gen2", "gen3_a1", "gen3_a2"):
-        cfg[stage]["epochs"] = 1
-    # enough hard negatives to exist at this scale (the full recipe keeps the top 50k at score >= 0.9)
-    cfg["mine"].update(topk=max(20, sz["e2e_tasks"] // 40), min_score=0.5)
-    path = work / "e2e.yaml"
+        cfg[stage]["epochs"] = epochs or cfg[stage]["epochs"]
+    if quality:
+        # the seed mined its top 50k of ~145k parent LRGs; here the parent sample is the training split's controls
+        controls = tasks * cfg["simulation"]["split_fracs"][0] * cfg["simulation"]["control_frac"]
+        cfg["mine"].update(topk=max(20, round(cfg["mine"]["topk"] * controls / 145_000)),
+                           min_score=sz["quality_min_score"] or cfg["mine"]["min_score"])
+    else:
+        # enough hard negatives to exist at this scale (the full recipe keeps the top 50k at score >= 0.9)
+        cfg["mine"].update(topk=max(20, sz["e2e_tasks"] // 40), min_score=0.5)
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     # reduced mode: one core, so every rule runs single-threaded (OpenMP threads on a busy CPU spin-wait for
     # each other: 85 s per atto step with 2 threads under load average 20, against ~1 s with one)
     cores = "1" if sz["reduced"] else "all"
-    cmd = [str(Path(sys.executable).with_name("snakemake")), "--configfile", str(path), "--cores", cores]
+    targets = TARGETS + (QUALITY_TARGETS if quality else [])
+    # the smoke asks for the default target (rule all); quality mode names Gen2's table and Gen3's beside it
+    cmd = [str(Path(sys.executable).with_name("snakemake")),
+           *(["gen3_stratified_fpr.csv", "report/gen3_report.html", *QUALITY_TARGETS] if quality else []),
+           "--configfile", str(path), "--cores", cores]
     if n_gpus:
         cmd += ["--profile", "profiles/local"]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env_with_repo(), capture_output=True, text=True)
     wall = time.perf_counter() - t
-    (work / "e2e.log").write_text(proc.stdout + proc.stderr)
+    (work / f"{name}.log").write_text(proc.stdout + proc.stderr)
     run = Path(cfg["run_dir"])
-    missing = [t for t in TARGETS if not (run / t).is_file() or (run / t).stat().st_size == 0]
+    missing = [t for t in targets if not (run / t).is_file() or (run / t).stat().st_size == 0]
     if proc.returncode != 0 or missing:
         raise RuntimeError(f"snakemake exited {proc.returncode}, missing {missing}; log tail:\n"
                            + (proc.stdout + proc.stderr)[-2000:])
@@ -133,8 +176,93 @@ def e2e(work: Path, sz: dict, n_gpus: int) -> dict:
         if len(rows) > 1:
             rule = tsv.relative_to(run / "benchmarks").with_suffix("").as_posix()
             per_rule[rule] = round(float(rows[1].split("\t")[0]), 1)
-    return {"stamps_per_variant": sz["e2e_tasks"], "wall_s": round(wall, 1), "targets": TARGETS,
-            "rule_seconds": dict(sorted(per_rule.items())), "run_dir": str(run)}
+    out = {"stamps_per_variant": tasks, "wall_s": round(wall, 1), "targets": targets,
+           "rule_seconds": dict(sorted(per_rule.items())), "run_dir": str(run)}
+    if quality:
+        out.update(epochs_per_stage={s: cfg[s]["epochs"] for s in ("gen2", "gen3_a1", "gen3_a2")},
+                   extra_test_controls=sz["quality_extra_controls"], mine=cfg["mine"])
+    return out
+
+
+def headline(run: Path) -> dict:
+    """The seed's two headline numbers of Gen3 and Gen2 from a run's stratified tables (the ``all`` stratum):
+    value, 95% Wilson interval, the matched-filter reference of the same positives, and the seed's claim. A
+    value the test split cannot resolve (fewer than 1/FPR controls) is None, as in the tables."""
+    import pandas as pd
+
+    from darkhaloscope.evaluation.strata import STRATUM_ALL
+
+    def num(x):
+        return None if pd.isna(x) else float(x)
+
+    out = {}
+    for metric, target, sense, gen3_claim, gen2_seed in HEADLINE:
+        key = f"{metric}{target:g}"
+        row = {"seed_claim_gen3": f"{sense} {gen3_claim:g}", "seed_gen2": gen2_seed}
+        for model in ("gen3", "gen2"):
+            df = pd.read_csv(run / f"{model}_stratified_fpr.csv")
+            hit = df[(df["stratum"] == STRATUM_ALL) & (df["metric"] == metric) & np.isclose(df["target"], target)]
+            if len(hit) != 1:
+                raise RuntimeError(f"{run / model}_stratified_fpr.csv has no '{STRATUM_ALL}' row for {key}: evaluated "
+                                   "without the seed's targets (eval.fpr_targets 1e-4, eval.tpr_targets 0.85)")
+            r = hit.iloc[0]
+            row[model] = {"value": num(r["value"]), "ci_low": num(r["ci_low"]), "ci_high": num(r["ci_high"]),
+                          "n_pos": int(r["n_pos"]), "n_neg": int(r["n_neg"])}
+            row["matched_filter"] = num(r["mf_value"])
+        g3 = row["gen3"]
+        if g3["value"] is None:
+            row["gen3_meets_claim"] = None
+        else:  # decided only where the whole interval is on one side of the claim
+            above, below = g3["ci_low"] > gen3_claim, g3["ci_high"] < gen3_claim
+            row["gen3_meets_claim"] = (above if sense == ">" else below) or (None if not (above or below) else False)
+        out[key] = row
+    return out
+
+
+def learning_curve_point(run: Path) -> dict:
+    """Training stamps per variant (Gen3's data) -> Gen3's AUROC on all positives, with its 95% interval."""
+    import pandas as pd
+
+    from darkhaloscope.evaluation.strata import STRATUM_ALL
+    from darkhaloscope.stamps.dataset import open_split
+    from finder_table import auroc_interval
+
+    df = pd.read_csv(run / "gen3_stratified_fpr_auroc.csv")
+    r = df[df["stratum"] == STRATUM_ALL].iloc[0]
+    lo, hi = auroc_interval(float(r["auroc"]), int(r["n_pos"]), int(r["n_neg"]))
+    return {"train_stamps_per_variant": open_split(str(run / "data/v4_sota_moffat"), "train").num_rows(),
+            "gen3_auroc": float(r["auroc"]), "ci_low": lo, "ci_high": hi, "n_pos": int(r["n_pos"]),
+            "n_neg": int(r["n_neg"])}
+
+
+def quality(work: Path, sz: dict, n_gpus: int) -> dict:
+    out = e2e(work, sz, n_gpus, quality=True)
+    run = Path(out["run_dir"])
+    out.update(headline=headline(run), learning_curve=learning_curve_point(run))
+    return out
+
+
+def headline_table(q: dict, title: str | None = None) -> str:
+    def fmt(v):
+        if v["value"] is None:
+            return f"not resolvable ({v['n_neg']} controls)"
+        return f"{v['value']:.4g} [{v['ci_low']:.4g}, {v['ci_high']:.4g}]"
+
+    lc = q.get("learning_curve")
+    title = title or (f"seed headline: config/full.yaml at {q['stamps_per_variant']} tasks per variant "
+                      f"(+{q['extra_test_controls']} test controls), epochs {q['epochs_per_stage']}; simulated "
+                      "grid_sota stamps, 95% Wilson intervals")
+    lines = [title,
+             f"{'metric':14s}{'Gen3':34s}{'Gen2':34s}{'matched filter':16s}seed: Gen3 claim / Gen2"]
+    for key, r in q["headline"].items():
+        mf = "n/a" if r["matched_filter"] is None else f"{r['matched_filter']:.4g}"
+        lines.append(f"{key:14s}{fmt(r['gen3']):34s}{fmt(r['gen2']):34s}{mf:16s}{r['seed_claim_gen3']} / "
+                     f"{r['seed_gen2']:g}  (Gen3 meets claim: {r['gen3_meets_claim']})")
+    if lc:
+        lines.append(f"learning-curve point: {lc['train_stamps_per_variant']} training stamps per variant -> Gen3 AUROC "
+                     f"{lc['gen3_auroc']:.4f} [{lc['ci_low']:.4f}, {lc['ci_high']:.4f}] "
+                     f"({lc['n_pos']} lenses, {lc['n_neg']} controls)")
+    return "\n".join(lines)
 
 
 def train_throughput(data: Path, sz: dict, device: torch.device) -> dict:
@@ -290,6 +418,10 @@ def table(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reduced", action="store_true", help="toy sizes (automatic without a CUDA device)")
+    ap.add_argument("--quality", action="store_true",
+                    help="the seed's headline: config/full.yaml trained, scored and evaluated at ~8 GPU-minutes")
+    ap.add_argument("--headline_of", default=None, metavar="RUN_DIR",
+                    help="only print the seed's headline of a finished run directory (gen2/gen3_stratified_fpr.csv)")
     ap.add_argument("--out", default=str(HERE / "out/gpu_check.json"))
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, removed)")
     ap.add_argument("--fake_rows", type=int, default=0,
@@ -297,6 +429,22 @@ def main(argv=None) -> int:
                          "failed (test and val get a quarter); default 4 batches")
     ap.add_argument("--skip", default="", help="comma-separated steps to skip: e2e,train,infer,torchrun")
     args = ap.parse_args(argv)
+    if args.headline_of:
+        run = Path(args.headline_of)
+        lacking = [f"{m}_stratified_fpr.csv" for m in ("gen3", "gen2") if not (run / f"{m}_stratified_fpr.csv").is_file()]
+        if lacking:
+            print(f"gpu_check: --headline_of {run}: no {' or '.join(lacking)} (run snakemake gen3_stratified_fpr.csv "
+                  "gen2_stratified_fpr.csv there first)", file=sys.stderr)
+            return 2
+        try:
+            q = {"headline": headline(run)}
+        except RuntimeError as exc:
+            print(f"gpu_check: --headline_of: {exc}", file=sys.stderr)
+            return 2
+        if (run / "data/v4_sota_moffat").is_dir():
+            q["learning_curve"] = learning_curve_point(run)
+        print(headline_table(q, f"seed headline of {run}, 95% Wilson intervals"))
+        return 0
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     reduced = args.reduced or n_gpus == 0
     device = torch.device("cuda" if n_gpus else "cpu")
@@ -304,7 +452,8 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
-    results = {"mode": "reduced" if reduced else "full", "machine": machine(), "sizes": sz}
+    results = {"mode": ("quality " if args.quality else "") + ("reduced" if reduced else "full"),
+               "machine": machine(), "sizes": sz}
     start = time.perf_counter()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +467,17 @@ def main(argv=None) -> int:
         step(results, name, fn)
         save()
 
+    if args.quality:
+        try:
+            run_step("quality", lambda: quality(work, sz, n_gpus))
+        finally:
+            save()
+            if args.workdir is None:
+                shutil.rmtree(work, ignore_errors=True)
+        q = results["quality"]
+        print(headline_table(q) if q["ok"] else f"[gpu_check] quality FAILED: {q['error']}")
+        print(f"[gpu_check] {results['total_s']} s; JSON: {args.out}")
+        return 0 if q["ok"] else 1
     try:
         if "e2e" not in skip:
             run_step("e2e", lambda: e2e(work, sz, n_gpus))

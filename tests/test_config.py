@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from workflow_helpers import REPO, snakemake, write_config
+from workflow_helpers import REPO, deep_update, snakemake, write_config
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,9 @@ def test_bad_config_is_rejected_naming_the_key(tmp_path, override, key):
 
 
 def test_shipped_configs_are_valid(tmp_path):
-    for name in ("config.yaml", "config/full.yaml", "config/medium.yaml"):  # medium: an overlay of config.yaml
+    # medium and the seed_grid pair: overlays of config.yaml
+    for name in ("config.yaml", "config/full.yaml", "config/medium.yaml", "config/seed_grid.yaml",
+                 "config/seed_grid_exact.yaml"):
         cfg = yaml.safe_load((REPO / name).read_text())
         cfg["run_dir"] = str(tmp_path / name.replace("/", "_"))
         path = tmp_path / "cfg.yaml"
@@ -68,6 +70,36 @@ def test_full_config_is_the_seeds_recipe():
     assert full["simulation"]["source_priors"] == "grid_sota" and full["simulation"]["host_priors"] == "sota"
     # one confuser rate in every split: the overlay must undo the demo's richer training split explicitly
     assert "train_confuser_frac" in full["simulation"] and full["simulation"]["train_confuser_frac"] is None
+
+
+def test_seed_grid_overlays_are_the_seeds_population_under_two_recipes():
+    """config/seed_grid.yaml: the demo's recipe on the seed's grid_sota sources, n ~ 4 hosts, bins and targets;
+    config/seed_grid_exact.yaml: the same stamps under the seed's recipe scaled to the CPU (issue 30)."""
+    load = lambda name: yaml.safe_load((REPO / name).read_text())  # noqa: E731
+    demo, full = load("config.yaml"), load("config/full.yaml")
+    grid = deep_update(demo, load("config/seed_grid.yaml"))
+    exact = deep_update(demo, load("config/seed_grid_exact.yaml"))
+    for cfg in (grid, exact):
+        assert cfg["simulation"]["source_priors"] == full["simulation"]["source_priors"] == "grid_sota"
+        assert cfg["simulation"]["host_priors"] == full["simulation"]["host_priors"] == "sota"
+        assert cfg["eval"] == full["eval"] and cfg["variants"] == full["variants"]
+        assert cfg["run_dir"] not in (demo["run_dir"], full["run_dir"])
+    assert grid["simulation"] == exact["simulation"] and grid["seed"] == exact["seed"]  # the same stamps
+    # the demo's recipe and budget, unchanged
+    for key in ("train", "gen2", "gen3_a1", "gen3_a2", "infer", "mine"):
+        assert grid[key] == demo[key], key
+    assert {k: v for k, v in grid["simulation"].items() if k not in ("source_priors", "host_priors")} == \
+        {k: v for k, v in demo["simulation"].items() if k not in ("source_priors", "host_priors")}
+    # the seed's recipe: whole stamps, the +-10 clip, three bands, a ConvNeXt, focal Gen3, independent Gen3, 1 view
+    t = exact["train"]
+    assert t["arch"].startswith("convnext") and t["crop"] == 64 and t["stretch"] == "clip"
+    assert t["rot180_residual"] is False and exact["infer"]["tta"] == 1
+    assert exact["gen3_a1"]["backbone_from_gen2"] is False and exact["gen2"]["loss"] == "bce"
+    for stage in ("gen3_a1", "gen3_a2"):
+        for key in ("loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr", "meta_cols"):
+            assert exact[stage][key] == full[stage][key], (stage, key)
+    assert exact["gen3_a2"]["lr"] / exact["gen3_a1"]["lr"] == pytest.approx(full["gen3_a2"]["lr"] / full["gen3_a1"]["lr"],
+                                                                           rel=0.02)
 
 
 def test_config_values_reach_the_shell_quoted(tmp_path):

@@ -291,3 +291,61 @@ def test_scores_s3_data_like_local(fake_phase4c, s3_phase4c, ckpt, tmp_path):
     assert _infer(s3_phase4c, ckpt, tmp_path / "s3.parquet") == 0
     assert _infer(fake_phase4c, ckpt, tmp_path / "local.parquet") == 0
     assert pq.read_table(tmp_path / "s3.parquet").equals(pq.read_table(tmp_path / "local.parquet"))
+
+
+def _rowgroup_data(root):
+    """A test split of two files cut in 20-row row groups, so that 48-row batches straddle row groups."""
+    from factory import fake_rows
+
+    d = Path(root) / "region_split=test"
+    d.mkdir(parents=True)
+    next_id = 0
+    for k, n in enumerate((130, 75)):
+        pq.write_table(fake_rows(n, "test", 0.5, k, 0.05, next_id).drop(["region_split"]), d / f"part-{k:04d}.parquet",
+                       row_group_size=20)
+        next_id += n
+    return Path(root)
+
+
+def test_sharded_reader_is_the_sequential_split_and_reads_only_its_row_groups(tmp_path, monkeypatch):
+    from darkhaloscope.errors import DHSError
+    from darkhaloscope.stamps.dataset import open_split
+
+    split = open_split(str(_rowgroup_data(tmp_path / "d")), "test")
+    cols = ["task_id", "stamp_npz", "region_split", *META]
+    sequential = list(split.iter_batches(cols, 48))
+    assert [b.num_rows for b in sequential] == [48, 48, 34, 48, 27]  # per file, crossing row groups
+    reads = []
+    real = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, row_groups=None, **kw):  # the row groups each read asks for
+        reads.extend(row_groups if row_groups is not None else range(self.metadata.num_row_groups))
+        return real(self, *args, row_groups=row_groups, **kw)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    for n_workers in (2, 3):
+        shards, per_worker = [], []
+        for w in range(n_workers):
+            reads.clear()
+            shards.append(list(split.iter_batches(cols, 48, shard=(w, n_workers))))
+            per_worker.append(len(reads))
+        merged = [shards[i % n_workers][i // n_workers] for i in range(len(sequential))]
+        assert sum(len(s) for s in shards) == len(sequential)
+        for got, want in zip(merged, sequential):
+            assert got.equals(want)
+        # 7 + 4 row groups in all; each worker reads those of its own batches (a straddling one twice at most)
+        assert sum(per_worker) <= 11 + len(sequential) and max(per_worker) < 11
+    with pytest.raises(DHSError, match="shard 2 of 2"):
+        list(split.iter_batches(cols, 48, shard=(2, 2)))
+
+
+def test_worker_sharded_infer_writes_the_same_scores(tmp_path, ckpt):
+    data = _rowgroup_data(tmp_path / "d")
+    outs = {}
+    for workers in (0, 2, 3):  # 0: the sequential reader in a background thread
+        outs[workers] = tmp_path / f"w{workers}.parquet"
+        assert _infer(data, ckpt, outs[workers], "--num_workers", str(workers)) == 0
+    want = pq.read_table(outs[0])
+    assert want.num_rows == 205
+    for workers in (2, 3):
+        assert pq.read_table(outs[workers]).equals(want)

@@ -97,9 +97,9 @@ def _prepared_batches_class():
 
 
 class _PreparedBatches:
-    """Iterable of prepared batches in file order. Worker ``w`` of ``W`` decodes batches ``i % W == w``
-    (each worker streams the split; only the decoding, the expensive part, is divided), which a
-    DataLoader's round-robin fetching returns in the original order."""
+    """Iterable of prepared batches in file order. Worker ``w`` of ``W`` reads and decodes batches ``i % W == w``
+    (``Split.iter_batches(shard=...)``: only the row groups of its own batches), which a DataLoader's
+    round-robin fetching returns in the original order."""
 
     def __init__(self, split, read_columns, batch_size, passthrough, ckpt, controls_only=False,
                  skip_nan_meta=False, keep_unscored=False):  # split: dataset.Split
@@ -113,9 +113,8 @@ class _PreparedBatches:
 
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for i, batch in enumerate(self.split.iter_batches(*self.args)):
-            if i % n_workers == worker:
-                yield _prepare(batch, self.passthrough, *self.meta, *self.options)
+        for batch in self.split.iter_batches(*self.args, shard=(worker, n_workers)):
+            yield _prepare(batch, self.passthrough, *self.meta, *self.options)
 
 
 def _in_background(iterable, depth: int = 2):
