@@ -28,6 +28,12 @@ position and ``region_split`` is derived from it exactly as ``dhs manifest`` doe
 of sky land in the same split. ``_failures.csv`` (ignored by parquet readers: leading underscore) lists
 every row with ``cutout_ok = 0`` and its reason. The run stops with an error, writing nothing, when more
 than ``--max_fetch_fail_frac`` of the rows could not be fetched at all (service down): rerun to resume.
+
+The output directory is written as a temporary sibling (``.<name>.tmp-<pid>``) holding the marker file
+``.dhs-cutouts`` and renamed into place at the end. An existing ``--out_dir`` is replaced only when it is empty
+or holds that marker (this command's own earlier output); a non-empty foreign directory, the working directory
+or one above it, and an output that holds the catalogue or the cache (or lies inside the cache) are refused
+before any fetch. Temporaries of killed runs (marker inside, writer dead) are removed. docs/promises.md.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ import pyarrow.parquet as pq
 
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE, depth_from_tractor_ivar, encode_stamp
 from darkhaloscope.errors import DHSError
+from darkhaloscope.io import _TMP, _alive, check_writable_dir
 
 DEFAULT_BASE_URL = "https://www.legacysurvey.org"
 LAYER = "ls-dr10"
@@ -64,6 +71,8 @@ USER_AGENT = "darkhaloscope-dhs-cutouts/0.1 (bounded concurrency, honours Retry-
 ROW_GROUP = 256
 # Reasons of rows whose cutout could not be fetched at all (as opposed to a fetched cutout judged unusable).
 FETCH_FAILURE_PREFIX = "fetch_failed"
+# Written into every output directory of `dhs cutouts`: only a directory holding it is ever replaced.
+MARKER = ".dhs-cutouts"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,12 +439,14 @@ def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: 
     region_id[good] = sky_cell(cat.ra[good], cat.dec[good])
     split = region_split_of(region_id, split_fracs).astype(str)
     extras = _extra_columns(cat.table, id_col)
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    tmp_dir = _tmp_dir(out_dir)
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     reasons = np.full(n, None, object)
     try:
         writers = {}
+        tmp_dir.mkdir(parents=True)
+        (tmp_dir / MARKER).write_text(json.dumps({"command": "dhs cutouts", "n_rows": n}) + "\n")
         for s in SPLITS:
             (tmp_dir / f"region_split={s}").mkdir(parents=True)
         schema = None
@@ -489,10 +500,9 @@ def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: 
         for w in writers.values():
             w.close()
         _write_failures(tmp_dir / "_failures.csv", cat, reasons)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_dir, out_dir)
+        _replace_output(tmp_dir, out_dir)
+    except OSError as exc:  # a full or failing disk: one line, the temporary is removed below
+        raise DHSError(f"--out_dir {out_dir} could not be written: {exc.strerror or type(exc).__name__}") from None
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir)
@@ -503,6 +513,98 @@ def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: 
             counts[key] = counts.get(key, 0) + 1
     return {"n_rows": n, "n_ok": int(sum(r is None for r in reasons)),
             "splits": {s: int((split == s).sum()) for s in SPLITS}, "failed_by_reason": counts}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output directory: replaced as a whole, and only when it is this command's own
+# ----------------------------------------------------------------------------------------------------
+
+def _tmp_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+
+
+def _trash_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f".{out_dir.name}.old.tmp-{os.getpid()}")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def _is_own(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def remove_stale_output_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` (being written) and ``.<name>.old.tmp-<pid>`` (being replaced)
+    directories beside ``out_dir`` that a killed run of this command left: the writer is dead and the directory
+    holds the marker. Anything else of that name is left alone."""
+    removed = []
+    try:
+        siblings = list(out_dir.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = _TMP.match(p.name)
+        if (m and m.group("name") in (out_dir.name, out_dir.name + ".old") and p.is_dir() and _is_own(p)
+                and not _alive(int(m.group("pid")))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def check_output_dir(out_arg: str, catalog: str, cache_dir: Path) -> Path:
+    """The absolute output directory, or a one-line DHSError before any fetch: the directory is replaced as a
+    whole at the end, so it must not be (or hold) the working directory, the catalogue or the cache, and an
+    existing non-empty directory is replaced only if it is this command's own earlier output (``MARKER``)."""
+    if "://" in str(out_arg):
+        raise DHSError(f"--out_dir must be a local directory, got {out_arg}")
+    out = Path(out_arg).resolve()
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, out):
+        raise DHSError(f"--out_dir {out_arg} is the working directory or holds it ({out}); the output directory is "
+                       "replaced as a whole: name a new subdirectory")
+    if out.exists() and not out.is_dir():
+        raise DHSError(f"--out_dir {out_arg} exists and is not a directory")
+    if "://" not in str(catalog) and _inside(Path(catalog).resolve(), out):
+        raise DHSError(f"--out_dir {out_arg} holds the input catalogue {catalog}: refusing to replace it")
+    cache = Path(cache_dir).resolve()
+    if _inside(cache, out) or _inside(out, cache):
+        raise DHSError(f"--out_dir {out_arg} and --cache_dir {cache_dir} overlap; the output directory is replaced "
+                       "as a whole, which would delete the cache: keep them apart")
+    if out.is_dir() and not _is_own(out) and any(out.iterdir()):
+        raise DHSError(f"--out_dir {out_arg} is a non-empty directory that dhs cutouts did not write (no {MARKER} "
+                       "in it): refusing to replace it; name a new or empty directory")
+    remove_stale_output_temporaries(out)
+    probe = _tmp_dir(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe.mkdir(exist_ok=True)
+        (probe / MARKER).write_text("{}\n")
+    except OSError as exc:
+        raise DHSError(f"--out_dir {out_arg} cannot be written: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+    check_writable_dir(cache, "--cache_dir")
+    return out
+
+
+def _replace_output(tmp_dir: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp_dir`` onto ``out_dir``. An existing ``out_dir`` is renamed aside first (and
+    then deleted) only when it is empty or this command's own output; a foreign one that appeared during the
+    run is refused."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not _is_own(out_dir):
+            raise DHSError(f"--out_dir {out_dir} was filled by something else during the run (no {MARKER}): "
+                           "refusing to replace it")
+        trash = _trash_dir(out_dir)
+        os.replace(out_dir, trash)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    if out_dir.is_dir():
+        out_dir.rmdir()
+    os.replace(tmp_dir, out_dir)
 
 
 def _write_failures(path: Path, cat: Catalog, reasons: np.ndarray) -> None:
@@ -555,9 +657,10 @@ def run(args: argparse.Namespace) -> int:
     split_fracs = parse_split_fracs(args.split_fracs)
     if "://" in str(args.out_dir):
         raise DHSError(f"--out_dir must be a local directory, got {args.out_dir}")
-    out_dir = Path(args.out_dir)
-    cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir.with_name(out_dir.name + ".cache")
+    out_abs = Path(args.out_dir).resolve()
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out_abs.with_name(out_abs.name + ".cache")
     cat = load_catalog(args.catalog, args.id_column)
+    out_dir = check_output_dir(args.out_dir, args.catalog, cache_dir)
     id_col = resolve_id_column(cat.table, args.id_column)
     fetcher = Fetcher(policy, cache_dir)
     reasons = fetch_all(cat, fetcher, progress=not args.no_progress)
