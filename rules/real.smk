@@ -6,31 +6,6 @@
 # is resolved), never from the run directory. docs/promises.md.
 
 
-def sky_catalog(sample):
-    """The catalogue of a sky sample as the job reads it: s3:// and other URIs unchanged, a local path absolute."""
-    path = str(REAL[SKY_SAMPLES[sample][0]])
-    if "://" in path:
-        return path
-    return os.path.normpath(path if os.path.isabs(path) else REPO / path)
-
-
-def sky_catalog_input(sample):
-    """The catalogue as a declared input (local files only: a URI is read by the job itself, not tracked)."""
-    path = sky_catalog(sample)
-    return [] if "://" in path else [local(path)]
-
-
-def check_sky_catalogs():
-    """Every configured local catalogue exists, checked at parse time: `snakemake -n` fails in one line."""
-    for sample, (key, _, _) in SKY_SAMPLES.items():
-        if not REAL.get(key):
-            continue
-        path = sky_catalog(sample)
-        if "://" not in path and not Path(path).is_file():
-            raise WorkflowError(f"invalid config key 'real_sky.{key}': {path} is not a file (a {sample} catalogue "
-                                f"is expected; relative paths are read from {REPO})")
-
-
 if REAL:
     check_sky_catalogs()
 

@@ -122,3 +122,66 @@ def test_cutouts_remove_their_own_stale_temporaries_only(setup):
     with FakeCutoutService(images) as svc:
         assert _cutouts(svc, root / "cat.parquet", root / "cutouts") == 0
     assert not ours.exists() and (foreign / "x.txt").read_text() == "keep" and live.exists()
+
+
+# ---- host manifests: tied to their host dataset, free of known lenses -----------------------------------
+
+def _hosts(svc, table, root, name="hosts", *extra):
+    path = root / f"{name}.parquet"
+    pq.write_table(table, path)
+    assert _cutouts(svc, path, root / name, *extra) == 0
+    return root / name
+
+
+def test_inject_refuses_a_manifest_of_another_host_dataset(sky, tmp_path, capsys):
+    cat, images, _, _ = sky
+    with FakeCutoutService(images) as svc:
+        hosts = _hosts(svc, cat, tmp_path)
+        hm = tmp_path / "hm.parquet"
+        assert main(["manifest", "--hosts", str(hosts), "--out", str(hm), "--exclude_radius_arcsec", "0"]) == 0
+        _hosts(svc, cat.slice(1), tmp_path)  # the hosts re-fetched: another catalogue at the same path
+    capsys.readouterr()
+    before = checksums(tmp_path)
+    rc = main(["inject", "--hosts", str(hosts), "--manifest", str(hm), "--out_dir", str(tmp_path / "inj")])
+    assert rc == 2
+    _one_line(capsys, "dhs manifest --hosts")
+    assert kept(before, checksums(tmp_path)) and not (tmp_path / "inj").exists()
+
+
+def test_known_lenses_are_left_out_of_the_hosts(sky, tmp_path, capsys):
+    cat, images, rows, _ = sky
+    lenses = tmp_path / "lenses.csv"  # two hosts are known lenses (1 arcsec off), one lens is elsewhere
+    lenses.write_text("name,RA,DEC\nL1,%.7f,%.7f\nL2,%.7f,%.7f\nL3,10.0,-5.0\n"
+                      % (rows["ra"][1], rows["dec"][1] + 1 / 3600, rows["ra"][4], rows["dec"][4]))
+    with FakeCutoutService(images) as svc:
+        hosts = _hosts(svc, cat, tmp_path)
+    capsys.readouterr()
+    hm = tmp_path / "hm.parquet"
+    assert main(["manifest", "--hosts", str(hosts), "--out", str(hm), "--known_lenses", str(lenses)]) == 0
+    assert "2 hosts within 3 arcsec of a known lens left out" in capsys.readouterr().out
+    host_ids = set(pq.read_table(hm).column("host_id").to_pylist())
+    names = cat.column("objid").to_pylist()
+    assert host_ids == set(names) - {names[1], names[4]}
+
+
+def test_a_known_lens_dataset_is_not_a_host_dataset(sky, tmp_path, capsys):
+    cat, images, _, _ = sky
+    with FakeCutoutService(images) as svc:
+        lenses = _hosts(svc, cat, tmp_path, "lenses", "--label", "lens")
+    capsys.readouterr()
+    rc = main(["manifest", "--hosts", str(lenses), "--out", str(tmp_path / "hm.parquet")])
+    assert rc == 2
+    _one_line(capsys, "--label lens")
+    assert not (tmp_path / "hm.parquet").exists()
+
+
+def test_a_host_manifest_without_hosts_says_add_hosts(sky, tmp_path, capsys):
+    cat, images, _, _ = sky
+    with FakeCutoutService(images) as svc:
+        hosts = _hosts(svc, cat, tmp_path)
+    hm = tmp_path / "hm.parquet"
+    assert main(["manifest", "--hosts", str(hosts), "--out", str(hm), "--exclude_radius_arcsec", "0"]) == 0
+    capsys.readouterr()
+    assert main(["inject", "--manifest", str(hm), "--out_dir", str(tmp_path / "inj")]) == 2
+    _one_line(capsys, "add --hosts")
+    assert not (tmp_path / "inj").exists()

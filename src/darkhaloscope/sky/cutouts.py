@@ -500,6 +500,8 @@ def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: 
         for w in writers.values():
             w.close()
         _write_failures(tmp_dir / "_failures.csv", cat, reasons)
+        (tmp_dir / MARKER).write_text(json.dumps({"command": "dhs cutouts", "n_rows": n,
+                                                  "sha256": parts_sha256(tmp_dir)}) + "\n")
         _replace_output(tmp_dir, out_dir)
     except OSError as exc:  # a full or failing disk: one line, the temporary is removed below
         raise DHSError(f"--out_dir {out_dir} could not be written: {exc.strerror or type(exc).__name__}") from None
@@ -533,6 +535,44 @@ def _inside(child: Path, parent: Path) -> bool:
 
 def _is_own(path: Path) -> bool:
     return (path / MARKER).is_file()
+
+
+def parts_sha256(root, fs=None) -> str:
+    """The content hash of a dataset: SHA-256 over the relative path and bytes of every parquet file under
+    ``root`` (sorted by path). ``dhs cutouts`` stores it in its marker; a host manifest records it (sky.hosts)."""
+    import hashlib
+
+    import pyarrow.fs as pafs
+
+    if fs is None:
+        fs, root = pafs.LocalFileSystem(), str(Path(root).resolve())
+    root = str(root).rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not Path(i.path).name.startswith((".", "_")))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path[len(root):].lstrip("/").encode() + b"\0")
+        with fs.open_input_stream(path) as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_sha256(root) -> str:
+    """``parts_sha256`` of a dataset written by this command, read from its marker (local or a pyarrow URI);
+    computed from the files when the marker lacks it."""
+    from darkhaloscope.stamps.dataset import filesystem as _filesystem
+
+    fs, path = _filesystem(str(root))
+    try:
+        with fs.open_input_stream(f"{str(path).rstrip('/')}/{MARKER}") as fh:
+            sha = json.loads(fh.read().decode()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sha = None
+    if sha:
+        return sha
+    return parts_sha256(path, fs) if "://" in str(root) else parts_sha256(root)
 
 
 def remove_stale_output_temporaries(out_dir: Path) -> list[Path]:
