@@ -75,3 +75,15 @@ def test_run_dir_without_gen2_scores_and_a_missing_file(tmp_path, capsys):
 def test_hanley_mcneil_interval_shrinks_with_n():
     w = [np.diff(ft.auroc_interval(0.8, n, n))[0] for n in (100, 1000, 10000)]
     assert w[0] > w[1] > w[2] > 0 and math.isnan(ft.auroc_interval(0.8, 0, 10)[0])
+
+
+def test_repeated_label_and_json_onto_a_directory_are_one_line(tmp_path, capsys):
+    _, path = scores(tmp_path, n_pos=300, n_neg=1200)
+    assert ft.main(["--scores", f"m={path}", "--scores", f"m={path}"]) == 2  # the second model is not dropped silently
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "label 'm'" in err and "Traceback" not in err
+    (tmp_path / "outdir").mkdir()
+    for flag in ("--json", "--md"):
+        assert ft.main(["--scores", f"m={path}", flag, str(tmp_path / "outdir")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err and "is a directory" in err
