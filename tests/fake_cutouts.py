@@ -8,7 +8,9 @@ a list of faults consumed one per request (then it answers normally), or a persi
 Faults: ``slow`` (sleeps ``slow_s`` before answering), ``500``, ``503`` (with Retry-After), ``429``
 (with ``Retry-After: 1``), ``truncated`` (Content-Length of the whole file, half the body, then the
 connection closes), ``truncated_nolength`` (half a file, no Content-Length), ``drop`` (closes the
-connection without an answer), ``wrong_shape`` (a (1, 64, 64) cube), ``all_zero``, ``404``.
+connection without an answer), ``wrong_shape`` (a (1, 64, 64) cube), ``all_zero``, ``404``, ``half_zero``
+(the left half of every band zero: a partial overlap with the coadds), ``dribble`` (the answer one byte every
+0.5 s) and ``hang`` (no answer for 60 s).
 """
 
 from __future__ import annotations
@@ -134,6 +136,25 @@ class FakeCutoutService:
             body = fits_bytes(image[:1])
         elif fault == "all_zero":
             body = fits_bytes(np.zeros_like(image))
+        elif fault == "half_zero":
+            half = np.array(image, np.float32, copy=True)
+            half[:, :, : half.shape[2] // 2] = 0.0
+            body = fits_bytes(half)
+        elif fault == "hang":
+            time.sleep(60)
+            return
+        elif fault == "dribble":
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            try:
+                for i in range(len(body)):
+                    h.wfile.write(body[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+            return
         self._send(h, 200, body, {"Content-Type": "application/fits"})
 
     @staticmethod
