@@ -185,3 +185,58 @@ def test_a_host_manifest_without_hosts_says_add_hosts(sky, tmp_path, capsys):
     assert main(["inject", "--manifest", str(hm), "--out_dir", str(tmp_path / "inj")]) == 2
     _one_line(capsys, "add --hosts")
     assert not (tmp_path / "inj").exists()
+
+
+# ---- dhs recall: its inputs are never overwritten, and its thresholds are read strictly ----------------------
+
+def _table(path, thresholds, targets=None):
+    import pandas as pd
+
+    targets = targets or [0.01, 0.001][: len(thresholds)]
+    pd.DataFrame({"stratum": "all", "metric": "tpr@fpr", "target": targets, "threshold": thresholds}).to_csv(
+        path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--out_csv", "--scores_out", "--report"])
+def test_recall_refuses_to_write_onto_its_inputs(tmp_path, capsys, flag):
+    csv = _table(tmp_path / "gen3_stratified_fpr.csv", [1.0, 2.0])
+    data = tmp_path / "lenses"
+    (data / "region_split=test").mkdir(parents=True)
+    (data / "region_split=test" / "part-00000.parquet").write_bytes(b"not read")
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"not read")
+    target = {"--out_csv": csv, "--scores_out": data / "region_split=test" / "part-00000.parquet",
+              "--report": ckpt}[flag]
+    before = checksums(tmp_path)
+    rc = main(["recall", "--data", str(data), "--ckpt", str(ckpt), "--stratified_csv", str(csv), flag, str(target)])
+    assert rc == 2
+    assert flag in _one_line(capsys, "refusing")
+    assert kept(before, checksums(tmp_path))
+
+
+def test_recall_thresholds_are_read_strictly(tmp_path):
+    import math
+
+    from darkhaloscope.errors import DHSError
+    from darkhaloscope.sky.recall import operating_thresholds
+
+    got = operating_thresholds(_table(tmp_path / "a.csv", ["inf", "-1.5"]))
+    assert got[1][1] == math.inf  # dhs eval writes inf where no control lies above the cut: kept, not blank
+    with pytest.raises(DHSError, match="repeats fpr target 0.01"):
+        operating_thresholds(_table(tmp_path / "b.csv", [1.0, 2.0], [0.01, 0.01]))
+    with pytest.raises(DHSError, match="threshold 'high' .* not a number"):
+        operating_thresholds(_table(tmp_path / "c.csv", ["high", 2.0]))
+
+
+def test_an_infinite_threshold_gives_recall_zero():
+    import math
+
+    import pandas as pd
+
+    from darkhaloscope.sky.recall import recall_table
+
+    lenses = pd.DataFrame({"grade": "all", "scored": [True] * 4, "logit": [1.0, 2.0, 3.0, 50.0]})
+    t = recall_table(lenses, [(0.001, math.inf), (0.01, 2.5), (0.1, math.nan)], None).set_index("fpr_target")
+    assert t.loc[0.001, "recall"] == 0 and t.loc[0.001, "n_found"] == 0 and t.loc[0.001, "ci_high"] > 0
+    assert t.loc[0.01, "recall"] == 0.5 and math.isnan(t.loc[0.1, "recall"])
