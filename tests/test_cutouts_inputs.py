@@ -175,3 +175,48 @@ def test_ctrl_c_against_a_hung_service_is_quick(tmp_path):
         took = time.monotonic() - t0
     assert proc.returncode == 130 and took < 3, (took, err)
     assert "interrupted" in err and "Traceback" not in err
+
+
+def test_conditions_from_the_releases_tractor_catalogues(tmp_path):
+    """A catalogue with upper-case columns and no conditions (as the seed's Phase 3 file and lenscat): each row
+    takes psfsize/psfdepth of the nearest Tractor source of its brick (the file's BRICKNAME, else computed),
+    fetched once per brick and cached; a row whose brick has no Tractor file has no conditions."""
+    import io as _io
+
+    from astropy.table import Table
+
+    from darkhaloscope.simulation.manifest import brickname_of
+
+    cat, images, rows, _ = simulated_sky(6, seed=13)
+    ra, dec = rows["ra"], rows["dec"]
+    bricks = brickname_of(ra, dec)
+    files = {}
+    for brick in sorted(set(bricks[:5])):  # row 5's brick has no Tractor file
+        sel = [i for i in range(5) if bricks[i] == brick]
+        t = Table()
+        t["RA"] = np.r_[ra[sel], ra[sel]]
+        t["DEC"] = np.r_[dec[sel] + 0.2 / 3600, dec[sel] + 5.0 / 3600]  # the source, and a neighbour 5" away
+        for c in ("psfsize", "psfdepth"):
+            for b in "grz":
+                v = cat.column(f"{c}_{b}").to_numpy()[sel]
+                t[f"{c.upper()}_{b.upper()}"] = np.r_[v, v * 1.5].astype(np.float32)
+        buf = _io.BytesIO()
+        t.write(buf, format="fits")
+        files[f"/tractor/{brick[:3]}/tractor-{brick}.fits"] = buf.getvalue()
+    upper = pa.table({"OBJID": cat.column("objid"), "RA": cat.column("ra"), "DEC": cat.column("dec"),
+                      "BRICKNAME": pa.array([bricks[0], bricks[1], "", "", "", ""])})
+    with FakeCutoutService(images, files=files) as svc:
+        for _ in range(2):
+            assert _run(tmp_path, upper, svc.base_url, "--tractor_url", svc.base_url + "/tractor") == 0
+        asked = list(svc.file_requests)
+    assert sorted(asked) == sorted({f"/tractor/{b[:3]}/tractor-{b}.fits" for b in bricks})  # once per brick
+    out = pads.dataset(tmp_path / "o", partitioning="hive").to_table().to_pandas().set_index("task_id")
+    for i, name in enumerate(cat.column("objid").to_pylist()):
+        r = out.loc[name]
+        if i == 5:
+            assert r["cutout_ok"] == 0 and r["cutout_reason"].startswith("no_conditions")
+            continue
+        assert r["cutout_ok"] == 1
+        for b in "grz":  # float32 in the Tractor file, as in the real ones
+            assert r[f"psfsize_{b}"] == pytest.approx(rows[f"psfsize_{b}"][i], rel=1e-6)
+            assert r[f"psfdepth_{b}"] == pytest.approx(rows[f"psfdepth_{b}"][i], abs=1e-5)

@@ -257,12 +257,36 @@ def check_conditions(psfsize: np.ndarray, ivar: np.ndarray, path) -> None:
         _refuse_outside(depth, DEPTH_RANGE, f"psfdepth_{b} (as a 5-sigma depth)", path, "AB mag")
 
 
-def load_catalog(path: str, id_column: str | None = None) -> Catalog:
+def load_catalog(path: str, id_column: str | None = None, conditions=None) -> Catalog:
+    """The catalogue, checked. ``conditions``: a callable (ra, dec, brickname) -> (psfsize, psfdepth ivar), each
+    (N, 3) with NaN where unknown, that supplies the observing conditions when the catalogue has none of the
+    ``CONDITION_INPUTS`` columns (sky.tractor: the release's own Tractor catalogues)."""
     table = read_catalog(path, id_column)
+    have = [c for c in CONDITION_INPUTS if c in table.column_names]
+    if conditions is not None and not have and "ra" in table.column_names and "dec" in table.column_names \
+            and table.num_rows:
+        from darkhaloscope.simulation.manifest import brickname_of
+
+        ra0, dec0 = _floats(table, "ra"), _floats(table, "dec")
+        _refuse_outside(ra0, (0.0, 360.0), "ra", path, "deg", closed_top=False)
+        _refuse_outside(dec0, (-90.0, 90.0), "dec", path, "deg")
+        ok = np.isfinite(ra0) & np.isfinite(dec0)
+        bricks = np.full(len(ra0), "", object)
+        if "brickname" in table.column_names:
+            bricks[:] = [str(b) if b is not None else "" for b in table.column("brickname").to_pylist()]
+        need = ok & (bricks == "")
+        if need.any():
+            bricks[need] = brickname_of(ra0[need], dec0[need])
+        size, ivar = conditions(ra0, dec0, bricks)
+        for j, b in enumerate(BANDS):
+            table = table.append_column(f"psfsize_{b}", pa.array(size[:, j], from_pandas=True))
+        for j, b in enumerate(BANDS):
+            table = table.append_column(f"psfdepth_{b}", pa.array(ivar[:, j], from_pandas=True))
     missing = [c for c in ("ra", "dec", *CONDITION_INPUTS) if c not in table.column_names]
     if missing:
         raise DHSError(f"catalogue {path} lacks column(s) {', '.join(missing)} (psfdepth_* as Tractor inverse "
-                       "variances, 1/nanomaggy^2)")
+                       "variances, 1/nanomaggy^2; with none of psfsize_*/psfdepth_*, --tractor_url fills them "
+                       "from the release's Tractor catalogues)")
     if table.num_rows == 0:
         raise DHSError(f"catalogue {path} has no rows")
     id_col = resolve_id_column(table, id_column)
@@ -430,11 +454,11 @@ class Fetcher:
             jitter = 0.5 + self._rng.random()
         return min(p.backoff * 2.0**attempt * jitter, p.max_backoff)
 
-    def _get(self, ra: float, dec: float) -> tuple[int, bytes, str | None]:
-        """(status, body, Retry-After) of one request; ``--timeout`` bounds the whole request, not each read:
+    def _get(self, url: str, params, timeout: float) -> tuple[int, bytes, str | None]:
+        """(status, body, Retry-After) of one request; ``timeout`` bounds the whole request, not each read:
         the body is read in chunks against one deadline (a server dribbling bytes is a timeout)."""
-        deadline = time.monotonic() + self.policy.timeout
-        resp = self._session().get(self.url, params=cutout_params(ra, dec), timeout=self.policy.timeout, stream=True)
+        deadline = time.monotonic() + timeout
+        resp = self._session().get(url, params=params, timeout=timeout, stream=True)
         with resp:
             chunks = []
             if resp.status_code == 200:
@@ -450,7 +474,11 @@ class Fetcher:
         """Make sure the cutout of (ra, dec) is in the cache; None on success (or already cached), a
         ``no_coverage`` reason for a 404 (remembered in the cache: permanent), else the reason of the last
         failure after all retries."""
-        path = cache_path(self.cache_dir, ra, dec)
+        return self.fetch_url(self.url, cutout_params(ra, dec), cache_path(self.cache_dir, ra, dec), parse_fits)
+
+    def fetch_url(self, url: str, params, path: Path, validate, timeout: float | None = None) -> str | None:
+        """``fetch`` of any file: the answer (checked by ``validate``, which raises on a corrupt body) cached at
+        ``path``, a 404 remembered beside it as no coverage."""
         if path.exists():
             return None
         if no_coverage_path(path).exists():
@@ -466,10 +494,10 @@ class Fetcher:
             try:
                 with self._lock:
                     self.n_requests += 1
-                status, body, retry_after_header = self._get(ra, dec)
+                status, body, retry_after_header = self._get(url, params, timeout or self.policy.timeout)
                 if status == 200:
                     try:
-                        parse_fits(body)
+                        validate(body)
                     except Exception as exc:  # truncated or corrupt body: transient, fetch again
                         last = f"bad_fits ({type(exc).__name__})"
                     else:
@@ -495,7 +523,7 @@ class Fetcher:
 
 def no_coverage_path(path: Path) -> Path:
     """Beside a cutout's cache file: the service answered 404 (no coverage) for that position."""
-    return path.with_name(path.name[: -len(".fits")] + ".nocoverage")
+    return path.with_name(path.stem + ".nocoverage")
 
 
 def is_transient(reason: str | None) -> bool:
@@ -857,6 +885,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "than this fraction of rows failed transiently (no_coverage rows do not count)")
     parser.add_argument("--max_consecutive_unreachable", type=int, default=MAX_CONSECUTIVE_UNREACHABLE,
                         help="stop early when this many cutouts in a row could not reach the service")
+    parser.add_argument("--tractor_url", default=None,
+                        help="when the catalogue has no psfsize_*/psfdepth_* columns: the release's Tractor catalogue "
+                             "directory (<url>/<AAA>/tractor-<brick>.fits; DR10: "
+                             "https://portal.nersc.gov/cfs/cosmo/data/legacysurvey/dr10/south/tractor); each row "
+                             "takes the conditions of the Tractor source nearest to it (sky.tractor)")
+    parser.add_argument("--tractor_match_arcsec", type=float, default=1.0,
+                        help="largest distance of the matched Tractor source")
+    parser.add_argument("--tractor_timeout", type=float, default=600.0,
+                        help="seconds per Tractor file request (the whole request; files are tens of MB)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -874,10 +911,17 @@ def run(args: argparse.Namespace) -> int:
         raise DHSError(f"--out_dir must be a local directory, got {args.out_dir}")
     out_abs = Path(args.out_dir).resolve()
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_abs.with_name(out_abs.name + ".cache")
-    cat = load_catalog(args.catalog, args.id_column)
-    out_dir = check_output_dir(args.out_dir, args.catalog, cache_dir)
-    id_col = resolve_id_column(cat.table, args.id_column)
     fetcher = Fetcher(policy, cache_dir)
+    conditions = None
+    if args.tractor_url:  # the Tractor files are fetched into the cache: the output checks come first
+        from darkhaloscope.sky.tractor import TractorConditions
+
+        out_dir = check_output_dir(args.out_dir, args.catalog, cache_dir)
+        conditions = TractorConditions(fetcher, args.tractor_url, args.tractor_match_arcsec, args.tractor_timeout)
+    cat = load_catalog(args.catalog, args.id_column, conditions)
+    if not args.tractor_url:  # a bad catalogue creates nothing
+        out_dir = check_output_dir(args.out_dir, args.catalog, cache_dir)
+    id_col = resolve_id_column(cat.table, args.id_column)
     reasons = fetch_all(cat, fetcher, progress=not args.no_progress,
                         max_consecutive_unreachable=args.max_consecutive_unreachable)
     failed = [r for r in reasons if is_transient(r)]
