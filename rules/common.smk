@@ -282,7 +282,8 @@ def cutout_args(sample):
     catalog_key, id_key, label = SKY_SAMPLES[sample]
     args = [flag("catalog", sky_catalog(sample)), flag("id_column", REAL.get(id_key)), flag("label", label),
             flag("base_url", REAL["base_url"]), flag("split_fracs", config["simulation"]["split_fracs"])]
-    args += [flag(k, REAL[k]) for k in ("concurrency", "timeout", "retries", "max_fetch_fail_frac") if k in REAL]
+    args += [flag(k, REAL[k]) for k in ("concurrency", "timeout", "retries", "max_fetch_fail_frac", "tractor_url")
+             if k in REAL]
     return " ".join(a for a in args if a)
 
 
