@@ -26,8 +26,16 @@ observing conditions are unusable (they are not fetched; a row without a positio
 position and ``region_split`` is derived from it exactly as ``dhs manifest`` does
 (``manifest.sky_cell`` + ``manifest.region_split_of``), so a host and a simulated task in the same patch
 of sky land in the same split. ``_failures.csv`` (ignored by parquet readers: leading underscore) lists
-every row with ``cutout_ok = 0`` and its reason. The run stops with an error, writing nothing, when more
-than ``--max_fetch_fail_frac`` of the rows could not be fetched at all (service down): rerun to resume.
+every row with ``cutout_ok = 0`` and its reason. Reasons are permanent (``no_coverage:http_404`` and
+``no_coverage:all_zero``: outside the footprint, the 404 remembered in the cache; ``partial_coverage``,
+``no_data_in_band``, ``wrong_shape``, ``bad_position``, ``no_conditions``) or transient (``fetch_failed:...``).
+The run stops with an error, writing nothing, when more than ``--max_fetch_fail_frac`` of the rows failed
+transiently (a rerun fetches only those), when no row is usable (a rerun will not help), or after
+``--max_consecutive_unreachable`` cutouts in a row could not reach the service. ``--timeout`` bounds each whole
+request. Positions outside [0, 360) x [-90, 90], PSF sizes and depths outside ``PSFSIZE_RANGE``/``DEPTH_RANGE``
+and depths given as magnitudes are refused, not wrapped. Column names are read in any case (DR10 files spell
+them in upper case); a catalogue without conditions takes them from the Tractor files (``--tractor_url``,
+sky.tractor).
 
 The output directory is written as a temporary sibling (``.<name>.tmp-<pid>``) holding the marker file
 ``.dhs-cutouts`` and renamed into place at the end. An existing ``--out_dir`` is replaced only when it is empty
