@@ -69,6 +69,30 @@ def set_key(cfg: dict, assignment: str) -> None:
     node[leaf] = parsed
 
 
+def check_config(cfg: dict) -> None:
+    """The changed configuration against the workflow's schema (schemas/config.schema.yaml), before anything is
+    copied: a value Snakemake would refuse is one line now, not a copied run and a failed workflow later."""
+    import jsonschema
+
+    schema = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
+    if errors:
+        key = ".".join(str(p) for p in errors[0].absolute_path) or "(top level)"
+        sys.exit(f"ablate: error: invalid config key '{key}': {errors[0].message}")
+
+
+def read_config(path: str) -> dict:
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        sys.exit(f"ablate: error: --configfile {path} cannot be read: {exc.strerror or type(exc).__name__}")
+    except yaml.YAMLError as exc:
+        sys.exit(f"ablate: error: --configfile {path} is not YAML ({type(exc).__name__})")
+    if not isinstance(cfg, dict):
+        sys.exit(f"ablate: error: --configfile {path} is not a configuration (a YAML mapping)")
+    return cfg
+
+
 def copy_run(src: Path, dst: Path) -> None:
     """Copy the run directory without ``SKIP`` (the stamps are read in place through ``existing:``), as real
     copies, because Snakemake edits some files in place (its ``.snakemake`` metadata, logs and benchmark
@@ -115,10 +139,12 @@ def main(argv=None) -> int:
         sys.exit(f"ablate: error: {run_dir} is not a finished run (no {TARGET} or {GEN3_SCORES})")
     if out_dir.exists():
         sys.exit(f"ablate: error: {out_dir} exists; give a new --out_dir")
+    if run_dir in out_dir.parents:  # the copy would copy itself, recursively
+        sys.exit(f"ablate: error: --out_dir {out_dir} lies inside --run_dir {run_dir}; put the ablation beside it")
     name = model_label(args.sets, args.name)
     if not args.sets:
         sys.exit("ablate: error: nothing to ablate: give at least one --set KEY=VALUE")
-    cfg = yaml.safe_load(Path(args.configfile).read_text())
+    cfg = read_config(args.configfile)
     for s in args.sets:
         if s.split(".", 1)[0] in DATA_SECTIONS:
             sys.exit(f"ablate: error: --set {s}: an ablation reuses the base run's data; a change to "
@@ -126,6 +152,7 @@ def main(argv=None) -> int:
         set_key(cfg, s)
     reuse_base_data(cfg, run_dir)
     cfg["run_dir"] = str(out_dir)
+    check_config(cfg)
 
     copy_run(run_dir, out_dir)
     config_path = out_dir / "ablation_config.yaml"

@@ -216,6 +216,20 @@ def append_csv(path: Path, rows: list[dict]) -> None:
         fh.write(buf.getvalue())
 
 
+def check_outputs(pairs, args) -> None:
+    """One model per label (the tables are keyed by label: a repeated one would drop a model silently), and the
+    --json/--md paths writable files, checked before any table is computed."""
+    from darkhaloscope.io import check_writable
+
+    labels = [label for label, _ in pairs]
+    for label in labels:
+        if labels.count(label) > 1:
+            raise DHSError(f"label '{label}' is given {labels.count(label)} times; give each model its own label")
+    for flag in ("json", "md"):
+        if getattr(args, flag):
+            check_writable(getattr(args, flag), f"--{flag}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run_dir", help="a finished workflow run directory (scores/gen3_test, gen2_test)")
@@ -239,6 +253,11 @@ def main(argv=None) -> int:
         pairs = [(k, str(p)) for k, p in found if k == "gen3" or p.exists()] + pairs
     if not pairs or any(len(p) != 2 for p in pairs):
         ap.error("give --run_dir or --scores label=path")
+    try:
+        check_outputs(pairs, args)
+    except DHSError as exc:
+        print(f"finder_table: error: {exc}", file=sys.stderr)
+        return 2
     try:
         results = {label: model_tables(path) for label, path in pairs}
     except DHSError as exc:  # a missing or malformed score file: one line, no traceback

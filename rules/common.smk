@@ -227,13 +227,55 @@ def hosts_flag():
     return "--hosts sky/hosts" if REAL else ""
 
 
+def known_lens_flags():
+    """`dhs manifest --hosts`: the known lenses left out of the hosts, mining's catalogue (mine.known_lenses, else
+    lenscat) and the real-sky lens catalogue, within mining's exclusion radius."""
+    if not REAL:
+        return ""
+    known = [config["mine"].get("known_lenses") or "lenscat"]
+    if REAL.get("lenses_catalog"):
+        known.append(sky_catalog("lenses"))
+    return " ".join([*(flag("known_lenses", k) for k in known),
+                     flag("exclude_radius_arcsec", config["mine"]["exclude_radius_arcsec"])])
+
+
+def sky_catalog(sample):
+    """The catalogue of a sky sample as the job reads it: `dhs parent`'s output (run-directory relative) when the
+    hosts come from sweep files, s3:// and other URIs unchanged, a local path absolute."""
+    if sample == "hosts" and from_sweeps():
+        return PARENT
+    path = str(REAL[SKY_SAMPLES[sample][0]])
+    if "://" in path:
+        return path
+    return os.path.normpath(path if os.path.isabs(path) else REPO / path)
+
+
+def sky_catalog_input(sample):
+    """The catalogue as a declared input (local files only: a URI is read by the job itself, not tracked)."""
+    if sample == "hosts" and from_sweeps():
+        return [PARENT]  # a job's output, tracked by the workflow
+    path = sky_catalog(sample)
+    return [] if "://" in path else [local(path)]
+
+
+def check_sky_catalogs():
+    """Every configured local catalogue exists, checked at parse time: `snakemake -n` fails in one line."""
+    for sample, (key, _, _) in SKY_SAMPLES.items():
+        if not REAL.get(key) or (sample == "hosts" and from_sweeps()):
+            continue
+        path = sky_catalog(sample)
+        if "://" not in path and not Path(path).is_file():
+            raise WorkflowError(f"invalid config key 'real_sky.{key}': {path} is not a file (a {sample} catalogue "
+                                f"is expected; relative paths are read from {REPO})")
+
+
 def manifest_args():
     sim = config["simulation"]
     if REAL:  # one task per usable host: no n_tasks; confusers and neighbours are whatever the sky has
         keys = ("control_frac", "source_priors")
     else:
         keys = ("n_tasks", "control_frac", "split_fracs", "source_priors", "host_priors", "confuser_frac")
-    args = [flag(k, sim[k]) for k in keys] + [flag("seed", config["seed"])] + clump_args(sim) + [hosts_flag()]
+    args = [flag(k, sim[k]) for k in keys] + [flag("seed", config["seed"])] + clump_args(sim) + [hosts_flag(), known_lens_flags()]
     if not REAL:  # test-only controls (the 1e-4 operating point needs >= 10^4 of them)
         args.append(flag("extra_test_controls", sim.get("extra_test_controls") or None))
         args.append(flag("train_confuser_frac", sim.get("train_confuser_frac")))
@@ -247,19 +289,11 @@ def from_sweeps():
     return bool(REAL and REAL.get("sweeps"))
 
 
-def host_catalog():
-    return PARENT if from_sweeps() else REAL["hosts_catalog"]
-
-
 def parent_args():
     """`dhs parent` flags: every sweep path or glob one shell-quoted argument."""
     sweeps = REAL["sweeps"] if isinstance(REAL["sweeps"], list) else [REAL["sweeps"]]
     return " ".join(["--sweeps", *(shlex.quote(str(s)) for s in sweeps), flag("selection", REAL.get("selection")),
                      flag("exclude_psf", REAL.get("exclude_psf"))])
-
-
-def cutout_input(sample):
-    return [PARENT] if sample == "hosts" and from_sweeps() else []
 
 
 def candidate_args():
@@ -270,10 +304,10 @@ def candidate_args():
 def cutout_args(sample):
     """`dhs cutouts` flags of one sample (hosts or lenses)."""
     catalog_key, id_key, label = SKY_SAMPLES[sample]
-    catalog = host_catalog() if sample == "hosts" else REAL[catalog_key]
-    args = [flag("catalog", catalog), flag("id_column", REAL.get(id_key)), flag("label", label),
+    args = [flag("catalog", sky_catalog(sample)), flag("id_column", REAL.get(id_key)), flag("label", label),
             flag("base_url", REAL["base_url"]), flag("split_fracs", config["simulation"]["split_fracs"])]
-    args += [flag(k, REAL[k]) for k in ("concurrency", "timeout", "retries", "max_fetch_fail_frac") if k in REAL]
+    args += [flag(k, REAL[k]) for k in ("concurrency", "timeout", "retries", "max_fetch_fail_frac", "tractor_url")
+             if k in REAL]
     return " ".join(a for a in args if a)
 
 

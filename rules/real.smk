@@ -2,6 +2,13 @@
 # of the host and known-lens catalogues, recall on the known lenses at the operating thresholds of the stratified
 # table, and the parent sample's top-N Gen3 scores as candidates for a person to grade. The FITS cache lives outside the
 # declared outputs (sky/cache/<sample>), so a failed or killed cutout job resumes where it stopped.
+# The catalogues are inputs of the cutouts rule: new content at the same path (a later mtime) reruns the cutouts and
+# everything downstream. A relative catalogue path is read from the repository (where config.yaml is and run_dir
+# is resolved), never from the run directory. docs/promises.md.
+
+
+if REAL:
+    check_sky_catalogs()
 
 
 rule parent:
@@ -25,7 +32,7 @@ rule parent:
 
 rule cutouts:
     input:
-        lambda w: cutout_input(w.sample),
+        catalog=lambda w: sky_catalog_input(w.sample),
     output:
         directory("sky/{sample}"),
     params:

@@ -8,7 +8,13 @@ a list of faults consumed one per request (then it answers normally), or a persi
 Faults: ``slow`` (sleeps ``slow_s`` before answering), ``500``, ``503`` (with Retry-After), ``429``
 (with ``Retry-After: 1``), ``truncated`` (Content-Length of the whole file, half the body, then the
 connection closes), ``truncated_nolength`` (half a file, no Content-Length), ``drop`` (closes the
-connection without an answer), ``wrong_shape`` (a (1, 64, 64) cube), ``all_zero``, ``404``.
+connection without an answer), ``wrong_shape`` (a (1, 64, 64) cube), ``all_zero``, ``404``, ``half_zero``
+(the left half of every band zero: a partial overlap with the coadds), ``dribble`` (the answer one byte every
+0.5 s) and ``hang`` (no answer for 60 s).
+
+``files`` serves other files of the release by URL path, e.g. Tractor catalogues at
+``/tractor/<AAA>/tractor-<brick>.fits`` (404 for any other path under ``/tractor/``); ``file_requests`` lists
+the paths asked for.
 """
 
 from __future__ import annotations
@@ -39,13 +45,15 @@ def fits_bytes(image: np.ndarray) -> bytes:
 
 class FakeCutoutService:
     def __init__(self, images: dict, faults: dict | None = None, persistent: dict | None = None,
-                 slow_s: float = 1.5, delay_s: float = 0.0):
+                 slow_s: float = 1.5, delay_s: float = 0.0, files: dict | None = None):
         self.images = {key_of(*k): v for k, v in images.items()}
         self.faults = {key_of(*k): list(v) for k, v in (faults or {}).items()}
         self.persistent = {key_of(*k): v for k, v in (persistent or {}).items()}
         self.slow_s = slow_s
         self.delay_s = delay_s
         self.requests: list[tuple[tuple[float, float], float, dict]] = []
+        self.files = dict(files or {})
+        self.file_requests: list[str] = []
         self.lock = threading.Lock()
         service = self
 
@@ -85,6 +93,11 @@ class FakeCutoutService:
     # --------------------------------------------------------------------------------------------
     def handle(self, h: BaseHTTPRequestHandler) -> None:
         url = urlparse(h.path)
+        if url.path.startswith("/tractor/"):
+            with self.lock:
+                self.file_requests.append(url.path)
+            body = self.files.get(url.path)
+            return self._send(h, 200, body) if body is not None else self._send(h, 404, b"not found")
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         if url.path != "/viewer/cutout.fits" or "ra" not in q or "dec" not in q:
             return self._send(h, 400, b"bad request")
@@ -134,6 +147,25 @@ class FakeCutoutService:
             body = fits_bytes(image[:1])
         elif fault == "all_zero":
             body = fits_bytes(np.zeros_like(image))
+        elif fault == "half_zero":
+            half = np.array(image, np.float32, copy=True)
+            half[:, :, : half.shape[2] // 2] = 0.0
+            body = fits_bytes(half)
+        elif fault == "hang":
+            time.sleep(60)
+            return
+        elif fault == "dribble":
+            h.send_response(200)
+            h.send_header("Content-Length", str(len(body)))
+            h.end_headers()
+            try:
+                for i in range(len(body)):
+                    h.wfile.write(body[i:i + 1])
+                    h.wfile.flush()
+                    time.sleep(0.5)
+            except OSError:
+                pass
+            return
         self._send(h, 200, body, {"Content-Type": "application/fits"})
 
     @staticmethod

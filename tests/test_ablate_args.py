@@ -36,3 +36,36 @@ def test_model_label_never_holds_an_equals_sign():
     assert ablate.model_label(["gen2.lr=2e-3"], "fast") == "fast"
     with pytest.raises(SystemExit, match="contains '='"):
         ablate.model_label(["gen2.lr=2e-3"], "lr=2e-3")
+
+
+def _finished_run(root):
+    run = root / "results"
+    (run / "scores").mkdir(parents=True)
+    (run / "gen3_stratified_fpr.csv").write_text("x\n")
+    (run / "scores" / "gen3_test_scores.parquet").write_bytes(b"x")
+    (run / "data" / "v4_sota").mkdir(parents=True)
+    (run / "data" / "v4_sota_moffat").mkdir(parents=True)
+    return run
+
+
+@pytest.mark.parametrize("case, message", [
+    ("inside", "lies inside --run_dir"),
+    ("bad_value", "gen3_a1.loss"),
+    ("no_config", "--configfile"),
+])
+def test_ablate_refuses_before_copying(tmp_path, capsys, case, message):
+    """Refused in one line before anything is copied: an --out_dir inside the base run (which would copy the run
+    into itself), a --set value the config schema refuses, a missing --configfile."""
+    run = _finished_run(tmp_path)
+    out, argv = tmp_path / "ablate", ["--set", "gen3_a1.loss=bce"]
+    if case == "inside":
+        out = run / "ablation"
+    elif case == "bad_value":
+        argv = ["--set", "gen3_a1.loss=softmax"]
+    else:
+        argv += ["--configfile", str(tmp_path / "nope.yaml")]
+    with pytest.raises(SystemExit) as exc:
+        ablate.main(["--run_dir", str(run), "--out_dir", str(out), *argv])
+    assert message in str(exc.value) and len(str(exc.value).splitlines()) == 1
+    assert not out.exists()
+    assert sorted(p.name for p in run.iterdir()) == ["data", "gen3_stratified_fpr.csv", "scores"]

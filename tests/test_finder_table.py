@@ -107,3 +107,15 @@ def test_the_committed_log_has_the_tools_schema():
     log = pd.read_csv(REPO / "docs" / "measurements" / "finder_runs.csv", dtype=str, keep_default_na=False)
     assert tuple(log.columns) == ft.CSV_COLUMNS and log.row_id.is_unique
     assert {"69", "69'", "71"} <= set(log.row_id)
+
+
+def test_repeated_label_and_json_onto_a_directory_are_one_line(tmp_path, capsys):
+    _, path = scores(tmp_path, n_pos=300, n_neg=1200)
+    assert ft.main(["--scores", f"m={path}", "--scores", f"m={path}"]) == 2  # the second model is not dropped silently
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "label 'm'" in err and "Traceback" not in err
+    (tmp_path / "outdir").mkdir()
+    for flag in ("--json", "--md"):
+        assert ft.main(["--scores", f"m={path}", flag, str(tmp_path / "outdir")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and flag in err and "is a directory" in err

@@ -302,3 +302,18 @@ def test_validation_skips_are_printed_and_recorded(tmp_path, capsys):
     assert "skipped stamps: 0 of 32 in training, 2 in validation" in err
     epoch = json.loads((tmp_path / "o" / "history.json").read_text())["epochs"][0]
     assert epoch["n_skipped"] == 0 and epoch["val_skipped"] == 2
+
+
+def test_train_refuses_stale_shards_as_infer_does(tmp_path, ck, capsys):
+    """Issue 29: stale shard files beside the current ones (duplicate task_ids in the training split)."""
+    root = tmp_path / "stale"
+    for split, n, start in (("train", 20, 0), ("val", 8, 100)):
+        (root / f"region_split={split}").mkdir(parents=True)
+        t = fake_rows(n, split, seed=4, start_id=start).drop(["region_split"])
+        pq.write_table(t, root / f"region_split={split}/part-00000.parquet")
+    stale = fake_rows(20, "train", seed=4).drop(["region_split"]).slice(0, 7)
+    pq.write_table(stale, root / "region_split=train/part-00001.parquet")
+    _one_line_error(capsys, _train_argv(root, tmp_path / "o"), "7 row(s) repeat a task_id")
+    _one_line_error(capsys, ["infer", "--data", root, "--split", "train", "--ckpt", ck, "--out",
+                             tmp_path / "s.parquet"], "7 row(s) repeat a task_id")
+    assert not (tmp_path / "o" / "best.pt").exists() and not (tmp_path / "s.parquet").exists()

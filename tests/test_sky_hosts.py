@@ -106,7 +106,7 @@ def test_tractor_shape_sets_lens_axis_ratio_and_angle(tmp_path):
                       "shape_e1": np.zeros(sel.sum()), "shape_e2": np.full(sel.sum(), -0.2)})
         (tmp_path / f"region_split={s}").mkdir()
         pq.write_table(t, tmp_path / f"region_split={s}" / "part-00000.parquet")
-    table, n_bad = build_host_manifest(str(tmp_path), seed=0, control_frac=0.0)
+    table, n_bad, _ = build_host_manifest(str(tmp_path), seed=0, control_frac=0.0)
     df = table.to_pandas()
     assert n_bad == 0 and len(df) == n
     assert np.allclose(df["lens_q"], (1 - 0.2) / 1.2)

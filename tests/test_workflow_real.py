@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -20,14 +22,54 @@ from workflow_helpers import REPO, snakemake, write_config
 pytestmark = pytest.mark.slow
 
 
-def test_real_config_dry_run_needs_no_network():
+def _real_config(tmp_path, **real_sky):
+    real = yaml.safe_load((REPO / "config/real.yaml").read_text())
+    real["real_sky"].update(real_sky)
+    real["run_dir"] = str(tmp_path / "results")
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(real))
+    return path
+
+
+def test_real_config_dry_run_needs_no_network(tmp_path):
     real = yaml.safe_load((REPO / "config/real.yaml").read_text())
     assert real["real_sky"]["base_url"] == "https://www.legacysurvey.org"
+    # the shipped paths name catalogues the user has to provide: the dry run says so in one line
     result = snakemake("-n", "--configfile", "config/real.yaml")
+    assert result.returncode != 0
+    lines = [ln for ln in (result.stdout + result.stderr).splitlines() if "invalid config key" in ln]
+    assert len(lines) == 1 and "real_sky.hosts_catalog" in lines[0] and "catalogs/lrg_parent.parquet" in lines[0]
+    # relative catalogue paths are read from the repository (where config.yaml and run_dir are resolved), never
+    # from the run directory
+    hosts, lenses = simulated_sky(4, seed=1)[0], simulated_sky(4, seed=2)[0]
+    pq.write_table(hosts, tmp_path / "lrg.parquet")
+    pq.write_table(lenses, tmp_path / "lenses.parquet")
+    rel = os.path.relpath(tmp_path, REPO)
+    cfg = _real_config(tmp_path, hosts_catalog=f"{rel}/lrg.parquet", lenses_catalog=f"{rel}/lenses.parquet")
+    result = snakemake("-n", "-p", "--configfile", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     planned = jobs_planned(result)
     assert planned["cutouts"] == 2 and planned["recall"] == 1 and planned["manifest"] == 1
     assert planned["sky_scores"] == 1 and planned["candidates"] == 1 and "parent" not in planned  # no sweeps set
+    assert f"--catalog {tmp_path / 'lrg.parquet'}" in result.stdout
+
+
+def test_a_changed_catalogue_reruns_its_cutouts(tmp_path):
+    """The catalogue is an input of the cutouts rule: new content at the same path reruns the job (and so
+    everything downstream); an unchanged catalogue does not."""
+    hosts, images, _, _ = simulated_sky(6, seed=4)
+    pq.write_table(hosts, tmp_path / "lrg.parquet")
+    pq.write_table(hosts.slice(0, 2), tmp_path / "lenses.parquet")
+    with FakeCutoutService(images) as svc:
+        cfg = _real_config(tmp_path, hosts_catalog=str(tmp_path / "lrg.parquet"), hosts_id_column="objid",
+                           lenses_catalog=str(tmp_path / "lenses.parquet"), base_url=svc.base_url, retries=1)
+        first = snakemake("sky/hosts", "--configfile", str(cfg))
+        assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert jobs_planned(snakemake("-n", "sky/hosts", "--configfile", str(cfg))) == {}
+    time.sleep(1.1)  # a later mtime, as a real re-fetch of the catalogue gives
+    pq.write_table(hosts.slice(1), tmp_path / "lrg.parquet")  # other content at the same path
+    again = snakemake("-n", "sky/hosts", "--configfile", str(cfg))
+    assert again.returncode == 0 and jobs_planned(again) == {"cutouts": 1}, again.stdout[-2000:]
 
 
 def test_real_sky_workflow_end_to_end(tmp_path):

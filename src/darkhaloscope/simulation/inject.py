@@ -279,6 +279,11 @@ def run(args) -> int:
     check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
     from darkhaloscope.io import check_writable_dir
 
+    from darkhaloscope.sky.hosts import is_host_manifest
+
+    if Path(args.manifest).is_file() and is_host_manifest(args.manifest):
+        raise DHSError(f"manifest {args.manifest} was written by dhs manifest --hosts: add --hosts DIR (the host "
+                       "dataset it was drawn from)")
     check_stale_shards(args.out_dir, args.shard, args.n_shards, args.batch_size)
     first_extra = first_extra_test_id(args.manifest) if args.skip_extra_test_controls else None
 

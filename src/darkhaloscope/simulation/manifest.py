@@ -610,6 +610,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--n_tasks", type=int, default=None, help="number of simulated tasks (not with --hosts)")
     parser.add_argument("--hosts", default=None,
                         help="real host stamps from dhs cutouts: one task per usable host (sky.hosts)")
+    parser.add_argument("--known_lenses", action="append", default=None,
+                        help="with --hosts: known lenses (CSV/parquet/FITS with ra/dec, or 'lenscat'; repeatable; "
+                             "default lenscat); hosts near one are left out, as mining leaves them out")
+    parser.add_argument("--exclude_radius_arcsec", type=float, default=None,
+                        help="with --hosts: leave out hosts within this radius of a known lens (default 3; 0: none)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--control_frac", type=float, default=0.5, help="fraction of unpaired controls")
     parser.add_argument("--split_fracs", default="0.7,0.15,0.15", help="train,val,test fractions of sky regions")
@@ -651,6 +656,8 @@ def run(args) -> int:
         return run_manifest(args)
     if args.n_tasks is None:
         raise DHSError("--n_tasks is required (or --hosts DIR for real host stamps)")
+    if args.known_lenses or args.exclude_radius_arcsec is not None:
+        raise DHSError("--known_lenses and --exclude_radius_arcsec apply to real hosts only (add --hosts DIR)")
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
                            args.host_priors, args.train_confuser_frac)

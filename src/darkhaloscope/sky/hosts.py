@@ -48,6 +48,8 @@ from darkhaloscope.io import atomic_output
 
 CONDITIONS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 HOST_MANIFEST_TAG = b"dhs_host_manifest"
+# The content hash of the host dataset a manifest was drawn from (cutouts.dataset_sha256): inject refuses another.
+HOSTS_SHA_TAG = b"dhs_hosts_sha256"
 
 
 def _dataset(hosts_dir: str):
@@ -70,7 +72,13 @@ def read_hosts(hosts_dir: str) -> tuple[pa.Table, int]:
     if missing:
         raise DHSError(f"host dataset {hosts_dir} lacks column(s) {', '.join(missing)} (write it with dhs cutouts)")
     cols = [*need, *[c for c in ("brickname", "region_id", "shape_e1", "shape_e2", "flux_r") if c in ds.schema.names]]
-    table = ds.to_table(columns=cols)
+    table = ds.to_table(columns=cols + (["is_control"] if "is_control" in ds.schema.names else []))
+    if "is_control" in table.column_names:
+        n_lens = int(pc.sum(pc.cast(pc.equal(table.column("is_control"), 0), pa.int64())).as_py() or 0)
+        if n_lens:
+            raise DHSError(f"host dataset {hosts_dir} holds {n_lens} known lens(es) (is_control = 0: written with "
+                           "dhs cutouts --label lens); hosts must be controls (--label control)")
+        table = table.drop_columns(["is_control"])
     ok = pc.equal(table.column("cutout_ok"), 1)
     n_bad = table.num_rows - int(pc.sum(pc.cast(ok, pa.int64())).as_py() or 0)
     table = table.filter(ok)
@@ -101,9 +109,51 @@ def shape_orientation(e1, e2) -> tuple[np.ndarray, np.ndarray]:
     return np.where(bad, np.nan, q), np.where(bad, np.nan, phi)
 
 
+def known_lens_positions(paths) -> tuple[np.ndarray, np.ndarray]:
+    """(ra, dec) of the known lenses in ``paths``: ``lenscat`` (or None) is the lenscat catalogue and a CSV or
+    parquet file is read as mining reads it (``mine.load_known_lenses``); any other catalogue (e.g. FITS) as
+    ``dhs cutouts`` reads it."""
+    from darkhaloscope.evaluation.mine import load_known_lenses
+    from darkhaloscope.sky.cutouts import read_catalog
+
+    ras, decs = [], []
+    for p in paths or [None]:
+        if p is None or p == "lenscat":
+            ra, dec = load_known_lenses(None)
+        elif str(p).lower().endswith((".csv", ".parquet", ".pq")):
+            ra, dec = load_known_lenses(p)
+        else:
+            t = read_catalog(p)
+            names = {c.lower(): c for c in t.column_names}
+            if "ra" not in names or "dec" not in names:
+                raise DHSError(f"known-lens catalogue {p} has no ra/dec columns")
+            ra = t.column(names["ra"]).to_numpy(zero_copy_only=False).astype(np.float64)
+            dec = t.column(names["dec"]).to_numpy(zero_copy_only=False).astype(np.float64)
+            good = np.isfinite(ra) & np.isfinite(dec)
+            ra, dec = ra[good], dec[good]
+        ras.append(ra)
+        decs.append(dec)
+    return np.concatenate(ras), np.concatenate(decs)
+
+
+def drop_known_lenses(hosts: pa.Table, known_lenses, radius_arcsec: float) -> tuple[pa.Table, int]:
+    """The hosts farther than ``radius_arcsec`` from every known lens (as mining excludes them: a known lens
+    must not become a labelled negative), and how many were dropped. ``radius_arcsec`` 0: none dropped."""
+    from darkhaloscope.evaluation.mine import KnownLensIndex
+
+    if radius_arcsec is None or radius_arcsec <= 0:
+        return hosts, 0
+    near = KnownLensIndex(*known_lens_positions(known_lenses)).near(_f(hosts, "ra"), _f(hosts, "dec"), radius_arcsec)
+    if near.all():
+        raise DHSError(f"every usable host lies within {radius_arcsec:g} arcsec of a known lens")
+    return hosts.filter(pa.array(~near)), int(near.sum())
+
+
 def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, source_priors: str = "realistic",
-                        clumps=None) -> tuple[pa.Table, int]:
-    """The host-injection manifest (module docstring) and the number of unusable hosts left out."""
+                        clumps=None, known_lenses=None, exclude_radius_arcsec: float = 0.0) -> tuple[pa.Table, int, int]:
+    """The host-injection manifest (module docstring), the number of unusable hosts left out and the number
+    of hosts left out as known lenses (``drop_known_lenses``)."""
+    from darkhaloscope.sky.cutouts import dataset_sha256
     from darkhaloscope.simulation.manifest import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
 
     clumps = (clumps or ClumpPrior()).check()
@@ -111,7 +161,9 @@ def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, so
         raise DHSError(f"--control_frac must be in [0, 1], got {control_frac}")
     if source_priors not in SOURCE_PRIORS:
         raise DHSError(f"unknown --source_priors '{source_priors}' (choose from {', '.join(SOURCE_PRIORS)})")
+    sha = dataset_sha256(hosts_dir)
     hosts, n_bad = read_hosts(hosts_dir)
+    hosts, n_known = drop_known_lenses(hosts, known_lenses, exclude_radius_arcsec)
     n = hosts.num_rows
     for c in CONDITIONS:
         v = _f(hosts, c)
@@ -167,7 +219,8 @@ def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, so
     text = f"hosts={hosts_dir};seed={seed};source_priors={source_priors};control_frac={control_frac}"
     if clumps.max > 0:
         text += f";source_clumps=max:{clumps.max}"
-    return pa.table(cols).replace_schema_metadata({HOST_MANIFEST_TAG: text.encode()}), n_bad
+    meta = {HOST_MANIFEST_TAG: text.encode(), HOSTS_SHA_TAG: sha.encode()}
+    return pa.table(cols).replace_schema_metadata(meta), n_bad, n_known
 
 
 def is_host_manifest(path) -> bool:
@@ -320,6 +373,14 @@ def run_inject(args) -> int:
         raise DHSError(f"manifest {manifest_path} does not exist")
     if not is_host_manifest(manifest_path):
         raise DHSError(f"manifest {manifest_path} was not written by dhs manifest --hosts (it has no host_id)")
+    from darkhaloscope.sky.cutouts import dataset_sha256
+
+    drawn_from = (pq.read_schema(manifest_path).metadata or {}).get(HOSTS_SHA_TAG, b"").decode()
+    now = dataset_sha256(args.hosts)
+    if drawn_from != now:
+        raise DHSError(f"manifest {manifest_path} was drawn from another host dataset than --hosts {args.hosts} "
+                       f"(content hash {drawn_from[:12] or 'not recorded'} vs {now[:12]}): rerun dhs manifest --hosts "
+                       "on the current hosts")
     manifest = pq.read_table(manifest_path)
     counts = render_host_shard(manifest, args.hosts, args.out_dir, args.psf_model, args.moffat_beta, args.shard,
                                args.n_shards, args.batch_size)
@@ -334,11 +395,16 @@ def run_manifest(args) -> int:
     if args.n_tasks is not None:
         raise DHSError("--n_tasks does not apply with --hosts (one task per usable host)")
 
-    table, n_bad = build_host_manifest(args.hosts, args.seed, args.control_frac, args.source_priors, clump_prior(args))
+    radius = 3.0 if args.exclude_radius_arcsec is None else args.exclude_radius_arcsec
+    if radius < 0:
+        raise DHSError(f"--exclude_radius_arcsec must be >= 0, got {radius}")
+    table, n_bad, n_known = build_host_manifest(args.hosts, args.seed, args.control_frac, args.source_priors,
+                                                clump_prior(args), args.known_lenses, radius)
     with atomic_output(args.out) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     splits = table.column("region_split").to_pylist()
     print(f"manifest (hosts {args.hosts}): {table.num_rows} tasks ({int(np.sum(table.column('is_control')))} controls)"
-          f", {n_bad} hosts with cutout_ok != 1 left out, train/val/test = {splits.count('train')}/"
+          f", {n_bad} hosts with cutout_ok != 1 left out, {n_known} hosts within {radius:g} arcsec of a known lens "
+          f"left out, train/val/test = {splits.count('train')}/"
           f"{splits.count('val')}/{splits.count('test')} -> {args.out}")
     return 0

@@ -59,8 +59,46 @@ def operating_thresholds(stratified_csv) -> list[tuple[float, float]]:
     rows = df[(df["stratum"] == "all") & (df["metric"] == "tpr@fpr")]
     if rows.empty:
         raise DHSError(f"{path} has no 'all' stratum tpr@fpr rows")
-    out = [(float(t), float(v) if pd.notna(v) else math.nan) for t, v in zip(rows["target"], rows["threshold"])]
+    out = []
+    for t, v in zip(rows["target"], rows["threshold"]):
+        target, thr = _number(t, "fpr target", path), _number(v, "threshold", path)
+        if math.isnan(target):
+            raise DHSError(f"{path}: an 'all' tpr@fpr row has no fpr target")
+        out.append((target, thr))
+    targets = [t for t, _ in out]
+    for t in targets:
+        if targets.count(t) > 1:
+            raise DHSError(f"{path} repeats fpr target {t:g} in its 'all' tpr@fpr rows ({targets.count(t)} rows): "
+                           "one threshold per target")
     return sorted(out)
+
+
+def _number(value, what: str, path) -> float:
+    """A cell as a float: empty is NaN (not estimable), 'inf' is inf (dhs eval's cut above every control)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DHSError(f"{path}: {what} '{value}' is not a number") from None
+
+
+def check_outputs(args) -> None:
+    """Before any work: no output is an input (or lies inside --data) or another output, and each is writable."""
+    from darkhaloscope.io import check_writable, refuse_overwrite, same_file
+
+    inputs = {"--data": args.data, "--ckpt": args.ckpt, "--stratified_csv": args.stratified_csv}
+    outs = {"--out_csv": args.out_csv or recall_path(args.stratified_csv), "--scores_out": args.scores_out,
+            "--report": args.report}
+    for flag, out in outs.items():
+        refuse_overwrite(out, inputs, flag)
+    named = [(f, o) for f, o in outs.items() if o is not None]
+    for i, (f, o) in enumerate(named):
+        for g, q in named[i + 1:]:
+            if same_file(o, q):
+                raise DHSError(f"{f} and {g} are the same file {o}: refusing to write one over the other")
+    for flag, out in named:
+        check_writable(out, flag)
 
 
 def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size: int = 256,
@@ -146,7 +184,7 @@ def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], gr
             row = {"grade": grade, "fpr_target": target, "threshold": thr, "tta_views": tta, "n_lenses": len(df),
                    "n_scored": len(scored), "n_found": math.nan, "recall": math.nan, "ci_low": math.nan,
                    "ci_high": math.nan, "n_unscored": int((~df["scored"]).sum())}
-            if math.isfinite(thr) and len(scored):
+            if not math.isnan(thr) and len(scored):  # an infinite threshold finds none (or all): recall 0 (1)
                 k, n = recall_at_threshold(scored, thr)
                 lo, hi = wilson_interval(k, n)
                 row.update(n_found=k, recall=k / n, ci_low=lo, ci_high=hi)
@@ -216,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
+    check_outputs(args)
     thresholds = operating_thresholds(args.stratified_csv)
     tta = views_of(args.tta, args.scored_with)
     lenses = score_lenses(args.data, args.ckpt, args.grade_column, args.batch_size, args.device, tta, args.use_bf16)
