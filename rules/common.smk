@@ -14,7 +14,8 @@ sys.path.insert(0, str(REPO / "src"))  # the workflow's own package (also withou
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation.strata import parse_bins
-from darkhaloscope.simulation.manifest import ClumpPrior, ClumpPriorError, parse_split_fracs
+from darkhaloscope.simulation.draws import ClumpPrior, ClumpPriorError
+from darkhaloscope.simulation.manifest import parse_split_fracs
 
 SPLITS = ["train", "val", "test"]
 VARIANTS = ["v4_sota", "v4_sota_moffat"]
@@ -81,7 +82,7 @@ SIM_CODE = sorted(
     local(str(p))
     for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
-       for f in ("stamps/contract.py", "sky/hosts.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
+       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 

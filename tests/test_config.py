@@ -98,7 +98,7 @@ def test_rules_leave_out_the_same_late_flag_defaults_as_the_training_fingerprint
     import ast
     import re
 
-    from darkhaloscope.learning.train import OPTIONAL_RESULT_ARGS
+    from darkhaloscope.learning.arguments import OPTIONAL_RESULT_ARGS
 
     text = (REPO / "rules/common.smk").read_text()
     later = ast.literal_eval(re.search(r"^\s*later = (\{.*?\})$", text, re.M).group(1))

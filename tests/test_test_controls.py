@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import ks_2samp
 
 from darkhaloscope import cli
-from darkhaloscope.simulation.manifest import add_test_controls, build_manifest, region_split_of
+from darkhaloscope.simulation.draws import region_split_of
+from darkhaloscope.simulation.manifest import add_test_controls, build_manifest
 
 FRACS = (0.6, 0.15, 0.25)
 

@@ -1,7 +1,7 @@
 """`dhs infer`: score one split with a checkpoint and write a score parquet.
 
 The network, its meta columns and their standardisation come from the checkpoint alone
-(``model.load_model``); stamps go through the training stream's decode + normalise + meta path
+(``checkpoint.load_model``); stamps go through the training stream's decode + normalise + meta path
 (``stream.decode_batch``), so training and inference cannot disagree on normalisation.
 
 Memory is bounded: the split is streamed in record batches (``stamps.dataset.Split.iter_batches``), decoded one
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from darkhaloscope.io import check_writable, refuse_overwrite
-    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.checkpoint import load_model
     from darkhaloscope.learning.stream import open_split
 
     if args.batch_size < 1:

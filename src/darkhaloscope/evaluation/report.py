@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics, strata
+from darkhaloscope import metrics
+from darkhaloscope.evaluation import strata
 from darkhaloscope.io import atomic_output
 
 log = logging.getLogger("dhs.report")

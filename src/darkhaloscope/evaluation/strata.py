@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics
+from darkhaloscope import metrics
 from darkhaloscope.stamps.contract import resolution_psf
 from darkhaloscope.values import parse_floats
 

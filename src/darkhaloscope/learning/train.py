@@ -12,40 +12,29 @@ same code. All bad input is rejected with a one-line DHSError before the first s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics
-from darkhaloscope.io import atomic_output, finite_or_null
-from darkhaloscope.learning import stream
+from darkhaloscope import metrics
+from darkhaloscope.learning import sampling, stream
+from darkhaloscope.learning.arguments import OPTIONAL_RESULT_ARGS, RESULT_ARGS
+from darkhaloscope.learning.checkpoint import (Checkpoints, Progress, data_identity, file_identity, fingerprint,
+                                               load_checkpoint, selection_key)
 from darkhaloscope.learning.losses import LOSSES, make_loss
-from darkhaloscope.learning.model import (DEFAULT_STEM_STRIDE, STAMP_SIZE, STRETCHES, build_model, load_checkpoint,
-                                          meta_statistics, model_kwargs, save_checkpoint, unwrap)
+from darkhaloscope.learning.meta import meta_statistics
+from darkhaloscope.learning.model import DEFAULT_STEM_STRIDE, STAMP_SIZE, STRETCHES, build_model, model_kwargs, unwrap
+from darkhaloscope.learning.runtime import Dist, bf16_enabled, log, lr_at
 from darkhaloscope.stamps import contract
 from darkhaloscope.stamps import dataset
-
-# Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
-# that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.
-RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride", "crop",
-               "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
-               "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
-               "train_split", "match_controls", "max_skip_frac", "variant")
-# Added later: hashed only when not at their default (an input: when given), so the fingerprints of runs without
-# them stay as they were.
-OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
-OPTIONAL_INPUTS = ("init_backbone_from",)
 
 
 KILL_ENV = "DHS_TRAIN_STOP_AFTER_STEPS"
@@ -116,134 +105,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
 
-class Dist:
-    """Rank / world size from torchrun's environment; a no-op on a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, obj):
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def log(d: Dist, msg: str) -> None:
-    if d.main:
-        tqdm.write(f"[dhs train] {msg}", file=sys.stderr)
-
-
-def lr_at(progress: float, base_lr: float, epochs: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup`` epochs, then cosine to 0 at ``epochs``; progress in epochs."""
-    if warmup > 0 and progress < warmup:
-        return base_lr * (progress + 1e-3) / warmup
-    span = max(epochs - warmup, 1e-9)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress - warmup, 0.0) / span, 1.0)))
-
-
-def file_identity(path: str | None) -> list | None:
-    if not path:
-        return None
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
-
-
-def data_identity(fs, files: list[str]) -> list:
-    return [[os.path.basename(f), fs.get_file_info(f).size] for f in files]
-
-
-def fingerprint(result_args: dict, inputs: dict) -> str:
-    """Hash of the arguments that change the result (``RESULT_ARGS``, as the run uses them, and
-    ``OPTIONAL_RESULT_ARGS`` away from their defaults) and the inputs (``OPTIONAL_INPUTS`` when given)."""
-    fields = {k: result_args[k] for k in RESULT_ARGS}
-    fields.update({k: result_args[k] for k, default in OPTIONAL_RESULT_ARGS.items() if result_args[k] != default})
-    fields["inputs"] = {k: v for k, v in inputs.items() if not (k in OPTIONAL_INPUTS and v is None)}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def rng_state() -> dict:
-    """The global generators a training step may draw from: torch (dropout, drop path), CUDA, and Python's
-    ``random``. Not numpy's global generator: nothing in a run draws from it (the stream and the augmentation
-    use their own seeded generators; tests/test_train.py checks that a whole run leaves it untouched), so there
-    is nothing of it to save or restore."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore ``rng_state()``; a checkpoint of an earlier version also holds a numpy entry, which nothing needs."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def bf16_enabled(requested: bool, device: torch.device) -> bool:
-    if not requested:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # CPU bf16 autocast only pays off with native bf16 instructions
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    except OSError:
-        return False
-
-
-SELECTION_FPRS = (1e-4, 1e-3, 1e-2)
-# A validation tpr@fpr t counts for the selection only when the threshold is set by at least this many
-# validation controls (n_neg * t >= 10): the threshold is an order statistic of the controls' scores, and
-# with k controls above it the estimate moves by ~1/sqrt(k) between epochs by chance alone. With 2.6 (the
-# demo's 2568 controls at 1e-3) the pick was noise: it kept an earlier epoch whose test tpr was lower than
-# the last epoch's on every target (docs/finder.md, row 30).
-SELECTION_MIN_FP = 10
-
-
-def selection_key(m: dict) -> tuple:
-    """best.pt: highest val tpr@fpr1e-4, ties by tpr@fpr1e-3, then AUROC (NaN counts as worst).
-
-    Only FPR targets the validation controls resolve with at least ``SELECTION_MIN_FP`` false positives
-    count (metrics.fpr_target_estimable): with fewer, tpr@fpr t rests on a handful of controls (or is merely
-    the TPR at zero false positives), a noisy pick. The two lowest such targets of 1e-4, 1e-3, 1e-2 lead, so
-    small validation sets select on tpr@fpr1e-2 and AUROC."""
-    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k] for k in selection_metrics(m))
-
-
-def selection_metrics(m: dict) -> list[str]:
-    """The metric names ``selection_key`` ranks by, in order, for validation metrics ``m``."""
-    n_neg = int(m.get("n_neg", 0))
-    fprs = [t for t in SELECTION_FPRS if metrics.fpr_target_estimable(n_neg, t, SELECTION_MIN_FP)][:2]
-    return [f"tpr@fpr{t:g}" for t in fprs] + ["auroc"]
-
 
 # ----------------------------------------------------------------------------------------------------
 # Setup: every check happens here, before the first step
@@ -288,8 +149,8 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None
 
 def _open_and_index(args, d: Dist, split: str, meta_cols: list[str], need_cuts: bool, need_match: bool):
     sp = stream.open_split(args.data, split)
-    scalars = list(meta_cols) + (list(stream.CUT_COLUMNS) if need_cuts else []) + \
-        (list(stream.MATCH_COLUMNS) if need_match else [])
+    scalars = list(meta_cols) + (list(sampling.CUT_COLUMNS) if need_cuts else []) + \
+        (list(sampling.MATCH_COLUMNS) if need_match else [])
     sp.require(list(contract.READ_COLUMNS) + scalars)
     index = stream.build_index(sp.fs, sp.files, scalars)
     dataset.check_unique_ids(index.task_id, sp.where, dataset.STALE_SHARD_HINT)
@@ -359,14 +220,14 @@ class Setup:
         except json.JSONDecodeError as exc:
             raise DHSError(f"--timm_kwargs is not JSON: {exc}") from None
         build_model(args.arch, 0, timm_kwargs=self.timm_kwargs)  # fails here, not after the data scan
-        self.cuts = stream.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
+        self.cuts = sampling.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
         self.match = args.match_controls == "on" or (args.match_controls == "auto" and self.cuts)
 
         mode, ckpt, path = _explicit_source(args)
         if args.init_backbone_from and mode == "warm":
             raise DHSError(f"--init_backbone_from and a warm start of the whole network ({path}) are both given: "
                            "use one of them")
-        self.hard_ids = stream.read_hard_negatives(args.hard_negs) if args.hard_negs else None
+        self.hard_ids = sampling.read_hard_negatives(args.hard_negs) if args.hard_negs else None
 
         # data: index the train and val splits (scalars only) and check classes and columns
         self.fs, self.train_files, train_index = _open_and_index(args, d, args.train_split, self.meta_cols,
@@ -374,13 +235,13 @@ class Setup:
         _, self.val_files, val_index = _open_and_index(args, d, args.val_split, self.meta_cols, self.cuts, False)
         _check_classes(train_index, args.train_split, "")
         _check_classes(val_index, args.val_split, "")
-        keep = stream.curriculum_mask(train_index, args.min_theta_over_psf, args.min_arc_snr)
+        keep = sampling.curriculum_mask(train_index, args.min_theta_over_psf, args.min_arc_snr)
         self.n_train_all = len(train_index)
         self.train_index = train_index.take(keep)
         _check_classes(self.train_index, args.train_split,
                        f"after the cuts theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}")
         self.val_index = val_index
-        self.val_cut = stream.curriculum_mask(val_index, args.min_theta_over_psf, args.min_arc_snr)
+        self.val_cut = sampling.curriculum_mask(val_index, args.min_theta_over_psf, args.min_arc_snr)
         _check_classes(val_index.take(self.val_cut), args.val_split, "after the curriculum cuts")
 
         warm_path = path if mode == "warm" else None
@@ -463,19 +324,19 @@ class Setup:
                                f"split '{args.train_split}'")
             base[hard] = args.hard_neg_weight
         weight = base.copy()
-        cond_cols = [c for c in stream.MATCH_COLUMNS if c in idx.columns] or \
+        cond_cols = [c for c in sampling.MATCH_COLUMNS if c in idx.columns] or \
             [c for c in self.meta_cols if c in idx.columns]
         cond = np.column_stack([idx.columns[c] for c in cond_cols]) if cond_cols else None
         if self.match and cond is not None:
-            w_ctrl = stream.control_match_weights(cond[~ctrl], cond[ctrl], base[ctrl])
+            w_ctrl = sampling.control_match_weights(cond[~ctrl], cond[ctrl], base[ctrl])
             weight[ctrl] = w_ctrl
         elif ctrl.any():
             weight[ctrl] = base[ctrl] * (ctrl.sum() / base[ctrl].sum())
         self.weight = None if np.all(weight == 1.0) else weight
         self.meta_auc_before = self.meta_auc_after = math.nan
         if cond is not None:
-            self.meta_auc_before = stream.metadata_auc(cond, idx.label)
-            self.meta_auc_after = stream.metadata_auc(cond, idx.label, weight)
+            self.meta_auc_before = sampling.metadata_auc(cond, idx.label)
+            self.meta_auc_after = sampling.metadata_auc(cond, idx.label, weight)
         self.cond_cols = cond_cols
 
 
@@ -489,70 +350,6 @@ def run(args) -> int:
         return _run(args, d)
     finally:
         d.close()
-
-
-@dataclass
-class Progress:
-    """Where a run stands: what last.pt saves and a resumed run restores."""
-    epoch: int = 0               # the epoch in progress (0-based)
-    batches_done: int = 0        # of that epoch
-    global_step: int = 0
-    history: list = field(default_factory=list)
-    best: dict | None = None
-    partial: tuple = (0.0, 0, 0, 0)  # loss_sum, n_seen, n_bad, n_planned of the epoch in progress (this rank)
-
-
-class Checkpoints:
-    """What a run writes: ``best.pt``, ``history.json`` (out_dir) and ``last.pt`` (state_dir), and the restore
-    of a ``last.pt`` (format: docs/architecture.md, 'Checkpoint format')."""
-
-    def __init__(self, s: Setup, d: Dist, model, model_kw: dict, opt):
-        self.s, self.d, self.model, self.model_kw, self.opt = s, d, model, model_kw, opt
-        self.out_dir = Path(s.args.out_dir)
-        self.last = Path(s.args.state_dir or s.args.out_dir) / "last.pt"
-
-    def _common(self, kind: str, epoch: int, metrics_: dict, finished: bool) -> dict:
-        s = self.s
-        return dict(kind=kind, arch=s.args.arch, model_kwargs=self.model_kw, state_dict=unwrap(self.model).state_dict(),
-                    meta_cols=s.meta_cols, meta_mean=s.meta_mean, meta_std=s.meta_std, variant=s.variant,
-                    args=vars(s.args), epoch=epoch, metrics=metrics_, finished=finished, fingerprint=s.fingerprint)
-
-    def save_last(self, p: Progress, finished: bool) -> None:
-        """last.pt at ``p``; the partial-epoch sums are summed over ranks (a collective: every rank calls it)."""
-        sums = self.d.sum([float(x) for x in p.partial])
-        if not self.d.main:
-            return
-        args = self.s.args
-        save_checkpoint(self.last, **self._common("last", p.epoch, p.history[-1] if p.history else {}, finished),
-                        optimizer=self.opt.state_dict(),
-                        scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-                                   "base_lr": args.lr}, scaler=None, rng=rng_state(),
-                        sampler={"epoch": p.epoch, "batches_done": p.batches_done, "seed": args.seed, "partial": sums},
-                        global_step=p.global_step, history=p.history, best=p.best)
-
-    def restore(self, ck: dict) -> Progress:
-        """Model, optimizer and RNG state of an interrupted run's last.pt, and where it stood."""
-        self.model.load_state_dict(ck["state_dict"])
-        self.opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"])
-        # the partial-epoch sums are over all ranks: rank 0 carries them, the others restart from 0
-        partial = tuple(ck["sampler"].get("partial", (0.0, 0, 0, 0))) if self.d.main else (0.0, 0, 0, 0)
-        return Progress(ck["sampler"]["epoch"], ck["sampler"]["batches_done"], ck["global_step"], ck["history"],
-                        ck.get("best"), partial)
-
-    def save_best(self, epoch: int, row: dict) -> None:
-        metrics_ = {"val_cut": row["val_cut"], "val_all": row["val_all"],
-                    "selected_by": "val_cut " + ", then ".join(selection_metrics(row["val_cut"]))}
-        save_checkpoint(self.out_dir / "best.pt", **self._common("best", epoch, metrics_, False))
-
-    def mark_best_finished(self) -> None:
-        """best.pt becomes a finished stage's checkpoint (what --resume of the next stage looks for)."""
-        ck = load_checkpoint(self.out_dir / "best.pt")
-        ck["finished"] = True
-        save_checkpoint(self.out_dir / "best.pt", **{k: v for k, v in ck.items() if k != "format"})
-
-    def write_history(self, p: Progress) -> None:
-        _write_history(self.out_dir / "history.json", self.s, p.history, p.best)
 
 
 def _log_setup(s: Setup, d: Dist) -> None:
@@ -769,26 +566,3 @@ def _format_epoch(row: dict, improved: bool) -> str:
             + ("\n    -> new best.pt" if improved else ""))
 
 
-def _write_history(path: Path, s: Setup, history: list, best: dict | None) -> None:
-    """history.json: one shape, ``{"args", "variant", ..., "best", "epochs": [per-epoch rows]}`` (the report
-    reads ``epochs``; a workflow that takes an existing Gen2 checkpoint writes ``{"epochs": []}``)."""
-    args = s.args
-    doc = {"args": vars(args), "variant": s.variant, "fingerprint": s.fingerprint,
-           "meta_cols": s.meta_cols, "meta_mean": s.meta_mean, "meta_std": s.meta_std,
-           "curriculum": {"min_theta_over_psf": args.min_theta_over_psf, "min_arc_snr": args.min_arc_snr,
-                          "match_controls": s.match, "condition_columns": s.cond_cols,
-                          "n_train_kept": len(s.train_index), "n_train_all": s.n_train_all,
-                          "meta_auc_filtered": s.meta_auc_before, "meta_auc_sampled": s.meta_auc_after},
-           "cutout_failed": {"train": s.train_index.n_cutout_failed, "val": s.val_index.n_cutout_failed},
-           "hard_negatives": {"path": args.hard_negs, "n_matched": s.n_hard, "weight": args.hard_neg_weight},
-           "best": best, "epochs": history}
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(finite_or_null(doc), indent=2, default=_json_default, allow_nan=False))
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return str(x)

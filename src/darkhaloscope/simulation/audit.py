@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.metrics import auroc
+from darkhaloscope.metrics import auroc
 from darkhaloscope.io import atomic_output
 from darkhaloscope.stamps import dataset
 from darkhaloscope.stamps.contract import CONDITION_COLUMNS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps

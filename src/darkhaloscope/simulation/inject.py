@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
-from darkhaloscope.simulation.manifest import CLUMP_COLUMNS, first_extra_test_id, read_manifest
+from darkhaloscope.simulation.draws import CLUMP_COLUMNS
+from darkhaloscope.simulation.manifest import first_extra_test_id, read_manifest
 from darkhaloscope.simulation.physics.psf import PSF_MODELS
 from darkhaloscope.simulation.scene import column_arrays, render_scenes
 from darkhaloscope.stamps.contract import BANDS, SPLITS, encode_stamp
@@ -272,7 +273,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     if args.hosts is not None:
-        from darkhaloscope.sky.hosts import run_inject
+        from darkhaloscope.simulation.real_hosts import run_inject
 
         check_args(args.psf_model, args.moffat_beta, args.shard, args.n_shards, args.batch_size)
         return run_inject(args)

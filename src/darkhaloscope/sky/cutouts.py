@@ -24,7 +24,7 @@ band), has ``cutout_ok = 0``, a null ``stamp_npz`` and a ``cutout_reason``; so d
 observing conditions are unusable (they are not fetched; a row without a position has a null
 ``region_id`` and the split that ``region_split_of`` gives region -1). ``region_id`` is the equal-area sky cell of the
 position and ``region_split`` is derived from it exactly as ``dhs manifest`` does
-(``manifest.sky_cell`` + ``manifest.region_split_of``), so a host and a simulated task in the same patch
+(``draws.sky_cell`` + ``draws.region_split_of``), so a host and a simulated task in the same patch
 of sky land in the same split. ``_failures.csv`` (ignored by parquet readers: leading underscore) lists
 every row with ``cutout_ok = 0`` and its reason. The run stops with an error, writing nothing, when more
 than ``--max_fetch_fail_frac`` of the rows could not be fetched at all (service down): rerun to resume.
@@ -190,7 +190,7 @@ def load_catalog(path: str, id_column: str | None = None) -> Catalog:
     if "brickname" in table.column_names:
         brick = np.array([str(b) if b is not None else "" for b in table.column("brickname").to_pylist()], object)
     else:
-        from darkhaloscope.simulation.manifest import brickname_of
+        from darkhaloscope.simulation.draws import brickname_of
 
         ok = np.isfinite(ra) & np.isfinite(dec)
         brick = np.full(len(ra), "", object)
@@ -421,7 +421,7 @@ def _extra_columns(table: pa.Table, id_col: str | None) -> list[str]:
 def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: Path, split_fracs,
              is_control: int, id_col: str | None, chunk: int = 1024) -> dict:
     """Write the dataset (to a temporary sibling directory, renamed at the end); returns a summary."""
-    from darkhaloscope.simulation.manifest import region_split_of, sky_cell
+    from darkhaloscope.simulation.draws import region_split_of, sky_cell
 
     out_dir = Path(out_dir)
     n = len(cat.ra)

@@ -64,7 +64,7 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
     logit (NaN when not scored)."""
     import torch
 
-    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.checkpoint import load_model
     from darkhaloscope.evaluation.infer import forward_logits
     from darkhaloscope.learning.stream import decode_batch, open_split
 
@@ -142,7 +142,7 @@ def _replace(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 
 def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], grade_column: str | None) -> pd.DataFrame:
-    from darkhaloscope.evaluation.metrics import recall_at_threshold, wilson_interval
+    from darkhaloscope.metrics import recall_at_threshold, wilson_interval
 
     groups = [("all", lenses)]
     if grade_column:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """The finder-quality tables (issue 10) from score parquets: a finished workflow run directory or any scores.
 
-    python benchmarks/finder_table.py --run_dir results                 # gen3_test + gen2_test of a run
-    python benchmarks/finder_table.py --scores gen3=a.parquet --scores gen2=b.parquet [--json out.json]
+    python tools/finder_table.py --run_dir results                 # gen3_test + gen2_test of a run
+    python tools/finder_table.py --scores gen3=a.parquet --scores gen2=b.parquet [--json out.json]
 
 Per model, on its test split (rows joined with the stamps' truth columns by `dhs infer`):
 * the summary row: AUROC (all positives, 95% Hanley-McNeil interval), tpr@fpr 1e-2 / 1e-3 / 1e-4 of all
@@ -33,7 +33,8 @@ import pandas as pd
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation import evaluate as ev
-from darkhaloscope.evaluation import metrics, strata
+from darkhaloscope import metrics
+from darkhaloscope.evaluation import strata
 from darkhaloscope.io import finite_or_null
 
 FPRS = (1e-2, 1e-3, 1e-4)

@@ -9,7 +9,7 @@ its host's ``region_split`` (set from the sky cell by ``dhs cutouts``, as the si
 
 Manifest: ``task_id`` is the task's row number (int64: shards and render blocks are task_id //
 batch_size, as for simulated data), ``host_id`` the host's catalogue id (any type), the host's position,
-split and conditions, ``noise_seed``, and the lens and source draws of ``manifest.draw_lenses`` (null for
+split and conditions, ``noise_seed``, and the lens and source draws of ``draws.draw_lenses`` (null for
 controls) with the lens at the stamp centre plus the simulator's 0.03-arcsec jitter. When the hosts have
 the Tractor shape ``shape_e1``/``shape_e2``, the lens axis ratio is the host's, q = (1 - |e|) / (1 + |e|)
 (clipped to the prior's lens_q range), and the lens angle is the host's major axis plus the simulator's
@@ -104,7 +104,7 @@ def shape_orientation(e1, e2) -> tuple[np.ndarray, np.ndarray]:
 def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, source_priors: str = "realistic",
                         clumps=None) -> tuple[pa.Table, int]:
     """The host-injection manifest (module docstring) and the number of unusable hosts left out."""
-    from darkhaloscope.simulation.manifest import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
+    from darkhaloscope.simulation.draws import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
 
     clumps = (clumps or ClumpPrior()).check()
     if not 0.0 <= control_frac <= 1.0:
@@ -225,7 +225,7 @@ def _host_stamps(hosts_dir: str, host_ids: pa.Array) -> dict:
 
 def _table(rows: dict, host_ids: pa.Array, res: dict, psf_model: str, beta: float, schema: pa.Schema) -> pa.Table:
     from darkhaloscope.simulation.inject import PASS_COLUMNS, TRUTH_COLUMNS
-    from darkhaloscope.simulation.manifest import CLUMP_COLUMNS
+    from darkhaloscope.simulation.draws import CLUMP_COLUMNS
 
     n = len(rows["task_id"])
     positive = np.asarray(rows["is_control"]) == 0
@@ -329,7 +329,7 @@ def run_inject(args) -> int:
 
 
 def run_manifest(args) -> int:
-    from darkhaloscope.simulation.manifest import clump_prior
+    from darkhaloscope.simulation.draws import clump_prior
 
     if args.n_tasks is not None:
         raise DHSError("--n_tasks does not apply with --hosts (one task per usable host)")
