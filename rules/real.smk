@@ -19,7 +19,7 @@ rule cutouts:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "dhs cutouts --out_dir {output} --cache_dir sky/cache/{wildcards.sample} {params.args} > {log} 2>&1"
+        "dhs cutouts --out_dir {output:q} --cache_dir sky/cache/{wildcards.sample:q} {params.args} > {log:q} 2>&1"
 
 
 rule recall:
@@ -45,6 +45,6 @@ rule recall:
     conda:
         "../envs/evaluate.yaml"
     shell:
-        "dhs recall --data {input.lenses} --ckpt {input.ckpt} --stratified_csv {input.csv} --out_csv {output.csv}"
-        " --scores_out {output.scores} --report {output.report} --batch_size {params.batch_size} {params.grade}"
-        " > {log} 2>&1"
+        "dhs recall --data {input.lenses:q} --ckpt {input.ckpt:q} --stratified_csv {input.csv:q} --out_csv {output.csv:q}"
+        " --scores_out {output.scores:q} --report {output.report:q} --batch_size {params.batch_size} {params.grade}"
+        " > {log:q} 2>&1"

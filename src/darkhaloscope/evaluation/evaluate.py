@@ -36,7 +36,7 @@ from darkhaloscope.evaluation.strata import (
     AUROC_COLUMNS, COMPLETENESS_COLUMNS, COMPLETENESS_SNR_COLUMNS, DEFAULT_FPR_TARGETS, DEFAULT_RES_BINS,
     DEFAULT_SNR_BINS, DEFAULT_THETA_BINS, DEFAULT_TPR_TARGETS, STRATUM_ALL, STRATUM_RES, STRATUM_SNR, STRATUM_THETA,
     TABLE_COLUMNS, OperatingPoint, bin_index, load_scores, parse_bins, parse_targets, table_paths)
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite, same_file
 
 log = logging.getLogger("dhs.eval")
 
@@ -247,8 +247,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_outputs(scores, outputs: dict) -> None:
     """Before anything is written: no output is the input or another output, and every output is writable."""
-    from darkhaloscope.io import check_writable, refuse_overwrite, same_file
-
     names = list(outputs.items())
     for i, (flag, path) in enumerate(names):
         refuse_overwrite(path, {"--scores": scores}, flag)

@@ -24,7 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import atomic_output
+from darkhaloscope.evaluation import scorefile  # the one score-file validator
+from darkhaloscope.evaluation.strata import bin_index, parse_bins
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite
 from darkhaloscope.stamps import dataset
 
 log = logging.getLogger("dhs.mine")
@@ -197,8 +199,6 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         raise DHSError(f"--exclude_radius_arcsec must be >= 0, got {radius_arcsec}")
     if per_psf_bin is not None and per_psf_bin < 1:
         raise DHSError(f"--per_psf_bin must be >= 1, got {per_psf_bin}")
-    from darkhaloscope.evaluation import scorefile  # the one score-file validator
-
     scores_path = Path(scores_path)
     pf = scorefile.open_score_file(scores_path, ("task_id", "ra", "dec", "is_control"))
     names = set(pf.schema_arrow.names)
@@ -208,8 +208,6 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         raise DHSError(f"--per_psf_bin needs a psfsize_r column, which {scores_path} lacks")
     edges = None
     if per_psf_bin is not None:
-        from darkhaloscope.evaluation.strata import bin_index, parse_bins
-
         edges = parse_bins(psf_bins or DEFAULT_PSF_BINS, "--psf_bins")
 
     index = KnownLensIndex(*load_known_lenses(known_lenses)) if radius_arcsec > 0 else None
@@ -295,8 +293,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from darkhaloscope.io import check_writable, refuse_overwrite
-
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
     refuse_overwrite(args.out, {"--scores": args.scores, "--known_lenses": args.known_lenses}, "--out")

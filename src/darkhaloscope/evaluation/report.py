@@ -30,7 +30,10 @@ import pandas as pd
 from darkhaloscope.errors import DHSError
 from darkhaloscope import metrics
 from darkhaloscope.evaluation import strata
-from darkhaloscope.io import atomic_output
+from darkhaloscope.evaluation.scorefile import read_checked
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite
+from darkhaloscope.stamps.contract import annulus_sky
+from darkhaloscope.stamps.dataset import fetch_stamps
 
 log = logging.getLogger("dhs.report")
 
@@ -270,8 +273,6 @@ def colour_composite(image: np.ndarray) -> np.ndarray:
     the stamp's own sky noise (robust sigma of the outer annulus)."""
     from astropy.visualization import make_lupton_rgb
 
-    from darkhaloscope.stamps.contract import annulus_sky
-
     sky, sigma = annulus_sky(image)
     scale = float(max(np.median(sigma), 1e-6))
     g, r, z = ((image[i] - sky[i]) / scale for i in range(3))
@@ -327,8 +328,6 @@ def page(title: str, parts: list[str]) -> str:
 def check_inputs(inputs: ReportInputs) -> None:
     """Read and validate every input file the page needs (score files through the one validator, each
     model's `dhs eval` tables, the histories and the hard negatives), so that nothing is written for a bad one."""
-    from darkhaloscope.evaluation.scorefile import read_checked
-
     for label, path in inputs.scores:
         read_checked(path, ("is_control", "logit", "score"))
         strata.read_tables(inputs.tables[label])
@@ -411,8 +410,6 @@ def build_html(inputs: ReportInputs) -> str:
 
 
 def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, op: strata.OperatingPoint) -> str:
-    from darkhaloscope.stamps.dataset import fetch_stamps
-
     n = max(1, inputs.gallery_n)
     picks: dict[str, tuple[str, pd.DataFrame | None, str]] = {}
     ctrl = primary[primary["y"] == 0].sort_values("rank", ascending=False).head(n)
@@ -486,8 +483,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from darkhaloscope.io import check_writable, refuse_overwrite
-
     inputs = ReportInputs.from_args(args)
     tables = {f"--tables {lab} ({key})": p for lab, csv in inputs.tables.items()
               for key, p in strata.table_paths(csv).items()}

@@ -22,10 +22,10 @@ from darkhaloscope.io import atomic_output, finite_or_null
 from darkhaloscope.learning.arguments import OPTIONAL_INPUTS, OPTIONAL_RESULT_ARGS, RESULT_ARGS
 from darkhaloscope.learning.model import LensClassifier, build_model, unwrap
 from darkhaloscope.learning.runtime import Dist, rng_state, set_rng_state
+from darkhaloscope.stamps.contract import check_meta_columns
 
 if TYPE_CHECKING:  # annotations only
     from darkhaloscope.learning.train import Setup
-
 
 CKPT_FORMAT = "darkhaloscope-ckpt-v1"
 
@@ -60,8 +60,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[LensClassifier, dict]:
     """Rebuild the network from the checkpoint alone -> (model in eval mode, checkpoint dict)."""
-    from darkhaloscope.stamps.contract import check_meta_columns
-
     ckpt = load_checkpoint(path, map_location)
     kwargs = ckpt["model_kwargs"]
     try:  # the allow-list is re-checked: a checkpoint is input too
@@ -94,6 +92,28 @@ def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[LensClassif
                        f"{str(exc).splitlines()[0]}") from None
     model.eval()
     return model, ckpt
+
+
+def resolve_start(mode: str | None, ckpt: dict | None, path: str, auto_resume: bool, state_last: Path,
+                  fingerprint_: str) -> tuple[str | None, dict | None, str, str]:
+    """Where a run starts: the checkpoint named on the command line (``mode`` 'continue' | 'warm' | None, its
+    checkpoint and path), unless --auto_resume finds an unfinished ``state_last`` with the same fingerprint
+    ('auto'). Returns (mode, checkpoint, path, a note on a last.pt that was not taken)."""
+    auto_note = ""
+    if auto_resume and mode != "continue" and state_last.exists():
+        try:
+            last = load_checkpoint(state_last)
+        except DHSError as exc:
+            auto_note = f"--auto_resume: ignoring {state_last} ({exc}); "
+        else:
+            if last.get("fingerprint") == fingerprint_ and not last.get("finished"):
+                mode, ckpt, path = "auto", last, str(state_last)
+            elif last.get("finished"):
+                auto_note = f"--auto_resume: {state_last} is a finished run, not continued; "
+            else:
+                auto_note = (f"--auto_resume: {state_last} has fingerprint {last.get('fingerprint')} != "
+                             f"{fingerprint_} (arguments or inputs changed); ")
+    return mode, ckpt, path, auto_note
 
 
 def file_identity(path: str | None) -> list | None:
@@ -159,29 +179,32 @@ class Checkpoints:
     """What a run writes: ``best.pt``, ``history.json`` (out_dir) and ``last.pt`` (state_dir), and the restore
     of a ``last.pt`` (format: docs/architecture.md, 'Checkpoint format')."""
 
-    def __init__(self, s: Setup, d: Dist, model, model_kw: dict, opt):
-        self.s, self.d, self.model, self.model_kw, self.opt = s, d, model, model_kw, opt
-        self.out_dir = Path(s.args.out_dir)
-        self.last = Path(s.args.state_dir or s.args.out_dir) / "last.pt"
+    def __init__(self, setup: Setup, ranks: Dist, model, model_kw: dict, opt):
+        self.setup, self.ranks, self.model, self.model_kw, self.opt = setup, ranks, model, model_kw, opt
+        self.out_dir = Path(setup.args.out_dir)
+        self.last = Path(setup.args.state_dir or setup.args.out_dir) / "last.pt"
 
     def _common(self, kind: str, epoch: int, metrics_: dict, finished: bool) -> dict:
-        s = self.s
-        return dict(kind=kind, arch=s.args.arch, model_kwargs=self.model_kw, state_dict=unwrap(self.model).state_dict(),
-                    meta_cols=s.meta_cols, meta_mean=s.meta_mean, meta_std=s.meta_std, variant=s.variant,
-                    args=vars(s.args), epoch=epoch, metrics=metrics_, finished=finished, fingerprint=s.fingerprint)
+        setup = self.setup
+        return dict(kind=kind, arch=setup.args.arch, model_kwargs=self.model_kw,
+                    state_dict=unwrap(self.model).state_dict(), meta_cols=setup.meta_cols, meta_mean=setup.meta_mean,
+                    meta_std=setup.meta_std, variant=setup.variant, args=vars(setup.args), epoch=epoch,
+                    metrics=metrics_, finished=finished, fingerprint=setup.fingerprint)
 
-    def save_last(self, p: Progress, finished: bool) -> None:
-        """last.pt at ``p``; the partial-epoch sums are summed over ranks (a collective: every rank calls it)."""
-        sums = self.d.sum([float(x) for x in p.partial])
-        if not self.d.main:
+    def save_last(self, progress: Progress, finished: bool) -> None:
+        """last.pt at ``progress``; the partial-epoch sums are summed over ranks (a collective: every rank calls it)."""
+        sums = self.ranks.sum([float(x) for x in progress.partial])
+        if not self.ranks.main:
             return
-        args = self.s.args
-        save_checkpoint(self.last, **self._common("last", p.epoch, p.history[-1] if p.history else {}, finished),
+        args = self.setup.args
+        last_metrics = progress.history[-1] if progress.history else {}
+        save_checkpoint(self.last, **self._common("last", progress.epoch, last_metrics, finished),
                         optimizer=self.opt.state_dict(),
                         scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
                                    "base_lr": args.lr}, scaler=None, rng=rng_state(),
-                        sampler={"epoch": p.epoch, "batches_done": p.batches_done, "seed": args.seed, "partial": sums},
-                        global_step=p.global_step, history=p.history, best=p.best)
+                        sampler={"epoch": progress.epoch, "batches_done": progress.batches_done, "seed": args.seed,
+                                 "partial": sums},
+                        global_step=progress.global_step, history=progress.history, best=progress.best)
 
     def restore(self, ck: dict) -> Progress:
         """Model, optimizer and RNG state of an interrupted run's last.pt, and where it stood."""
@@ -189,7 +212,7 @@ class Checkpoints:
         self.opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"])
         # the partial-epoch sums are over all ranks: rank 0 carries them, the others restart from 0
-        partial = tuple(ck["sampler"].get("partial", (0.0, 0, 0, 0))) if self.d.main else (0.0, 0, 0, 0)
+        partial = tuple(ck["sampler"].get("partial", (0.0, 0, 0, 0))) if self.ranks.main else (0.0, 0, 0, 0)
         return Progress(ck["sampler"]["epoch"], ck["sampler"]["batches_done"], ck["global_step"], ck["history"],
                         ck.get("best"), partial)
 
@@ -204,22 +227,22 @@ class Checkpoints:
         ck["finished"] = True
         save_checkpoint(self.out_dir / "best.pt", **{k: v for k, v in ck.items() if k != "format"})
 
-    def write_history(self, p: Progress) -> None:
-        _write_history(self.out_dir / "history.json", self.s, p.history, p.best)
+    def write_history(self, progress: Progress) -> None:
+        _write_history(self.out_dir / "history.json", self.setup, progress.history, progress.best)
 
 
-def _write_history(path: Path, s: Setup, history: list, best: dict | None) -> None:
+def _write_history(path: Path, setup: Setup, history: list, best: dict | None) -> None:
     """history.json: one shape, ``{"args", "variant", ..., "best", "epochs": [per-epoch rows]}`` (the report
     reads ``epochs``; a workflow that takes an existing Gen2 checkpoint writes ``{"epochs": []}``)."""
-    args = s.args
-    doc = {"args": vars(args), "variant": s.variant, "fingerprint": s.fingerprint,
-           "meta_cols": s.meta_cols, "meta_mean": s.meta_mean, "meta_std": s.meta_std,
+    args = setup.args
+    doc = {"args": vars(args), "variant": setup.variant, "fingerprint": setup.fingerprint,
+           "meta_cols": setup.meta_cols, "meta_mean": setup.meta_mean, "meta_std": setup.meta_std,
            "curriculum": {"min_theta_over_psf": args.min_theta_over_psf, "min_arc_snr": args.min_arc_snr,
-                          "match_controls": s.match, "condition_columns": s.cond_cols,
-                          "n_train_kept": len(s.train_index), "n_train_all": s.n_train_all,
-                          "meta_auc_filtered": s.meta_auc_before, "meta_auc_sampled": s.meta_auc_after},
-           "cutout_failed": {"train": s.train_index.n_cutout_failed, "val": s.val_index.n_cutout_failed},
-           "hard_negatives": {"path": args.hard_negs, "n_matched": s.n_hard, "weight": args.hard_neg_weight},
+                          "match_controls": setup.match, "condition_columns": setup.cond_cols,
+                          "n_train_kept": len(setup.train_index), "n_train_all": setup.n_train_all,
+                          "meta_auc_filtered": setup.meta_auc_before, "meta_auc_sampled": setup.meta_auc_after},
+           "cutout_failed": {"train": setup.train_index.n_cutout_failed, "val": setup.val_index.n_cutout_failed},
+           "hard_negatives": {"path": args.hard_negs, "n_matched": setup.n_hard, "weight": args.hard_neg_weight},
            "best": best, "epochs": history}
     with atomic_output(path) as tmp:
         tmp.write_text(json.dumps(finite_or_null(doc), indent=2, default=_json_default, allow_nan=False))

@@ -19,10 +19,9 @@ import torch
 from torch import nn
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.stamps.contract import NORM_CLIP
+from darkhaloscope.stamps.contract import NORM_CLIP, STAMP_SIZE
 
 DEFAULT_STEM_STRIDE = 4
-STAMP_SIZE = 64
 STRETCHES = ("clip", "asinh")
 STRETCH_SCALE = NORM_CLIP  # sigma: the seed's clip, and where the asinh stretch turns from linear to logarithmic
 

@@ -370,7 +370,7 @@ def draw_clumps(rng: np.random.Generator, lenses: dict, prior: ClumpPrior) -> di
     return out
 
 
-def _stream(seed: int, name: str) -> np.random.Generator:
+def stream(seed: int, name: str) -> np.random.Generator:
     """One independent generator per component, so adding a component never changes the others."""
     key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
     return np.random.default_rng(np.random.SeedSequence([int(seed), key]))

@@ -29,12 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, check_writable
 from darkhaloscope.simulation.draws import (CONFUSER_COLUMNS, LENS_COLUMNS, NEIGHBOUR_COLUMNS, SOURCE_PRIORS,
-                                            STAR_COLUMNS, ClumpPrior, _stream, brickname_of, clump_prior, draw_clumps,
+                                            STAR_COLUMNS, ClumpPrior, brickname_of, clump_prior, draw_clumps,
                                             draw_conditions, draw_confusers, draw_lenses, draw_neighbours,
-                                            draw_positions, draw_stars, region_split_of)
+                                            draw_positions, draw_stars, region_split_of, stream)
 from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
+from darkhaloscope.simulation.real_hosts import run_manifest
 from darkhaloscope.stamps.contract import CONDITION_COLUMNS
 from darkhaloscope.values import parse_floats
 
@@ -95,8 +96,8 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     split_fracs = parse_split_fracs(split_fracs)
 
     n = int(n_tasks)
-    ra, dec, region_id, region_index = draw_positions(_stream(seed, "sky"), n, int(n_regions))
-    label_rng = _stream(seed, "label")
+    ra, dec, region_id, region_index = draw_positions(stream(seed, "sky"), n, int(n_regions))
+    label_rng = stream(seed, "label")
     is_control = np.zeros(n, np.int32)
     is_control[label_rng.permutation(n)[: int(round(control_frac * n))]] = 1
     cols: dict[str, object] = {
@@ -106,22 +107,22 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
         "region_id": region_id.astype(np.int64),
         "region_split": region_split_of(region_id, split_fracs),
         "is_control": is_control,
-        "noise_seed": _stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64),
+        "noise_seed": stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64),
     }
-    cols.update(draw_conditions(_stream(seed, "conditions"), region_index))
-    hosts = draw_hosts(_stream(seed, "host"), n, host_priors)
+    cols.update(draw_conditions(stream(seed, "conditions"), region_index))
+    hosts = draw_hosts(stream(seed, "host"), n, host_priors)
     cols.update(hosts)
-    cols.update(draw_neighbours(_stream(seed, "neighbours"), n))
-    cols.update(draw_stars(_stream(seed, "stars"), n))
+    cols.update(draw_neighbours(stream(seed, "neighbours"), n))
+    cols.update(draw_stars(stream(seed, "stars"), n))
     frac = confuser_frac if train_confuser_frac is None else \
         np.where(cols["region_split"] == "train", train_confuser_frac, confuser_frac)
-    cols.update(draw_confusers(_stream(seed, "confusers"), n, frac))
-    lenses = draw_lenses(_stream(seed, "lens"), hosts, source_priors)
+    cols.update(draw_confusers(stream(seed, "confusers"), n, frac))
+    lenses = draw_lenses(stream(seed, "lens"), hosts, source_priors)
     positive = is_control == 0
     for k, v in lenses.items():
         cols[k] = pa.array(v, pa.float64(), mask=~positive)
     if clumps.max > 0:  # own stream: the other draws are the same with and without clumps
-        for k, v in draw_clumps(_stream(seed, "clumps"), lenses, clumps).items():
+        for k, v in draw_clumps(stream(seed, "clumps"), lenses, clumps).items():
             cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float64()), clumps.max,
                                                         mask=pa.array(~positive))
     arrays = {}
@@ -146,9 +147,9 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     return pa.table(arrays).replace_schema_metadata(meta)
 
 
-def add_test_controls(table: pa.Table, n_extra: int, seed: int, control_frac: float = 0.5,
-                      split_fracs=(0.7, 0.15, 0.15), source_priors: str = "realistic", confuser_frac: float = 0.1,
-                      clumps: ClumpPrior = ClumpPrior(), host_priors: str = "dr10") -> pa.Table:
+def add_test_controls(table: pa.Table, n_extra: int, seed: int, split_fracs=(0.7, 0.15, 0.15),
+                      source_priors: str = "realistic", confuser_frac: float = 0.1, clumps: ClumpPrior = ClumpPrior(),
+                      host_priors: str = "dr10") -> pa.Table:
     """Append ``n_extra`` control tasks in test-split sky regions, so that a test split can resolve low FPRs
     (1e-4 needs >= 10^4 controls) without growing the training set.
 
@@ -281,21 +282,16 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from darkhaloscope.io import check_writable
-
     check_writable(args.out, "--out")  # before the work, not after it
     if args.hosts is not None:
-        from darkhaloscope.simulation.real_hosts import run_manifest
-
         return run_manifest(args)
     if args.n_tasks is None:
         raise DHSError("--n_tasks is required (or --hosts DIR for real host stamps)")
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
                            args.host_priors, args.train_confuser_frac)
-    table = add_test_controls(table, args.extra_test_controls, args.seed, args.control_frac,
-                              parse_split_fracs(args.split_fracs), args.source_priors, args.confuser_frac,
-                              clump_prior(args), args.host_priors)
+    table = add_test_controls(table, args.extra_test_controls, args.seed, parse_split_fracs(args.split_fracs),
+                              args.source_priors, args.confuser_frac, clump_prior(args), args.host_priors)
     write_manifest(table, args.out)
     splits = table.column("region_split").to_pylist()
     print(f"manifest: {table.num_rows} tasks ({int(table.column('is_control').to_numpy().sum())} controls), "

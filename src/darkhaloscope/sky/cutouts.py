@@ -53,12 +53,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE, depth_from_tractor_ivar, encode_stamp
+from darkhaloscope.stamps.contract import (BANDS, CONDITION_COLUMNS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE,
+                                           depth_from_tractor_ivar, encode_stamp)
 from darkhaloscope.errors import DHSError
 
 DEFAULT_BASE_URL = "https://www.legacysurvey.org"
 LAYER = "ls-dr10"
-CONDITION_INPUTS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 ID_CANDIDATES = ("task_id", "id", "objid", "name")
 USER_AGENT = "darkhaloscope-dhs-cutouts/0.1 (bounded concurrency, honours Retry-After)"
 ROW_GROUP = 256
@@ -165,7 +165,7 @@ class Catalog:
 
 def load_catalog(path: str, id_column: str | None = None) -> Catalog:
     table = read_catalog(path)
-    missing = [c for c in ("ra", "dec", *CONDITION_INPUTS) if c not in table.column_names]
+    missing = [c for c in ("ra", "dec", *CONDITION_COLUMNS) if c not in table.column_names]
     if missing:
         raise DHSError(f"catalogue {path} lacks column(s) {', '.join(missing)} (psfdepth_* as Tractor inverse "
                        "variances, 1/nanomaggy^2)")
@@ -414,7 +414,7 @@ def fetch_all(cat: Catalog, fetcher: Fetcher, progress: bool = True) -> np.ndarr
 
 def _extra_columns(table: pa.Table, id_col: str | None) -> list[str]:
     own = {"ra", "dec", "brickname", "region_id", "region_split", "is_control", "cutout_ok", "cutout_reason",
-           "stamp_npz", "task_id", *CONDITION_INPUTS}
+           "stamp_npz", "task_id", *CONDITION_COLUMNS}
     return [c for c in table.column_names if c not in own and c != id_col]
 
 

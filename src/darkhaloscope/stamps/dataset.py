@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.stamps.contract import decode_stamp
 
 PARTITION = "region_split"
 TASK_ID = "task_id"
@@ -284,8 +285,6 @@ def splits_of(data: str) -> list[str]:
 def fetch_stamps(data: str, task_ids) -> dict:
     """task_id -> decoded (3, 64, 64) stamp, scanning every split once; ids keep their kind (int or str).
     Declared cutout failures have no stamp. Used by the report's and the recall page's galleries."""
-    from darkhaloscope.stamps.contract import decode_stamp
-
     wanted = [t.item() if hasattr(t, "item") else t for t in task_ids]
     if not wanted:
         return {}
