@@ -29,7 +29,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from factory import write_fake_phase4c  # noqa: E402
 
 from darkhaloscope import cli  # noqa: E402
-from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint  # noqa: E402
+from darkhaloscope.learning.checkpoint import save_checkpoint  # noqa: E402
+from darkhaloscope.learning.model import build_model, model_kwargs  # noqa: E402
 
 
 def make_ckpt(path: Path, arch: str) -> Path:

@@ -282,7 +282,8 @@ def infer_throughput(data: Path, sz: dict, device: torch.device, work: Path) -> 
     import timm
 
     from darkhaloscope import cli
-    from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
+    from darkhaloscope.learning.checkpoint import save_checkpoint
+    from darkhaloscope.learning.model import build_model, model_kwargs
 
     kwargs = model_kwargs(sz["arch"], 2, 0.1)
     ckpt = work / "infer_ckpt.pt"

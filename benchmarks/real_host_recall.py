@@ -14,7 +14,7 @@ Steps, each through the project's own commands:
 4. recall at the thresholds of ``<model>_stratified_fpr.csv`` (``sky.recall.operating_thresholds``) per
    (theta_E/PSF, arc_snr) cell (``strata.load_scores`` on both score files, ``strata.bin_index``), beside the
    same on the simulated test positives of ``scores/<model>_test_scores.parquet``, with 95% Wilson intervals,
-   and the resolved-bright cell (theta_E/PSF >= 1.4, arc_snr >= 20: benchmarks/finder_table.py);
+   and the resolved-bright cell (theta_E/PSF >= 1.4, arc_snr >= 20: tools/finder_table.py);
 5. the hosts alone (no arc) through the same ``dhs infer``: a host that passes a threshold by itself (a lens
    candidate does, with its own arc) makes every arc injected into it "found" at that threshold.
 
@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from darkhaloscope.evaluation import metrics, strata
+from darkhaloscope import metrics
+from darkhaloscope.evaluation import strata
 from darkhaloscope.sky.recall import operating_thresholds
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, AB_ZEROPOINT, decode_stamp, load_conditions
 

@@ -6,29 +6,33 @@ import sys
 from pathlib import Path
 
 import jsonschema
-import yaml
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 
 REPO = Path(workflow.basedir)
 sys.path.insert(0, str(REPO / "src"))  # the workflow's own package (also without an install)
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation.strata import parse_bins
-from darkhaloscope.simulation.manifest import ClumpPrior, ClumpPriorError, parse_split_fracs
+from darkhaloscope.learning.arguments import OPTIONAL_RESULT_ARGS
+from darkhaloscope.simulation.draws import ClumpPrior, ClumpPriorError
+from darkhaloscope.simulation.manifest import parse_split_fracs
 
 SPLITS = ["train", "val", "test"]
 VARIANTS = ["v4_sota", "v4_sota_moffat"]
 
 
 def validate_config(cfg, schema_path):
-    """Validate against the JSON schema; the error names the offending key path."""
-    with open(schema_path) as fh:
-        schema = yaml.safe_load(fh)
-    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(cfg), key=lambda e: list(e.path))
-    if errors:
-        err = errors[0]
+    """Validate against the JSON schema and fill in its defaults (snakemake.utils.validate); the error names the
+    offending key path."""
+    try:
+        validate(cfg, str(schema_path))
+    except WorkflowError as exc:
+        err = exc.__context__  # validate raises while handling jsonschema's error, which has the key path
+        if not isinstance(err, jsonschema.ValidationError):
+            raise
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise WorkflowError(f"invalid config key '{key}': {err.message}")
+        raise WorkflowError(f"invalid config key '{key}': {err.message}") from None
     for section in ("gen2", "gen3_a2"):
         if cfg[section].get("backbone_from_gen2"):
             raise WorkflowError(f"invalid config key '{section}.backbone_from_gen2': only gen3_a1 can start from Gen2's "
@@ -81,7 +85,7 @@ SIM_CODE = sorted(
     local(str(p))
     for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
-       for f in ("stamps/contract.py", "sky/hosts.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
+       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
     if p.exists()
 )
 
@@ -175,12 +179,10 @@ def train_args(stage):
     t, s = config["train"], config[STAGES[stage]["section"]]
     keys = ["arch", "stem_stride", "crop", "batch_size", "weight_decay", "dropout", "use_bf16", "augment", "num_workers", "seed", "save_every_steps",
             "val_every", "stretch", "rot180_residual"]
-    # stem_stride, crop, val_every, stretch, rot180_residual: optional (the CLI defaults); the CLI defaults of
-    # flags added later (val_every 1, stretch clip, rot180_residual false) are left out (the same pairs as
-    # learning.train.OPTIONAL_RESULT_ARGS, not imported: that module loads torch on every workflow parse; keep
-    # the two in step)
-    later = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
-    args = [flag(k, t.get(k), default=later.get(k)) for k in keys]
+    # stem_stride, crop: optional (the CLI defaults). The flags added later (val_every, stretch, rot180_residual:
+    # the schema's defaults fill them in) are left out at their CLI default, as the resume fingerprint leaves them
+    # out, so that the command lines of runs made before them stay the same.
+    args = [flag(k, t.get(k), default=OPTIONAL_RESULT_ARGS.get(k)) for k in keys]
     args += [flag(k, s.get(k)) for k in ("epochs", "lr", "loss", "focal_alpha", "focal_gamma",
                                           "min_theta_over_psf", "min_arc_snr", "meta_cols", "hard_neg_weight")]
     args.append(flag("variant", STAGES[stage]["variant"]))

@@ -48,7 +48,7 @@ rule cutouts:
     conda:
         "../envs/simulate.yaml"
     shell:
-        "dhs cutouts --out_dir {output:q} --cache_dir sky/cache/{wildcards.sample} {params.args} > {log:q} 2>&1"
+        "dhs cutouts --out_dir {output:q} --cache_dir sky/cache/{wildcards.sample:q} {params.args} > {log:q} 2>&1"
 
 
 rule recall:

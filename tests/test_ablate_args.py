@@ -1,4 +1,4 @@
-"""benchmarks/ablate.py's --set parsing (the workflow run it drives is tested in test_workflow.py)."""
+"""tools/ablate.py's --set parsing (the workflow run it drives is tested in test_workflow.py)."""
 
 import importlib.util
 import math
@@ -7,7 +7,7 @@ import pytest
 
 from workflow_helpers import REPO
 
-spec = importlib.util.spec_from_file_location("ablate", REPO / "benchmarks" / "ablate.py")
+spec = importlib.util.spec_from_file_location("ablate", REPO / "tools" / "ablate.py")
 ablate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ablate)
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkhaloscope.cli import main
-from darkhaloscope.evaluation.metrics import wilson_interval
+from darkhaloscope.metrics import wilson_interval
 from chromium import needs_chromium, probe, screenshot
 from fake_cutouts import FakeCutoutService, simulated_sky
 from test_infer import make_checkpoint

@@ -10,7 +10,8 @@ import pytest
 from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
 from darkhaloscope.simulation import scene
-from darkhaloscope.simulation.manifest import CLUMP_COLUMNS, ClumpPrior, build_manifest, draw_clumps, write_manifest
+from darkhaloscope.simulation.draws import CLUMP_COLUMNS, ClumpPrior, draw_clumps
+from darkhaloscope.simulation.manifest import build_manifest, write_manifest
 from darkhaloscope.simulation.physics import light, psf, render
 from darkhaloscope.stamps.contract import decode_stamp
 

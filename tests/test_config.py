@@ -123,15 +123,18 @@ def test_schema_meta_cols_enum_is_the_contracts_allow_list():
     assert len(enum) == len(set(enum)) and set(enum) == ALLOWED_META_COLUMNS
 
 
-def test_rules_leave_out_the_same_late_flag_defaults_as_the_training_fingerprint():
-    """rules/common.smk omits a later `dhs train` flag at its CLI default, so the command lines of older runs stay
-    the same; `dhs train` leaves the same defaults out of its resume fingerprint. The two lists must be one (the
-    rules cannot import it: that module loads torch on every workflow parse)."""
-    import ast
-    import re
+def test_the_schema_holds_the_late_flags_defaults_of_dhs_train():
+    """The flags `dhs train` gained later are filled in from the schema's defaults (snakemake.utils.validate), left
+    out of the command line at their CLI default, and out of the resume fingerprint: one set of defaults, in the
+    schema, equal to the CLI's (learning.arguments, which the workflow imports without torch)."""
+    import argparse
 
-    from darkhaloscope.learning.train import OPTIONAL_RESULT_ARGS
+    from darkhaloscope.learning import train
+    from darkhaloscope.learning.arguments import OPTIONAL_RESULT_ARGS
 
-    text = (REPO / "rules/common.smk").read_text()
-    later = ast.literal_eval(re.search(r"^\s*later = (\{.*?\})$", text, re.M).group(1))
-    assert later == OPTIONAL_RESULT_ARGS
+    schema = yaml.safe_load((REPO / "schemas/config.schema.yaml").read_text())["properties"]["train"]["properties"]
+    assert {k: schema[k]["default"] for k in OPTIONAL_RESULT_ARGS} == OPTIONAL_RESULT_ARGS
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    assert {k: parser.get_default(k) for k in OPTIONAL_RESULT_ARGS} == OPTIONAL_RESULT_ARGS
+    assert "OPTIONAL_RESULT_ARGS" in (REPO / "rules/common.smk").read_text()

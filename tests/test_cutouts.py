@@ -19,7 +19,7 @@ from astropy.table import Table
 
 from darkhaloscope.cli import main
 from darkhaloscope.stamps.contract import decode_stamp, depth_from_tractor_ivar
-from darkhaloscope.simulation.manifest import region_split_of, sky_cell
+from darkhaloscope.simulation.draws import region_split_of, sky_cell
 from darkhaloscope.sky.cutouts import cache_path
 from fake_cutouts import FakeCutoutService, key_of, simulated_sky
 

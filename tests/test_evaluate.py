@@ -47,7 +47,7 @@ def write(df, path):
 
 
 def reference_rates(pos_logit, neg_logit, metric, target):
-    """From sklearn's operating points, written independently of darkhaloscope.evaluation.metrics."""
+    """From sklearn's operating points, written independently of darkhaloscope.metrics."""
     y = np.r_[np.ones(pos_logit.size), np.zeros(neg_logit.size)]
     fpr, tpr, thr = roc_curve(y, np.r_[pos_logit, neg_logit].astype(np.float64), drop_intermediate=False)
     if metric == "tpr@fpr":

@@ -1,4 +1,4 @@
-"""benchmarks/finder_table.py: the finder-quality tables from score files, against direct computations."""
+"""tools/finder_table.py: the finder-quality tables from score files, against direct computations."""
 
 import importlib.util
 import json
@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from workflow_helpers import REPO
 
-spec = importlib.util.spec_from_file_location("finder_table", REPO / "benchmarks" / "finder_table.py")
+spec = importlib.util.spec_from_file_location("finder_table", REPO / "tools" / "finder_table.py")
 ft = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ft)
 

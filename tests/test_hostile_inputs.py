@@ -23,7 +23,7 @@ from test_infer import make_checkpoint
 
 from darkhaloscope import cli
 from darkhaloscope.io import atomic_output
-from darkhaloscope.learning.model import save_checkpoint
+from darkhaloscope.learning.checkpoint import save_checkpoint
 
 TINY = '{"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}'
 

@@ -18,7 +18,8 @@ import torch
 
 from darkhaloscope import cli
 from darkhaloscope.evaluation.infer import PASSTHROUGH_COLUMNS, sigmoid32
-from darkhaloscope.learning.model import build_model, model_kwargs, save_checkpoint
+from darkhaloscope.learning.checkpoint import save_checkpoint
+from darkhaloscope.learning.model import build_model, model_kwargs
 from factory import fake_rows, write_fake_phase4c
 
 META = ["psfsize_r", "psfdepth_r"]
@@ -59,7 +60,7 @@ def test_logits_equal_model_forward_and_columns(fake_phase4c, ckpt, tmp_path):
     # reference: np.load of each stored stamp, the documented normalisation written in numpy (median and
     # 1.4826 x MAD of the pixels > 16 px from the centre, clip +-10) and (x - mean) / std of the meta
     # columns with the checkpoint's statistics; the model's forward pass in the same 48-row batches per file
-    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.checkpoint import load_model
     model, ck = load_model(ckpt)
     yy, xx = np.mgrid[:64, :64]
     annulus = np.hypot(xx - 31.5, yy - 31.5) > 16
@@ -100,7 +101,7 @@ def test_tta_views_are_the_training_symmetries_and_their_mean_is_invariant(fake_
     ``contract.normalize_stamps``); the mean over 8 views is invariant under all 8 symmetries, over 4 views
     under its subgroup (identity, flip, rot180, rot180 + flip), and differs from one view."""
     from darkhaloscope.evaluation.infer import TTA_CODES, forward_logits, symmetric_view
-    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.checkpoint import load_model
     from darkhaloscope.stamps import contract
 
     blobs = pq.read_table(next((Path(fake_phase4c) / "region_split=test").glob("*.parquet")),

@@ -11,7 +11,7 @@ import pytest
 
 from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.simulation import inject, scene
+from darkhaloscope.simulation import inject, phase4c, scene
 from darkhaloscope.simulation.manifest import build_manifest, write_manifest
 from darkhaloscope.stamps.contract import BANDS, SPLITS, decode_stamp, decode_stamps, load_conditions
 
@@ -66,7 +66,7 @@ def test_files_schema_and_columns(one_shard, manifest_path):
     for f in files:
         meta = pq.ParquetFile(f).metadata
         assert meta.num_rows == 0 or meta.row_group(0).column(0).compression == "ZSTD"
-        assert pq.read_schema(f).equals(inject.output_schema(True))
+        assert pq.read_schema(f).equals(phase4c.output_schema(True))
     df = t.to_pandas()
     ctrl, pos = df[df.is_control == 1], df[df.is_control == 0]
     assert (df.cutout_ok == 1).all() and (ctrl.control_kind == "unpaired").all() and pos.control_kind.isna().all()
@@ -90,7 +90,7 @@ def test_zero_row_split_file_has_full_schema(tmp_path):
     write_manifest(m, tmp_path / "m.parquet")
     assert _inject(tmp_path / "m.parquet", tmp_path / "d", write_arc=False) == 0
     f = tmp_path / "d" / "region_split=val" / "part-00000.parquet"
-    assert pq.read_metadata(f).num_rows == 0 and pq.read_schema(f).equals(inject.output_schema(False))
+    assert pq.read_metadata(f).num_rows == 0 and pq.read_schema(f).equals(phase4c.output_schema(False))
 
 
 def test_controls_identical_across_variants_positives_differ(manifest_path, one_shard, tmp_path):
@@ -208,8 +208,8 @@ def test_alias_spellings(manifest_path):
     got = (a.out_dir, a.psf_model, a.moffat_beta, a.shard, a.n_shards, a.write_arc)
     assert got == ("o", "gaussian", 2.5, 1, 2, True)
     with pytest.raises(DHSError, match="batch_size"):
-        inject.check_args("moffat", 3.5, 0, 1, 0)
-    assert Path(inject.output_path("o", "val", 7)).as_posix() == "o/region_split=val/part-00007.parquet"
+        phase4c.check_args("moffat", 3.5, 0, 1, 0)
+    assert Path(phase4c.output_path("o", "val", 7)).as_posix() == "o/region_split=val/part-00007.parquet"
 
 
 def test_noise_texture_same_for_both_classes(one_shard):

@@ -9,8 +9,8 @@ from scipy.stats import ks_2samp
 
 from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.simulation.manifest import (CELL_N_RA, build_manifest, read_manifest, region_split_of,
-                                               sky_cell, validate_manifest, write_manifest)
+from darkhaloscope.simulation.draws import CELL_N_RA, region_split_of, sky_cell
+from darkhaloscope.simulation.manifest import build_manifest, read_manifest, validate_manifest, write_manifest
 from darkhaloscope.stamps.contract import load_conditions
 
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from darkhaloscope.evaluation import metrics
+from darkhaloscope import metrics
 
 
 def sklearn_tpr_at_fpr(y, s, t):

@@ -13,7 +13,8 @@ import pytest
 
 from darkhaloscope import cli
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.mine import OUTPUT_SCHEMA, TopK, lenscat_catalogue, load_known_lenses, mine
+from darkhaloscope.catalogs import lenscat_catalogue, load_known_lenses
+from darkhaloscope.evaluation.mine import OUTPUT_SCHEMA, TopK, mine
 
 
 def _offset(ra, dec, sep_arcsec, pa_rad):

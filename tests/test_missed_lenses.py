@@ -1,4 +1,4 @@
-"""benchmarks/missed_lenses.py: the clipped fraction of the Einstein-radius annulus, against a direct count."""
+"""tools/missed_lenses.py: the clipped fraction of the Einstein-radius annulus, against a direct count."""
 
 import importlib.util
 
@@ -6,7 +6,7 @@ import numpy as np
 
 from workflow_helpers import REPO
 
-spec = importlib.util.spec_from_file_location("missed_lenses", REPO / "benchmarks" / "missed_lenses.py")
+spec = importlib.util.spec_from_file_location("missed_lenses", REPO / "tools" / "missed_lenses.py")
 ml = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ml)
 

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.learning import checkpoint as C
+from darkhaloscope.learning import meta
 from darkhaloscope.learning import model as M
 
 
@@ -59,37 +61,37 @@ def test_resnet_stem_stride():
 def test_checkpoint_roundtrip_rebuilds_the_same_network(net, tmp_path):
     kwargs = M.model_kwargs("convnext_atto", 2, 0.1)
     path = tmp_path / "best.pt"
-    M.save_checkpoint(path, kind="best", arch="convnext_atto", model_kwargs=kwargs, state_dict=net.state_dict(),
+    C.save_checkpoint(path, kind="best", arch="convnext_atto", model_kwargs=kwargs, state_dict=net.state_dict(),
                       meta_cols=["psfsize_r", "psfdepth_r"], meta_mean=[1.2, 24.0], meta_std=[0.2, 0.5],
                       variant="v", args={}, epoch=1, metrics={}, finished=True)
     assert not list(tmp_path.glob(".*tmp*"))  # atomic: no temporary left behind
-    loaded, ckpt = M.load_model(path)
+    loaded, ckpt = C.load_model(path)
     x, meta = torch.randn(2, 3, 64, 64), torch.randn(2, 2)
     assert torch.equal(loaded(x, meta), net(x, meta))
-    assert ckpt["format"] == M.CKPT_FORMAT and ckpt["meta_cols"] == ["psfsize_r", "psfdepth_r"]
+    assert ckpt["format"] == C.CKPT_FORMAT and ckpt["meta_cols"] == ["psfsize_r", "psfdepth_r"]
 
 
 def test_unreadable_or_foreign_checkpoints_are_named(tmp_path):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00not a checkpoint")
     with pytest.raises(DHSError, match="garbage.pt"):
-        M.load_model(garbage)
+        C.load_model(garbage)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(DHSError, match="not a darkhaloscope checkpoint"):
-        M.load_model(foreign)
+        C.load_model(foreign)
     with pytest.raises(DHSError, match="does not exist"):
-        M.load_model(tmp_path / "missing.pt")
+        C.load_model(tmp_path / "missing.pt")
 
 
 def test_standardize_meta_shared_rule():
     ckpt = {"meta_mean": [1.0, 24.0], "meta_std": [0.5, 2.0]}
     vals = np.array([[2.0, 26.0], [np.nan, 24.0], [1.0, np.inf]])
-    out = M.standardize_meta(vals, ckpt)
+    out = meta.standardize_meta(vals, ckpt)
     assert out.dtype == np.float32
     assert np.allclose(out, [[2.0, 1.0], [0.0, 0.0], [0.0, 0.0]])
-    assert np.array_equal(out, M.standardize_meta(vals, ckpt["meta_mean"], ckpt["meta_std"]))
-    mean, std = M.meta_statistics(np.array([[1.0, 5.0], [3.0, 5.0], [np.nan, 5.0]]))
+    assert np.array_equal(out, meta.standardize_meta(vals, ckpt["meta_mean"], ckpt["meta_std"]))
+    mean, std = meta.meta_statistics(np.array([[1.0, 5.0], [3.0, 5.0], [np.nan, 5.0]]))
     assert mean == [2.0, 5.0] and std == [1.0, 1.0]  # constant column -> std 1
 
 
@@ -106,10 +108,10 @@ def test_crop_feeds_the_central_pixels_and_is_stored_in_the_checkpoint(tmp_path)
     sym = x.rot90(1, (-2, -1)).flip(-1)
     assert torch.equal(M.centre_crop(sym, 32), M.centre_crop(x, 32).rot90(1, (-2, -1)).flip(-1))
     path = tmp_path / "best.pt"
-    M.save_checkpoint(path, kind="best", arch="convnext_atto", model_kwargs=M.model_kwargs("convnext_atto", 0, 0.1, crop=32),
+    C.save_checkpoint(path, kind="best", arch="convnext_atto", model_kwargs=M.model_kwargs("convnext_atto", 0, 0.1, crop=32),
                       state_dict=net.state_dict(), meta_cols=[], meta_mean=[], meta_std=[], variant="v", args={},
                       epoch=1, metrics={}, finished=True)
-    loaded, _ = M.load_model(path)
+    loaded, _ = C.load_model(path)
     assert loaded.crop == 32 and torch.equal(loaded(x), net(x))
 
 
@@ -163,10 +165,10 @@ def test_rot180_residual_removes_a_centred_host_and_keeps_the_arc(tmp_path):
     net = M.build_model("resnet10t", 0, crop=32, stretch="asinh", rot180_residual=True).eval()
     assert net.backbone.conv1[0].in_channels == 6
     kwargs = M.model_kwargs("resnet10t", 0, 0.1, crop=32, stretch="asinh", rot180_residual=True)
-    M.save_checkpoint(tmp_path / "r.pt", kind="best", arch="resnet10t", model_kwargs=kwargs,
+    C.save_checkpoint(tmp_path / "r.pt", kind="best", arch="resnet10t", model_kwargs=kwargs,
                       state_dict=net.state_dict(), meta_cols=[], meta_mean=[], meta_std=[], variant="v", args={},
                       epoch=1, metrics={}, finished=True)
-    loaded, _ = M.load_model(tmp_path / "r.pt")
+    loaded, _ = C.load_model(tmp_path / "r.pt")
     assert loaded.rot180_residual and torch.equal(loaded(x), net(x))
     assert not M.build_model("resnet10t", 0, crop=32).rot180_residual
     with pytest.raises(DHSError, match="rot180_residual must be true or false"):
@@ -182,10 +184,10 @@ def test_stretch_is_stored_in_the_checkpoint_and_old_checkpoints_clip(tmp_path):
         kwargs = M.model_kwargs("resnet10t", 0, 0.1, crop=32, stretch=name)
         if name == "clip":
             del kwargs["stretch"]  # a checkpoint from before the option existed
-        M.save_checkpoint(path, kind="best", arch="resnet10t", model_kwargs=kwargs, state_dict=net.state_dict(),
+        C.save_checkpoint(path, kind="best", arch="resnet10t", model_kwargs=kwargs, state_dict=net.state_dict(),
                           meta_cols=[], meta_mean=[], meta_std=[], variant="v", args={}, epoch=1, metrics={},
                           finished=True)
-        loaded, _ = M.load_model(path)
+        loaded, _ = C.load_model(path)
         assert loaded.stretch == name and torch.equal(loaded(x), net(x))
         # the clipping network cannot tell values beyond 10 sigma apart; the asinh one can
         assert torch.equal(net(x), net(x.clamp(-10, 10))) == (name == "clip")

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from darkhaloscope.evaluation.metrics import wilson_interval
+from darkhaloscope.metrics import wilson_interval
 from darkhaloscope.simulation.scene import sky_psf_sum_sq, sky_sigma
 from workflow_helpers import REPO
 

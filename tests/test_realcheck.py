@@ -14,7 +14,7 @@ from astropy.coordinates import SkyCoord
 
 from darkhaloscope.cli import main
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.metrics import wilson_interval
+from darkhaloscope.metrics import wilson_interval
 from darkhaloscope.sky.realcheck import HALVES, cutout_wcs, half_of, to_contract, write_check_set
 from test_infer import make_checkpoint
 

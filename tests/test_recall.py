@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from darkhaloscope.cli import main
-from darkhaloscope.evaluation.metrics import wilson_interval
+from darkhaloscope.metrics import wilson_interval
 from fake_cutouts import FakeCutoutService, simulated_sky
 from test_infer import make_checkpoint
 

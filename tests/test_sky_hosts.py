@@ -11,9 +11,9 @@ import pytest
 
 from darkhaloscope.cli import main
 from darkhaloscope.stamps.contract import decode_stamp
-from darkhaloscope.simulation.manifest import LENS_COLUMNS
+from darkhaloscope.simulation.draws import LENS_COLUMNS
 from darkhaloscope.simulation.scene import GAIN_E_PER_NMGY, render_scenes
-from darkhaloscope.sky.hosts import shape_orientation
+from darkhaloscope.simulation.real_hosts import shape_orientation
 from fake_cutouts import FakeCutoutService, key_of, simulated_sky
 
 
@@ -92,7 +92,7 @@ def test_tractor_shape_sets_lens_axis_ratio_and_angle(tmp_path):
     assert q[1] == pytest.approx(0.5) and phi[1] == pytest.approx(np.pi / 2)  # e1 > 0: PA 0, north-south axis
     assert np.isnan(q[2]) and np.isnan(phi[3])  # round or missing: the priors decide
     # through the command: hosts with a shape get the lens q and angle from it
-    from darkhaloscope.sky.hosts import build_host_manifest
+    from darkhaloscope.simulation.real_hosts import build_host_manifest
 
     rng = np.random.default_rng(0)
     n = 40

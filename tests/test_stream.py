@@ -15,7 +15,7 @@ from factory import fake_rows
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.learning import model as M
-from darkhaloscope.learning import stream
+from darkhaloscope.learning import sampling, stream
 from darkhaloscope.stamps import contract
 
 
@@ -141,8 +141,8 @@ def test_curriculum_control_matching_removes_the_metadata_leak(tmp_path):
     pq.write_table(_conditions_table(6000, 1, "train"), tmp_path / "region_split=train" / "part-0.parquet")
     _sp = stream.open_split(str(tmp_path), "train")
     fs, files = _sp.fs, _sp.files
-    index = stream.build_index(fs, files, list(stream.CUT_COLUMNS) + ["psfdepth_r"])
-    keep = stream.curriculum_mask(index, 0.8, 7.0)
+    index = stream.build_index(fs, files, list(sampling.CUT_COLUMNS) + ["psfdepth_r"])
+    keep = sampling.curriculum_mask(index, 0.8, 7.0)
     kept = index.take(keep)
     pos = kept.label == 1
     # the cuts dropped positives only, by their own theta_E / PSF and arc_snr
@@ -152,16 +152,16 @@ def test_curriculum_control_matching_removes_the_metadata_leak(tmp_path):
     assert np.all((index.columns["theta_e_arcsec"][dropped] / psf[dropped] < 0.8)
                   | (index.columns["arc_snr"][dropped] < 7.0))
     cond = np.column_stack([kept.columns["psfsize_r"], kept.columns["psfdepth_r"]])
-    leak = stream.metadata_auc(cond, kept.label)
+    leak = sampling.metadata_auc(cond, kept.label)
     assert leak > 0.62  # the test data really leak after the cut
-    w_ctrl = stream.control_match_weights(cond[pos], cond[~pos], np.ones((~pos).sum()))
+    w_ctrl = sampling.control_match_weights(cond[pos], cond[~pos], np.ones((~pos).sum()))
     weight = np.ones(len(kept))
     weight[~pos] = w_ctrl
     assert np.isclose(w_ctrl.mean(), 1.0)
-    assert stream.metadata_auc(cond, kept.label, weight) <= 0.55
+    assert sampling.metadata_auc(cond, kept.label, weight) <= 0.55
     # and the epoch's actual draws (stochastic rounding of the weights) do not leak either
-    seq = stream.epoch_sequence(kept, weight, seed=0, epoch=0, shuffle=True, window=512)
-    assert stream.metadata_auc(cond[seq], kept.label[seq]) <= 0.55
+    seq = sampling.epoch_sequence(kept, weight, seed=0, epoch=0, shuffle=True, window=512)
+    assert sampling.metadata_auc(cond[seq], kept.label[seq]) <= 0.55
 
 
 def test_hard_negatives_are_drawn_more_often_and_spread(tmp_path, fake_phase4c):
@@ -170,7 +170,7 @@ def test_hard_negatives_are_drawn_more_often_and_spread(tmp_path, fake_phase4c):
     hard = ctrl_ids[:10]
     path = tmp_path / "hard.parquet"
     pq.write_table(pa.table({"task_id": hard, "score": np.ones(len(hard))}), path)
-    ids = stream.read_hard_negatives(str(path))
+    ids = sampling.read_hard_negatives(str(path))
     weight = np.ones(len(index))
     is_hard = np.isin(index.task_id, ids)
     weight[is_hard] = 5.0
@@ -190,7 +190,7 @@ def test_hard_negatives_are_drawn_more_often_and_spread(tmp_path, fake_phase4c):
     assert hard_rate / easy_rate == pytest.approx(5.0, rel=0.2)
     assert same_batch <= 2  # repeated draws of a row land in different batches
     with pytest.raises(DHSError, match="does not exist"):
-        stream.read_hard_negatives(str(tmp_path / "missing.parquet"))
+        sampling.read_hard_negatives(str(tmp_path / "missing.parquet"))
 
 
 def test_iter_table_batches_and_decode_batch(fake_phase4c):

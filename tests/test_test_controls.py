@@ -8,7 +8,8 @@ import pytest
 from scipy.stats import ks_2samp
 
 from darkhaloscope import cli
-from darkhaloscope.simulation.manifest import add_test_controls, build_manifest, region_split_of
+from darkhaloscope.simulation.draws import region_split_of
+from darkhaloscope.simulation.manifest import add_test_controls, build_manifest
 
 FRACS = (0.6, 0.15, 0.25)
 
@@ -16,7 +17,7 @@ FRACS = (0.6, 0.15, 0.25)
 @pytest.fixture(scope="module")
 def tables():
     base = build_manifest(4000, 5, 0.5, FRACS)
-    return base, add_test_controls(base, 3000, 5, 0.5, FRACS)
+    return base, add_test_controls(base, 3000, 5, FRACS)
 
 
 def test_extra_controls_are_test_controls_after_the_ordinary_tasks(tables):
@@ -48,8 +49,8 @@ def test_extra_controls_follow_the_ordinary_controls_distribution(tables):
 
 def test_deterministic_and_zero_is_a_no_op(tables):
     base, full = tables
-    assert add_test_controls(base, 3000, 5, 0.5, FRACS).to_pandas().equals(full.to_pandas())
-    assert add_test_controls(base, 0, 5, 0.5, FRACS) is base
+    assert add_test_controls(base, 3000, 5, FRACS).to_pandas().equals(full.to_pandas())
+    assert add_test_controls(base, 0, 5, FRACS) is base
 
 
 def test_cli_and_bad_input(tmp_path, capsys):

@@ -18,7 +18,8 @@ from factory import fake_rows, write_fake_phase4c
 from darkhaloscope import cli
 from darkhaloscope.learning import stream
 from darkhaloscope.learning.losses import bce_loss
-from darkhaloscope.learning.model import build_model, load_checkpoint
+from darkhaloscope.learning.checkpoint import load_checkpoint
+from darkhaloscope.learning.model import build_model
 
 TINY = '{"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}'  # a small timm ConvNeXt, for speed
 BASE = ["--arch", "convnext_atto", "--batch_size", "32", "--epochs", "2", "--loss", "focal", "--timm_kwargs", TINY,
@@ -368,7 +369,7 @@ def test_ddp_two_ranks_on_cpu(data, tmp_path):
 
 
 def test_best_epoch_selection_uses_only_estimable_fpr_targets():
-    from darkhaloscope.learning.train import selection_key
+    from darkhaloscope.learning.checkpoint import selection_key
 
     big = {"n_neg": 100_000, "tpr@fpr0.0001": 0.5, "tpr@fpr0.001": 0.6, "tpr@fpr0.01": 0.7, "auroc": 0.9}
     assert selection_key(big) == (0.5, 0.6, 0.9)  # the seed's rule: tpr@fpr1e-4, ties by 1e-3
@@ -379,7 +380,7 @@ def test_best_epoch_selection_uses_only_estimable_fpr_targets():
     early = {"n_neg": 2568, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.20, "tpr@fpr0.01": 0.37, "auroc": 0.889}
     last = {"n_neg": 2568, "tpr@fpr0.0001": 0.11, "tpr@fpr0.001": 0.17, "tpr@fpr0.01": 0.42, "auroc": 0.899}
     assert selection_key(last) > selection_key(early)
-    from darkhaloscope.learning.train import selection_metrics
+    from darkhaloscope.learning.checkpoint import selection_metrics
     assert selection_metrics(last) == ["tpr@fpr0.01", "auroc"]
     lucky = {"n_neg": 918, "tpr@fpr0.0001": 0.08, "tpr@fpr0.001": 0.08, "tpr@fpr0.01": 0.10, "auroc": 0.75}
     better = {"n_neg": 918, "tpr@fpr0.0001": 0.02, "tpr@fpr0.001": 0.02, "tpr@fpr0.01": 0.12, "auroc": 0.79}
@@ -412,18 +413,18 @@ def test_stretch_and_residual_reach_the_checkpoint_and_the_fingerprint_only_when
                                                                                                capsys):
     import hashlib
 
-    from darkhaloscope.learning import train
+    from darkhaloscope.learning import arguments, checkpoint, train
 
     rc, _ = _train(capsys, "--data", data, "--out_dir", tmp_path / "a", *ONE_EPOCH, "--stretch", "asinh",
                    "--rot180_residual", "--stop_after_steps", "1", "--save_every_steps", "1")
     kwargs = load_checkpoint(tmp_path / "a" / "last.pt")["model_kwargs"]
     assert rc == 0 and kwargs["stretch"] == "asinh" and kwargs["rot180_residual"] is True
-    args = {k: i for i, k in enumerate(train.RESULT_ARGS)}
+    args = {k: i for i, k in enumerate(arguments.RESULT_ARGS)}
     old = hashlib.sha256(json.dumps({**args, "inputs": {}}, sort_keys=True).encode()).hexdigest()[:16]
     default = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
-    assert train.fingerprint({**args, **default}, {}) == old  # runs from before the flags
-    assert train.fingerprint({**args, **default, "stretch": "asinh"}, {}) != old
-    assert train.fingerprint({**args, **default, "rot180_residual": True}, {}) != old
+    assert checkpoint.fingerprint({**args, **default}, {}) == old  # runs from before the flags
+    assert checkpoint.fingerprint({**args, **default, "stretch": "asinh"}, {}) != old
+    assert checkpoint.fingerprint({**args, **default, "rot180_residual": True}, {}) != old
     with pytest.raises(SystemExit):
         _train(capsys, "--data", data, "--out_dir", tmp_path / "b", *ONE_EPOCH, "--stretch", "log")
     assert "argument --stretch: invalid choice: 'log'" in capsys.readouterr().err

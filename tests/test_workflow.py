@@ -109,7 +109,7 @@ def test_second_run_does_nothing(run):
 
 
 def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
-    # benchmarks/ablate.py: hard negatives off (weight 1) in a copy of the finished run, with a simulator source
+    # tools/ablate.py: hard negatives off (weight 1) in a copy of the finished run, with a simulator source
     # newer than the base run's stamps (a later checkout): the stamps must still be reused, never re-simulated.
     import subprocess
     import sys
@@ -124,7 +124,7 @@ def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
     # a newer mtime with the same content (no source_lock needed: Snakemake compares checksums)
     os.utime(code, (times.st_atime, max(times.st_mtime, time.time()) + 5))
     try:
-        result = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+        result = subprocess.run([sys.executable, str(REPO / "tools/ablate.py"), "--run_dir", str(run_dir),
                                  "--out_dir", str(out), "--configfile", str(cfg), "--name", "nohn", "--cores", "2",
                                  "--set", "gen3_a1.hard_neg_weight=1", "--set", "gen3_a2.hard_neg_weight=1"],
                                 capture_output=True, text=True, cwd=REPO, timeout=900)
@@ -147,11 +147,11 @@ def test_ablation_retrains_only_gen3_on_the_base_runs_data(run, tmp_path):
     assert jobs_planned(snakemake(TARGET, "-n", "--configfile", str(cfg))) == {}  # ... also in Snakemake's records
     table = (out / "ablation.md").read_text()
     assert "| base |" in table and "| nohn |" in table
-    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+    bad = subprocess.run([sys.executable, str(REPO / "tools/ablate.py"), "--run_dir", str(run_dir),
                           "--out_dir", str(tmp_path / "x"), "--configfile", str(cfg), "--set", "gen3_a1.nope=1"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "gen3_a1.nope: no such key" in bad.stderr and not (tmp_path / "x").exists()
-    bad = subprocess.run([sys.executable, str(REPO / "benchmarks/ablate.py"), "--run_dir", str(run_dir),
+    bad = subprocess.run([sys.executable, str(REPO / "tools/ablate.py"), "--run_dir", str(run_dir),
                           "--out_dir", str(tmp_path / "x"), "--configfile", str(cfg), "--set", "simulation.n_tasks=9"],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode != 0 and "needs a new workflow run" in bad.stderr and not (tmp_path / "x").exists()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+import pyarrow.fs as pafs
+
 from darkhaloscope.errors import DHSError
 
 # ".<name>.tmp-<pid>": the pid tells a later run whether the writer is still alive
@@ -29,21 +31,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete ``.<name>.tmp-<pid>`` siblings of ``path`` whose writer process is gone (a killed run's
-    leftovers); returns what was removed. A temporary of a live process is left alone."""
+def dead_temporaries(path: str | os.PathLike, names=None) -> list[Path]:
+    """The ``.<name>.tmp-<pid>`` siblings of ``path`` (``name`` its own name, or any of ``names``) whose writer
+    process is gone: a killed run's leftovers. A temporary of a live process is never listed."""
     path = Path(path)
-    removed = []
+    names = {path.name} if names is None else set(names)
     try:
         siblings = list(path.parent.iterdir())
     except OSError:
-        return removed
+        return []
+    out = []
     for p in siblings:
         m = _TMP.match(p.name)
-        if m and m.group("name") == path.name and not _alive(int(m.group("pid"))):
-            with contextlib.suppress(OSError):
-                p.unlink()
-                removed.append(p)
+        if m and m.group("name") in names and not _alive(int(m.group("pid"))):
+            out.append(p)
+    return out
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the dead writers' ``.<name>.tmp-<pid>`` files beside ``path`` (``dead_temporaries``); returns what
+    was removed."""
+    removed = []
+    for p in dead_temporaries(path):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed.append(p)
     return removed
 
 
@@ -137,3 +149,14 @@ def finite_or_null(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+def filesystem(data: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local directory or an s3:// (or other pyarrow) URI."""
+    data = str(data)
+    if "://" in data:
+        try:
+            return pafs.FileSystem.from_uri(data)
+        except Exception as exc:
+            raise DHSError(f"cannot open data location {data}: {exc}") from None
+    return pafs.LocalFileSystem(), data

@@ -1,6 +1,6 @@
 """`dhs eval`: the stratified tpr@fpr / fpr@tpr table, AUROC per stratum and the completeness table.
 
-Definitions (see docs/evaluation.md and ``darkhaloscope.evaluation.metrics``): ranking by float32 ``logit``; a
+Definitions (see docs/evaluation.md and ``darkhaloscope.metrics``): ranking by float32 ``logit``; a
 threshold takes all tied scores or none; positives are binned by theta_E, by theta_E/PSF and by arc_snr
 (the injected arc's integrated r-band S/N), controls are never binned (every stratum shares all controls,
 so a tpr@fpr cut is one global cut on the controls).
@@ -31,12 +31,12 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics
+from darkhaloscope import metrics
 from darkhaloscope.evaluation.strata import (
     AUROC_COLUMNS, COMPLETENESS_COLUMNS, COMPLETENESS_SNR_COLUMNS, DEFAULT_FPR_TARGETS, DEFAULT_RES_BINS,
     DEFAULT_SNR_BINS, DEFAULT_THETA_BINS, DEFAULT_TPR_TARGETS, STRATUM_ALL, STRATUM_RES, STRATUM_SNR, STRATUM_THETA,
     TABLE_COLUMNS, OperatingPoint, bin_index, load_scores, parse_bins, parse_targets, table_paths)
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite, same_file
 
 log = logging.getLogger("dhs.eval")
 
@@ -247,8 +247,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_outputs(scores, outputs: dict) -> None:
     """Before anything is written: no output is the input or another output, and every output is writable."""
-    from darkhaloscope.io import check_writable, refuse_overwrite, same_file
-
     names = list(outputs.items())
     for i, (flag, path) in enumerate(names):
         refuse_overwrite(path, {"--scores": scores}, flag)

@@ -1,7 +1,7 @@
 """`dhs infer`: score one split with a checkpoint and write a score parquet.
 
 The network, its meta columns and their standardisation come from the checkpoint alone
-(``model.load_model``); stamps go through the training stream's decode + normalise + meta path
+(``checkpoint.load_model``); stamps go through the training stream's decode + normalise + meta path
 (``stream.decode_batch``), so training and inference cannot disagree on normalisation.
 
 Memory is bounded: the split is streamed in record batches (``stamps.dataset.Split.iter_batches``), decoded one
@@ -252,7 +252,7 @@ class Scorer:
 
 
 def load_scorer(ckpt_path, device: str = "auto", tta: int = 1, use_bf16: bool = False) -> Scorer:
-    from darkhaloscope.learning.model import load_model
+    from darkhaloscope.learning.checkpoint import load_model
 
     if tta not in TTA_CHOICES:
         raise DHSError(f"tta must be one of {', '.join(map(str, TTA_CHOICES))} views, got {tta!r}")

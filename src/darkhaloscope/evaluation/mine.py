@@ -23,8 +23,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from darkhaloscope.catalogs import KnownLensIndex, load_known_lenses
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import atomic_output
+from darkhaloscope.evaluation import scorefile  # the one score-file validator
+from darkhaloscope.evaluation.strata import bin_index, parse_bins
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite
 from darkhaloscope.stamps import dataset
 
 log = logging.getLogger("dhs.mine")
@@ -38,105 +41,7 @@ DEFAULT_PSF_BINS = "0.5,1.1,1.3,1.5,1.7,3.0"
 def output_schema(task_id_type: pa.DataType = pa.int64()) -> pa.Schema:
     """OUTPUT_SCHEMA with ``task_id`` of the score file's own type (string ids stay strings)."""
     return OUTPUT_SCHEMA.set(0, pa.field("task_id", task_id_type))
-ARCSEC_PER_RAD = 180.0 / math.pi * 3600.0
 _COLUMNS = ("task_id", "ra", "dec", "score", "logit", "psfsize_r")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Known lenses
-# ----------------------------------------------------------------------------------------------------
-
-def _find_column(names, wanted: str):
-    """The column called ``wanted`` case-insensitively, optionally with a unit suffix ('RA [deg]')."""
-    for name in names:
-        base = name.split("[")[0].strip().lower()
-        if base == wanted:
-            return name
-    return None
-
-
-def lenscat_catalogue() -> tuple[Path, str]:
-    """Path and version of the catalogue CSV that the installed lenscat wheel ships (every entry, all
-    gradings). Found through the distribution's metadata, without importing lenscat: its ``__init__``
-    imports ligo.skymap for GW-skymap crossmatching, which is why lenscat is installed with --no-deps."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution("lenscat")
-    except metadata.PackageNotFoundError:
-        raise DHSError("lenscat is not installed (pip install --no-deps lenscat==1.1.3), or pass --known_lenses "
-                       "FILE") from None
-    path = Path(dist.locate_file("lenscat/data/catalog.csv"))
-    if not path.is_file():
-        raise DHSError(f"lenscat {dist.version} ships no catalogue at {path}")
-    return path, dist.version
-
-
-def read_known_lenses(path=None):
-    """Known lenses as a DataFrame with ``ra``, ``dec`` (degrees, finite rows only) and, where the catalogue has
-    them, ``name`` and ``grading``: the ``lenscat`` catalogue by default (~33k lenses and candidates,
-    ``RA [deg]``/``DEC [deg]``), else a CSV or parquet file with ra/dec columns in degrees."""
-    import pandas as pd
-
-    if path is None:
-        path, version = lenscat_catalogue()
-        source = f"lenscat {version}"
-    else:
-        path = Path(path)
-        if not path.exists():
-            raise DHSError(f"known-lens catalogue {path} does not exist")
-        source = str(path)
-    try:
-        df = pd.read_parquet(path) if path.suffix in (".parquet", ".pq") else pd.read_csv(path)
-    except Exception as exc:
-        raise DHSError(f"known-lens catalogue {path} cannot be read ({exc.__class__.__name__})") from None
-    ra_col, dec_col = _find_column(df.columns, "ra"), _find_column(df.columns, "dec")
-    if ra_col is None or dec_col is None:
-        raise DHSError(f"known-lens catalogue {path} has no ra/dec columns (has: {','.join(map(str, df.columns))})")
-    try:
-        ra, dec = df[ra_col].to_numpy(np.float64), df[dec_col].to_numpy(np.float64)
-    except (TypeError, ValueError):
-        raise DHSError(f"known-lens catalogue {path}: ra/dec are not numbers in degrees") from None
-    good = np.isfinite(ra) & np.isfinite(dec)
-    if good.any() and (np.abs(dec[good]).max() > 90 or ra[good].min() < -360 or ra[good].max() > 360):
-        raise DHSError(f"known-lens catalogue {source}: ra/dec out of range for degrees")
-    if not good.all():
-        log.warning("known-lens catalogue %s: %d rows without ra/dec ignored", source, int((~good).sum()))
-    log.info("known lenses: %d positions from %s", int(good.sum()), source)
-    out = pd.DataFrame({"ra": ra[good], "dec": dec[good]})
-    for want in ("name", "grading"):
-        col = _find_column(df.columns, want)
-        if col is not None:
-            out[want] = df[col].to_numpy()[good]
-    return out
-
-
-def load_known_lenses(path=None) -> tuple[np.ndarray, np.ndarray]:
-    """(ra, dec) in degrees of known lenses (``read_known_lenses``)."""
-    df = read_known_lenses(path)
-    return df["ra"].to_numpy(np.float64), df["dec"].to_numpy(np.float64)
-
-
-class KnownLensIndex:
-    """Nearest-neighbour search on the sphere (sklearn BallTree, haversine metric, radians)."""
-
-    def __init__(self, ra_deg, dec_deg):
-        from sklearn.neighbors import BallTree
-
-        self.size = int(np.size(ra_deg))
-        self.tree = BallTree(_latlon(ra_deg, dec_deg), metric="haversine") if self.size else None
-
-    def near(self, ra_deg, dec_deg, radius_arcsec: float) -> np.ndarray:
-        """Boolean mask: within ``radius_arcsec`` (inclusive) of any known lens."""
-        ra_deg = np.asarray(ra_deg, np.float64)
-        if self.tree is None or radius_arcsec <= 0 or ra_deg.size == 0:
-            return np.zeros(ra_deg.shape, bool)
-        dist, _ = self.tree.query(_latlon(ra_deg, dec_deg), k=1)
-        return dist[:, 0] * ARCSEC_PER_RAD <= radius_arcsec
-
-
-def _latlon(ra_deg, dec_deg) -> np.ndarray:
-    return np.radians(np.column_stack([np.asarray(dec_deg, np.float64), np.asarray(ra_deg, np.float64)]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -209,8 +114,6 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         raise DHSError(f"--exclude_radius_arcsec must be >= 0, got {radius_arcsec}")
     if per_psf_bin is not None and per_psf_bin < 1:
         raise DHSError(f"--per_psf_bin must be >= 1, got {per_psf_bin}")
-    from darkhaloscope.evaluation import scorefile  # the one score-file validator
-
     scores_path = Path(scores_path)
     pf = scorefile.open_score_file(scores_path, ("task_id", "ra", "dec", "is_control"))
     names = set(pf.schema_arrow.names)
@@ -220,8 +123,6 @@ def mine(scores_path, topk: int, min_score: float, radius_arcsec: float = 3.0, k
         raise DHSError(f"--per_psf_bin needs a psfsize_r column, which {scores_path} lacks")
     edges = None
     if per_psf_bin is not None:
-        from darkhaloscope.evaluation.strata import bin_index, parse_bins
-
         edges = parse_bins(psf_bins or DEFAULT_PSF_BINS, "--psf_bins")
 
     index = KnownLensIndex(*load_known_lenses(known_lenses)) if radius_arcsec > 0 else None
@@ -307,8 +208,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from darkhaloscope.io import check_writable, refuse_overwrite
-
     if args.batch_size < 1:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
     refuse_overwrite(args.out, {"--scores": args.scores, "--known_lenses": args.known_lenses}, "--out")

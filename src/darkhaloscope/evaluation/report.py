@@ -28,8 +28,12 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics, strata
-from darkhaloscope.io import atomic_output
+from darkhaloscope import metrics
+from darkhaloscope.evaluation import strata
+from darkhaloscope.evaluation.scorefile import read_checked
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite
+from darkhaloscope.stamps.contract import annulus_sky
+from darkhaloscope.stamps.dataset import fetch_stamps
 
 log = logging.getLogger("dhs.report")
 
@@ -83,7 +87,7 @@ class ReportInputs:
 # Figures
 # ----------------------------------------------------------------------------------------------------
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,10 +96,10 @@ def _plt():
     return plt
 
 
-def _img(fig, name: str, alt: str) -> str:
+def figure_img(fig, name: str, alt: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return (f'<img data-figure="{html.escape(name)}" alt="{html.escape(alt)}" '
             f'src="data:image/png;base64,{data}">')
@@ -110,7 +114,7 @@ def section(sid: str, title: str, body: str) -> str:
 
 
 def roc_figure(frames) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for label, df in frames.items():
         pts = metrics.roc_points(df["y"].to_numpy(), df["rank"].to_numpy())
@@ -126,7 +130,7 @@ def roc_figure(frames) -> str:
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
-    return _img(fig, "roc", "ROC curves, log FPR axis")
+    return figure_img(fig, "roc", "ROC curves, log FPR axis")
 
 
 def _value_and_wilson_err(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +149,7 @@ def _tpr_axes(ax, xlabel: str, target: float) -> None:
 
 
 def stratum_figure(tables, stratum: str, target: float, xlabel: str, name: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for i, (label, table) in enumerate(tables.items()):
         rows = _at(table, stratum, target)
@@ -157,14 +161,14 @@ def stratum_figure(tables, stratum: str, target: float, xlabel: str, name: str) 
             if np.isfinite(v):
                 ax.annotate(str(n), (x, v), textcoords="offset points", xytext=(4, 4), fontsize=7)
     _tpr_axes(ax, xlabel, target)
-    return _img(fig, name, f"tpr at fpr {target:g} against {xlabel}, 95% Wilson intervals, n_pos annotated")
+    return figure_img(fig, name, f"tpr at fpr {target:g} against {xlabel}, 95% Wilson intervals, n_pos annotated")
 
 
 def _recall_map(comp: pd.DataFrame, row_key: str, ylabel: str, cell_text, fontsize: float, name: str,
                 alt: str) -> str:
     """Recall heat map: rows are the ``<row_key>_lo/_hi`` bins, columns the theta_E/PSF bins; each cell is
     annotated with ``cell_text(row)``."""
-    plt = _plt()
+    plt = pyplot()
     rows = sorted(set(zip(comp[f"{row_key}_lo"], comp[f"{row_key}_hi"])))
     res = sorted(set(zip(comp["res_lo"], comp["res_hi"])))
     grid = np.full((len(rows), len(res)), np.nan)
@@ -180,7 +184,7 @@ def _recall_map(comp: pd.DataFrame, row_key: str, ylabel: str, cell_text, fontsi
     ax.set_xlabel("theta_E / PSF FWHM")
     ax.set_ylabel(ylabel)
     fig.colorbar(im, ax=ax, label="recall")
-    return _img(fig, name, alt)
+    return figure_img(fig, name, alt)
 
 
 def completeness_figure(comp: pd.DataFrame) -> str:
@@ -197,7 +201,7 @@ def _bin_labels(lo, hi) -> list[str]:
 def snr_figure(tables, target: float) -> str:
     """tpr@fpr per arc_snr bin (categorical axis: the top bin is open), each model with Wilson intervals,
     and the matched-filter reference of the same positives as black bars."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     mf_drawn = False
     for i, (label, table) in enumerate(tables.items()):
@@ -212,7 +216,7 @@ def snr_figure(tables, target: float) -> str:
                                                                               rows["n_pos"])], fontsize=8)
             mf_drawn = True
     _tpr_axes(ax, "arc_snr (integrated r-band S/N of the injected arc)", target)
-    return _img(fig, "tpr-vs-snr", f"tpr at fpr {target:g} against arc_snr, 95% Wilson intervals, "
+    return figure_img(fig, "tpr-vs-snr", f"tpr at fpr {target:g} against arc_snr, 95% Wilson intervals, "
                 "matched-filter reference as black bars")
 
 
@@ -246,7 +250,7 @@ def _metric(epoch: dict, split: str, key: str):
 
 
 def training_figure(histories: dict[str, list[dict]]) -> str:
-    plt = _plt()
+    plt = pyplot()
     panels = [("train loss", lambda e: math.nan if e.get("train_loss") is None else float(e["train_loss"])),
               ("val AUROC", lambda e: _metric(e, "val_all", "auroc")),
               ("val tpr@fpr1e-3", lambda e: _metric(e, "val_all", "tpr@fpr0.001")),
@@ -261,15 +265,13 @@ def training_figure(histories: dict[str, list[dict]]) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    return _img(fig, "training", "training curves: loss and validation metrics per epoch")
+    return figure_img(fig, "training", "training curves: loss and validation metrics per epoch")
 
 
 def colour_composite(image: np.ndarray) -> np.ndarray:
     """(3, H, W) g, r, z in nanomaggies -> (H, W, 3) uint8 RGB = (z, r, g), Lupton asinh stretch scaled to
     the stamp's own sky noise (robust sigma of the outer annulus)."""
     from astropy.visualization import make_lupton_rgb
-
-    from darkhaloscope.stamps.contract import annulus_sky
 
     sky, sigma = annulus_sky(image)
     scale = float(max(np.median(sigma), 1e-6))
@@ -278,7 +280,7 @@ def colour_composite(image: np.ndarray) -> np.ndarray:
 
 
 def gallery_figure(images: list[np.ndarray], captions: list[str], name: str, alt: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     n = len(images)
     cols = min(8, n)
     rows = int(math.ceil(n / cols))
@@ -289,7 +291,7 @@ def gallery_figure(images: list[np.ndarray], captions: list[str], name: str, alt
         ax.imshow(colour_composite(img), origin="lower", interpolation="nearest")
         ax.set_title(cap, fontsize=6)
     fig.tight_layout()
-    return _img(fig, name, alt)
+    return figure_img(fig, name, alt)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,8 +328,6 @@ def page(title: str, parts: list[str]) -> str:
 def check_inputs(inputs: ReportInputs) -> None:
     """Read and validate every input file the page needs (score files through the one validator, each
     model's `dhs eval` tables, the histories and the hard negatives), so that nothing is written for a bad one."""
-    from darkhaloscope.evaluation.scorefile import read_checked
-
     for label, path in inputs.scores:
         read_checked(path, ("is_control", "logit", "score"))
         strata.read_tables(inputs.tables[label])
@@ -410,8 +410,6 @@ def build_html(inputs: ReportInputs) -> str:
 
 
 def _galleries(inputs: ReportInputs, primary: pd.DataFrame, label: str, op: strata.OperatingPoint) -> str:
-    from darkhaloscope.stamps.dataset import fetch_stamps
-
     n = max(1, inputs.gallery_n)
     picks: dict[str, tuple[str, pd.DataFrame | None, str]] = {}
     ctrl = primary[primary["y"] == 0].sort_values("rank", ascending=False).head(n)
@@ -485,8 +483,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from darkhaloscope.io import check_writable, refuse_overwrite
-
     inputs = ReportInputs.from_args(args)
     tables = {f"--tables {lab} ({key})": p for lab, csv in inputs.tables.items()
               for key, p in strata.table_paths(csv).items()}

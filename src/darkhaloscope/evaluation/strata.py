@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics
+from darkhaloscope import metrics
+from darkhaloscope.evaluation.scorefile import read_checked
 from darkhaloscope.stamps.contract import resolution_psf
 from darkhaloscope.values import parse_floats
 
@@ -90,8 +91,6 @@ def load_scores(path, extra_columns=()) -> pd.DataFrame:
     """Read a score parquet (from ``dhs infer``) into a frame with ``y`` (1 = lens, 0 = control),
     ``rank`` (the float64 ranking key: ``logit``, or ``score`` when there is no logit) and
     ``theta_over_psf``. Raises DHSError on a file that cannot be evaluated."""
-    from darkhaloscope.evaluation.scorefile import read_checked  # the one score-file validator
-
     path = Path(path)
     table = read_checked(path, (*SCORE_COLUMNS, *extra_columns))
     names = set(table.schema.names)

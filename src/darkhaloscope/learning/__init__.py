@@ -1,1 +1,2 @@
-"""Learning stage: the classifier, its losses, the streaming parquet reader and the training loop."""
+"""Learning stage: the classifier, its losses, the streaming parquet reader and its sampling policy, the training
+loop, its checkpoints and runtime helpers."""

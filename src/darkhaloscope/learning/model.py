@@ -12,22 +12,16 @@ seed's unmodified timm model (stride 4); the choice is recorded in the checkpoin
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import atomic_output
-from darkhaloscope.stamps.contract import NORM_CLIP
+from darkhaloscope.stamps.contract import NORM_CLIP, STAMP_SIZE
 
-CKPT_FORMAT = "darkhaloscope-ckpt-v1"
 DEFAULT_STEM_STRIDE = 4
-STAMP_SIZE = 64
 STRETCHES = ("clip", "asinh")
 STRETCH_SCALE = NORM_CLIP  # sigma: the seed's clip, and where the asinh stretch turns from linear to logarithmic
 
@@ -188,35 +182,6 @@ def model_kwargs(arch: str, n_meta: int, dropout: float, **kwargs) -> dict:
 # Meta inputs
 # ----------------------------------------------------------------------------------------------------
 
-def meta_statistics(values: np.ndarray) -> tuple[list[float], list[float]]:
-    """Column means and standard deviations (NaN ignored; std 0 or undefined -> 1)."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 2 or values.shape[1] == 0:
-        return [], []
-    mean, std = [], []
-    for col in values.T:
-        finite = col[np.isfinite(col)]
-        m = float(finite.mean()) if finite.size else 0.0
-        s = float(finite.std()) if finite.size > 1 else 1.0
-        mean.append(m)
-        std.append(s if s > 0 and math.isfinite(s) else 1.0)
-    return mean, std
-
-
-def standardize_meta(values, mean, std=None) -> np.ndarray:
-    """(x - mean) / std per column, then NaN/inf -> 0 (the mean). ``mean`` may be a checkpoint dict,
-    whose ``meta_mean`` / ``meta_std`` are then used. The one standardisation of training and inference."""
-    if isinstance(mean, Mapping):
-        mean, std = mean["meta_mean"], mean["meta_std"]
-    values = np.asarray(values, dtype=np.float64)
-    mean = np.asarray(mean, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
-    if values.ndim != 2 or values.shape[1] != mean.size:
-        raise DHSError(f"meta values have shape {values.shape}, expected (N, {mean.size})")
-    out = (values - mean) / std
-    out[~np.isfinite(out)] = 0.0
-    return out.astype(np.float32)
-
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -231,67 +196,3 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def save_checkpoint(path: str | os.PathLike, **fields) -> None:
-    """torch.save a checkpoint dict atomically (temporary name, then rename). ``format`` is added."""
-    fields = {"format": CKPT_FORMAT, **fields}
-    with atomic_output(path) as tmp:
-        torch.save(fields, tmp)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a darkhaloscope checkpoint dict; any unreadable or foreign file -> DHSError naming it."""
-    path = Path(path)
-    if path.is_dir():
-        raise DHSError(f"checkpoint {path} is a directory, not a checkpoint file (e.g. {path}/best.pt)")
-    if not path.is_file():
-        raise DHSError(f"checkpoint {path} does not exist")
-    try:
-        # weights_only: a checkpoint holds tensors, numbers, strings, lists and dicts, nothing executable.
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt or foreign files
-        raise DHSError(f"checkpoint {path} is unreadable: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
-        raise DHSError(f"{path} is not a darkhaloscope checkpoint (no format '{CKPT_FORMAT}')")
-    for key in ("model_kwargs", "state_dict", "meta_cols", "meta_mean", "meta_std"):
-        if key not in ckpt:
-            raise DHSError(f"checkpoint {path} lacks '{key}'")
-    return ckpt
-
-
-def load_model(path: str | os.PathLike, map_location="cpu") -> tuple[LensClassifier, dict]:
-    """Rebuild the network from the checkpoint alone -> (model in eval mode, checkpoint dict)."""
-    from darkhaloscope.stamps.contract import check_meta_columns
-
-    ckpt = load_checkpoint(path, map_location)
-    kwargs = ckpt["model_kwargs"]
-    try:  # the allow-list is re-checked: a checkpoint is input too
-        meta_cols = check_meta_columns(list(ckpt["meta_cols"]))
-    except DHSError as exc:
-        raise DHSError(f"checkpoint {path}: {exc}") from None
-    mean = np.asarray(ckpt["meta_mean"], np.float64)
-    std = np.asarray(ckpt["meta_std"], np.float64)
-    if not (mean.shape == std.shape == (len(meta_cols),)):
-        raise DHSError(f"checkpoint {path}: meta_mean/meta_std do not have one value per meta column "
-                       f"({','.join(meta_cols) or 'none'})")
-    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-        raise DHSError(f"checkpoint {path}: meta_std must be finite and > 0 and meta_mean finite "
-                       f"(meta_mean {mean.tolist()}, meta_std {std.tolist()})")
-    if not isinstance(kwargs, Mapping) or not isinstance(kwargs.get("arch"), str):
-        raise DHSError(f"checkpoint {path}: model_kwargs is not a dict with an 'arch'")
-    if int(kwargs.get("n_meta", 0)) != len(meta_cols):
-        raise DHSError(f"checkpoint {path}: model_kwargs n_meta {kwargs.get('n_meta')} != {len(meta_cols)} meta columns")
-    try:
-        model = build_model(**kwargs)
-    except DHSError as exc:
-        raise DHSError(f"checkpoint {path}: {exc}") from None
-    except (TypeError, ValueError, RuntimeError, AssertionError, KeyError, IndexError) as exc:
-        raise DHSError(f"checkpoint {path}: model_kwargs {dict(kwargs)} do not build a model: "
-                       f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise DHSError(f"checkpoint {path}: weights do not fit {ckpt['model_kwargs']}: "
-                       f"{str(exc).splitlines()[0]}") from None
-    model.eval()
-    return model, ckpt

@@ -12,237 +12,100 @@ same code. All bad input is rejected with a one-line DHSError before the first s
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation import metrics
-from darkhaloscope.io import atomic_output, finite_or_null
-from darkhaloscope.learning import stream
+from darkhaloscope import metrics
+from darkhaloscope.io import check_writable, check_writable_dir
+from darkhaloscope.learning import sampling, stream
+from darkhaloscope.learning.arguments import OPTIONAL_RESULT_ARGS, RESULT_ARGS
+from darkhaloscope.learning.checkpoint import (Checkpoints, Progress, data_identity, file_identity, fingerprint,
+                                               load_checkpoint, resolve_start, selection_key)
 from darkhaloscope.learning.losses import LOSSES, make_loss
-from darkhaloscope.learning.model import (DEFAULT_STEM_STRIDE, STAMP_SIZE, STRETCHES, build_model, load_checkpoint,
-                                          meta_statistics, model_kwargs, save_checkpoint, unwrap)
+from darkhaloscope.learning.meta import meta_statistics
+from darkhaloscope.learning.model import DEFAULT_STEM_STRIDE, STRETCHES, build_model, model_kwargs, unwrap
+from darkhaloscope.learning.runtime import Dist, bf16_enabled, log, lr_at
 from darkhaloscope.stamps import contract
+from darkhaloscope.stamps.contract import STAMP_SIZE
 from darkhaloscope.stamps import dataset
-
-# Arguments that change the result of a run: they (and the identity of the inputs) make the fingerprint
-# that --auto_resume compares. --num_workers is one because it sets the lane layout of the batch order.
-RESULT_ARGS = ("arch", "timm_kwargs", "epochs", "batch_size", "lr", "weight_decay", "dropout", "drop_path", "stem_stride", "crop",
-               "use_bf16", "augment", "loss", "focal_alpha", "focal_gamma", "min_theta_over_psf", "min_arc_snr",
-               "meta_cols", "hard_neg_weight", "seed", "num_workers", "warmup_epochs", "grad_clip", "val_split",
-               "train_split", "match_controls", "max_skip_frac", "variant")
-# Added later: hashed only when not at their default (an input: when given), so the fingerprints of runs without
-# them stay as they were.
-OPTIONAL_RESULT_ARGS = {"val_every": 1, "stretch": "clip", "rot180_residual": False}
-OPTIONAL_INPUTS = ("init_backbone_from",)
 
 
 KILL_ENV = "DHS_TRAIN_STOP_AFTER_STEPS"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="Phase 4c parquet root (Hive region_split=); local or s3://")
-    p.add_argument("--out_dir", required=True, help="writes best.pt and history.json here")
-    p.add_argument("--arch", default="convnext_tiny", help="any timm model name")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--batch_size", type=int, default=256, help="per rank; batches are near-equal, <= this")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight_decay", type=float, default=1e-2)
-    p.add_argument("--dropout", type=float, default=0.10)
-    p.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
-    p.add_argument("--stem_stride", type=int, default=4, choices=(1, 2, 4),
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="Phase 4c parquet root (Hive region_split=); local or s3://")
+    parser.add_argument("--out_dir", required=True, help="writes best.pt and history.json here")
+    parser.add_argument("--arch", default="convnext_tiny", help="any timm model name")
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--batch_size", type=int, default=256, help="per rank; batches are near-equal, <= this")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--weight_decay", type=float, default=1e-2)
+    parser.add_argument("--dropout", type=float, default=0.10)
+    parser.add_argument("--drop_path", type=float, default=0.0, help="stochastic depth rate of the backbone")
+    parser.add_argument("--stem_stride", type=int, default=4, choices=(1, 2, 4),
                    help="stem stride: 4 = timm default; 2 = finer features for 64x64 stamps (ConvNeXt, ResNet; "
                         "~4x cost); 1 = ResNet-style stems only")
-    p.add_argument("--crop", type=int, default=64,
+    parser.add_argument("--crop", type=int, default=64,
                    help="the network sees the central crop x crop pixels of each stamp (even, 16-64; 64 = all)")
-    p.add_argument("--stretch", choices=STRETCHES, default="clip",
+    parser.add_argument("--stretch", choices=STRETCHES, default="clip",
                    help="input stretch of the sky-normalised stamps: clip = +-10 sigma (the seed's); asinh = "
                         "10 asinh(x/10), which keeps an arc on a bright host's core")
-    p.add_argument("--rot180_residual", action="store_true",
+    parser.add_argument("--rot180_residual", action="store_true",
                    help="3 more input channels: each band minus its 180-degree rotation about the stamp centre, "
                         "which removes the point-symmetric host and keeps the arc")
-    p.add_argument("--timm_kwargs", default="",
+    parser.add_argument("--timm_kwargs", default="",
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depths": [1,1,1,1]}\'')
-    p.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
-    p.add_argument("--augment", action="store_true", help="random rot90 + flips")
-    p.add_argument("--loss", choices=LOSSES, default="bce")
-    p.add_argument("--focal_alpha", type=float, default=0.25, help="weight of the positive (lens) class")
-    p.add_argument("--focal_gamma", type=float, default=2.0)
-    p.add_argument("--min_theta_over_psf", type=float, default=0.0, help="curriculum: drop positives below")
-    p.add_argument("--min_arc_snr", type=float, default=0.0, help="curriculum: drop positives below")
-    p.add_argument("--match_controls", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--use_bf16", action="store_true", help="bf16 autocast (GPU; CPU only with native bf16)")
+    parser.add_argument("--augment", action="store_true", help="random rot90 + flips")
+    parser.add_argument("--loss", choices=LOSSES, default="bce")
+    parser.add_argument("--focal_alpha", type=float, default=0.25, help="weight of the positive (lens) class")
+    parser.add_argument("--focal_gamma", type=float, default=2.0)
+    parser.add_argument("--min_theta_over_psf", type=float, default=0.0, help="curriculum: drop positives below")
+    parser.add_argument("--min_arc_snr", type=float, default=0.0, help="curriculum: drop positives below")
+    parser.add_argument("--match_controls", choices=("auto", "on", "off"), default="auto",
                    help="reweight controls to the kept positives' (psfsize_r, psfdepth_r); auto = when cuts")
-    p.add_argument("--meta_cols", default="", help="comma-separated observing-condition inputs")
-    p.add_argument("--resume", default=None, help="last.pt: continue; a finished stage's best.pt: warm start")
-    p.add_argument("--init_from", default=None, help="warm start: weights only, fresh optimizer and schedule")
-    p.add_argument("--init_backbone_from", default=None,
+    parser.add_argument("--meta_cols", default="", help="comma-separated observing-condition inputs")
+    parser.add_argument("--resume", default=None, help="last.pt: continue; a finished stage's best.pt: warm start")
+    parser.add_argument("--init_from", default=None, help="warm start: weights only, fresh optimizer and schedule")
+    parser.add_argument("--init_backbone_from", default=None,
                    help="warm start of the image backbone only, from another stage's checkpoint (e.g. Gen2's best.pt, "
                         "whose meta inputs may differ): the meta MLP and the head start fresh")
-    p.add_argument("--hard_negs", default=None, help="mined hard-negative parquet (task_id)")
-    p.add_argument("--hard_neg_weight", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warm-up, in (fractional) epochs")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    p.add_argument("--val_every", type=int, default=1,
+    parser.add_argument("--hard_negs", default=None, help="mined hard-negative parquet (task_id)")
+    parser.add_argument("--hard_neg_weight", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--warmup_epochs", type=float, default=0.5, help="linear warm-up, in (fractional) epochs")
+    parser.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    parser.add_argument("--val_every", type=int, default=1,
                    help="validate (and consider for best.pt) every N epochs and always after the last")
-    p.add_argument("--val_split", default="val")
-    p.add_argument("--train_split", default="train")
-    p.add_argument("--max_skip_frac", type=float, default=0.01,
+    parser.add_argument("--val_split", default="val")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--max_skip_frac", type=float, default=0.01,
                    help="stop when more than this fraction of stamps fail to decode")
-    p.add_argument("--variant", default=None, help="data variant recorded in the checkpoint (default: data dir name)")
-    p.add_argument("--state_dir", default=None, help="where last.pt lives (default: out_dir)")
-    p.add_argument("--auto_resume", action="store_true",
+    parser.add_argument("--variant", default=None, help="data variant recorded in the checkpoint (default: data dir name)")
+    parser.add_argument("--state_dir", default=None, help="where last.pt lives (default: out_dir)")
+    parser.add_argument("--auto_resume", action="store_true",
                    help="continue state_dir/last.pt if it is an unfinished run with the same fingerprint")
-    p.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps")
+    parser.add_argument("--save_every_steps", type=int, default=0, help="also write last.pt every N steps")
     # test hooks: stop after N optimiser steps. The flag ends the run cleanly (rc 0); the environment variable
     # DHS_TRAIN_STOP_AFTER_STEPS simulates a kill inside a workflow job (non-zero exit, no final save).
-    p.add_argument("--stop_after_steps", type=int, default=int(os.environ.get(KILL_ENV, 0) or 0),
+    parser.add_argument("--stop_after_steps", type=int, default=int(os.environ.get(KILL_ENV, 0) or 0),
                    help=argparse.SUPPRESS)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
-
-class Dist:
-    """Rank / world size from torchrun's environment; a no-op on a single process."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def gather(self, obj):
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def log(d: Dist, msg: str) -> None:
-    if d.main:
-        tqdm.write(f"[dhs train] {msg}", file=sys.stderr)
-
-
-def lr_at(progress: float, base_lr: float, epochs: int, warmup: float) -> float:
-    """Linear warm-up over ``warmup`` epochs, then cosine to 0 at ``epochs``; progress in epochs."""
-    if warmup > 0 and progress < warmup:
-        return base_lr * (progress + 1e-3) / warmup
-    span = max(epochs - warmup, 1e-9)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress - warmup, 0.0) / span, 1.0)))
-
-
-def file_identity(path: str | None) -> list | None:
-    if not path:
-        return None
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
-
-
-def data_identity(fs, files: list[str]) -> list:
-    return [[os.path.basename(f), fs.get_file_info(f).size] for f in files]
-
-
-def fingerprint(result_args: dict, inputs: dict) -> str:
-    """Hash of the arguments that change the result (``RESULT_ARGS``, as the run uses them, and
-    ``OPTIONAL_RESULT_ARGS`` away from their defaults) and the inputs (``OPTIONAL_INPUTS`` when given)."""
-    fields = {k: result_args[k] for k in RESULT_ARGS}
-    fields.update({k: result_args[k] for k, default in OPTIONAL_RESULT_ARGS.items() if result_args[k] != default})
-    fields["inputs"] = {k: v for k, v in inputs.items() if not (k in OPTIONAL_INPUTS and v is None)}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def rng_state() -> dict:
-    """The global generators a training step may draw from: torch (dropout, drop path), CUDA, and Python's
-    ``random``. Not numpy's global generator: nothing in a run draws from it (the stream and the augmentation
-    use their own seeded generators; tests/test_train.py checks that a whole run leaves it untouched), so there
-    is nothing of it to save or restore."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore ``rng_state()``; a checkpoint of an earlier version also holds a numpy entry, which nothing needs."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def bf16_enabled(requested: bool, device: torch.device) -> bool:
-    if not requested:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:  # CPU bf16 autocast only pays off with native bf16 instructions
-        with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
-        return "amx_bf16" in flags or "avx512_bf16" in flags
-    except OSError:
-        return False
-
-
-SELECTION_FPRS = (1e-4, 1e-3, 1e-2)
-# A validation tpr@fpr t counts for the selection only when the threshold is set by at least this many
-# validation controls (n_neg * t >= 10): the threshold is an order statistic of the controls' scores, and
-# with k controls above it the estimate moves by ~1/sqrt(k) between epochs by chance alone. With 2.6 (the
-# demo's 2568 controls at 1e-3) the pick was noise: it kept an earlier epoch whose test tpr was lower than
-# the last epoch's on every target (docs/finder.md, row 30).
-SELECTION_MIN_FP = 10
-
-
-def selection_key(m: dict) -> tuple:
-    """best.pt: highest val tpr@fpr1e-4, ties by tpr@fpr1e-3, then AUROC (NaN counts as worst).
-
-    Only FPR targets the validation controls resolve with at least ``SELECTION_MIN_FP`` false positives
-    count (metrics.fpr_target_estimable): with fewer, tpr@fpr t rests on a handful of controls (or is merely
-    the TPR at zero false positives), a noisy pick. The two lowest such targets of 1e-4, 1e-3, 1e-2 lead, so
-    small validation sets select on tpr@fpr1e-2 and AUROC."""
-    return tuple(-math.inf if not np.isfinite(m.get(k, math.nan)) else m[k] for k in selection_metrics(m))
-
-
-def selection_metrics(m: dict) -> list[str]:
-    """The metric names ``selection_key`` ranks by, in order, for validation metrics ``m``."""
-    n_neg = int(m.get("n_neg", 0))
-    fprs = [t for t in SELECTION_FPRS if metrics.fpr_target_estimable(n_neg, t, SELECTION_MIN_FP)][:2]
-    return [f"tpr@fpr{t:g}" for t in fprs] + ["auroc"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,10 +149,10 @@ def _check_ckpt_matches(ckpt: dict, path: str, args, meta_cols: list[str] | None
             raise DHSError(f"checkpoint {path} has {label} {have}, flags say {flag}")
 
 
-def _open_and_index(args, d: Dist, split: str, meta_cols: list[str], need_cuts: bool, need_match: bool):
+def _open_and_index(args, split: str, meta_cols: list[str], need_cuts: bool, need_match: bool):
     sp = stream.open_split(args.data, split)
-    scalars = list(meta_cols) + (list(stream.CUT_COLUMNS) if need_cuts else []) + \
-        (list(stream.MATCH_COLUMNS) if need_match else [])
+    scalars = list(meta_cols) + (list(sampling.CUT_COLUMNS) if need_cuts else []) + \
+        (list(sampling.MATCH_COLUMNS) if need_match else [])
     sp.require(list(contract.READ_COLUMNS) + scalars)
     index = stream.build_index(sp.fs, sp.files, scalars)
     dataset.check_unique_ids(index.task_id, sp.where, dataset.STALE_SHARD_HINT)
@@ -338,11 +201,27 @@ class Setup:
     values derived from it live here: ``meta_cols`` (a checked list), ``variant`` (default: the data
     directory's name) and ``result_args`` (what the fingerprint hashes)."""
 
-    def __init__(self, args, d: Dist):
+    def __init__(self, args, ranks: Dist):
         self.args = args
-        check_numbers(args)
-        from darkhaloscope.io import check_writable, check_writable_dir
+        self._check_arguments()
+        self._check_architecture()
+        mode, ckpt, path = _explicit_source(args)
+        if args.init_backbone_from and mode == "warm":
+            raise DHSError(f"--init_backbone_from and a warm start of the whole network ({path}) are both given: "
+                           "use one of them")
+        self.hard_ids = sampling.read_hard_negatives(args.hard_negs) if args.hard_negs else None
+        self._index_splits()
+        self._fingerprint(path if mode == "warm" else None, ranks.world)
+        state_last = Path(args.state_dir or args.out_dir) / "last.pt"
+        self._start(*resolve_start(mode, ckpt, path, args.auto_resume, state_last, self.fingerprint))
+        self._backbone_start()
+        self._meta_statistics()
+        self._weights(args)
 
+    def _check_arguments(self) -> None:
+        """Numbers in range, writable outputs, the meta columns, the variant and what the fingerprint hashes."""
+        args = self.args
+        check_numbers(args)
         check_writable_dir(args.out_dir, "--out_dir")  # before any work, not after the first epoch
         check_writable(Path(args.out_dir) / "best.pt", "--out_dir")
         check_writable_dir(args.state_dir or args.out_dir, "--state_dir")
@@ -350,64 +229,53 @@ class Setup:
         self.variant = args.variant if args.variant is not None else Path(str(args.data).rstrip("/")).name
         self.result_args = {**{k: getattr(args, k) for k in (*RESULT_ARGS, *OPTIONAL_RESULT_ARGS)},
                             "meta_cols": ",".join(self.meta_cols), "variant": self.variant}
-        import timm
+        self.cuts = sampling.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
+        self.match = args.match_controls == "on" or (args.match_controls == "auto" and self.cuts)
 
+    def _check_architecture(self) -> None:
+        """The timm architecture and --timm_kwargs build a network (here, not after the data scan)."""
+        import timm  # as in model.py: only where a network is built
+
+        args = self.args
         if not timm.is_model(args.arch):
             raise DHSError(f"unknown architecture '{args.arch}': not a timm model name")
         try:
             self.timm_kwargs = json.loads(args.timm_kwargs) if args.timm_kwargs else None
         except json.JSONDecodeError as exc:
             raise DHSError(f"--timm_kwargs is not JSON: {exc}") from None
-        build_model(args.arch, 0, timm_kwargs=self.timm_kwargs)  # fails here, not after the data scan
-        self.cuts = stream.cuts_active(args.min_theta_over_psf, args.min_arc_snr)
-        self.match = args.match_controls == "on" or (args.match_controls == "auto" and self.cuts)
+        build_model(args.arch, 0, timm_kwargs=self.timm_kwargs)
 
-        mode, ckpt, path = _explicit_source(args)
-        if args.init_backbone_from and mode == "warm":
-            raise DHSError(f"--init_backbone_from and a warm start of the whole network ({path}) are both given: "
-                           "use one of them")
-        self.hard_ids = stream.read_hard_negatives(args.hard_negs) if args.hard_negs else None
-
-        # data: index the train and val splits (scalars only) and check classes and columns
-        self.fs, self.train_files, train_index = _open_and_index(args, d, args.train_split, self.meta_cols,
+    def _index_splits(self) -> None:
+        """Index the train and val splits (scalars only), check classes and columns, apply the curriculum cuts."""
+        args = self.args
+        self.fs, self.train_files, train_index = _open_and_index(args, args.train_split, self.meta_cols,
                                                                  self.cuts, self.match)
-        _, self.val_files, val_index = _open_and_index(args, d, args.val_split, self.meta_cols, self.cuts, False)
+        _, self.val_files, val_index = _open_and_index(args, args.val_split, self.meta_cols, self.cuts, False)
         _check_classes(train_index, args.train_split, "")
         _check_classes(val_index, args.val_split, "")
-        keep = stream.curriculum_mask(train_index, args.min_theta_over_psf, args.min_arc_snr)
+        keep = sampling.curriculum_mask(train_index, args.min_theta_over_psf, args.min_arc_snr)
         self.n_train_all = len(train_index)
         self.train_index = train_index.take(keep)
         _check_classes(self.train_index, args.train_split,
                        f"after the cuts theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}")
         self.val_index = val_index
-        self.val_cut = stream.curriculum_mask(val_index, args.min_theta_over_psf, args.min_arc_snr)
+        self.val_cut = sampling.curriculum_mask(val_index, args.min_theta_over_psf, args.min_arc_snr)
         _check_classes(val_index.take(self.val_cut), args.val_split, "after the curriculum cuts")
 
-        warm_path = path if mode == "warm" else None
+    def _fingerprint(self, warm_path: str | None, world_size: int) -> None:
+        """The identity of the inputs and the fingerprint of arguments and inputs (what --auto_resume compares)."""
+        args = self.args
         self.inputs = {"train": data_identity(self.fs, self.train_files), "val": data_identity(self.fs, self.val_files),
                        "init_from": file_identity(args.init_from), "hard_negs": file_identity(args.hard_negs),
                        "warm_start": file_identity(warm_path) if warm_path != args.init_from else None,
-                       "init_backbone_from": file_identity(args.init_backbone_from), "world_size": d.world}
+                       "init_backbone_from": file_identity(args.init_backbone_from), "world_size": world_size}
         self.fingerprint = fingerprint(self.result_args, self.inputs)
 
-        # an unfinished state_dir/last.pt with the same fingerprint wins under --auto_resume
+    def _start(self, mode: str | None, ckpt: dict | None, path: str, auto_note: str) -> None:
+        """Check the checkpoint the run starts from (``resolve_start``) and say how it starts."""
+        args = self.args
         self.resume_ckpt = None
         self.init_ckpt = None
-        state_last = Path(args.state_dir or args.out_dir) / "last.pt"
-        auto_note = ""
-        if args.auto_resume and mode != "continue" and state_last.exists():
-            try:
-                last = load_checkpoint(state_last)
-            except DHSError as exc:
-                auto_note = f"--auto_resume: ignoring {state_last} ({exc}); "
-            else:
-                if last.get("fingerprint") == self.fingerprint and not last.get("finished"):
-                    mode, ckpt, path = "auto", last, str(state_last)
-                elif last.get("finished"):
-                    auto_note = f"--auto_resume: {state_last} is a finished run, not continued; "
-                else:
-                    auto_note = (f"--auto_resume: {state_last} has fingerprint {last.get('fingerprint')} != "
-                                 f"{self.fingerprint} (arguments or inputs changed); ")
         if mode in ("continue", "auto"):
             _check_ckpt_matches(ckpt, path, args, self.meta_cols)
             if ckpt.get("fingerprint") != self.fingerprint:
@@ -428,14 +296,18 @@ class Setup:
                                             f"and a new {args.epochs}-epoch schedule")
         else:
             self.resume_note = auto_note + "starting fresh"
-        # a backbone-only warm start (not when continuing: last.pt holds the whole network)
+
+    def _backbone_start(self) -> None:
+        """A backbone-only warm start (not when continuing: last.pt holds the whole network)."""
+        args = self.args
         self.backbone_ckpt = None
         if args.init_backbone_from and self.resume_ckpt is None:
             self.backbone_ckpt = load_checkpoint(args.init_backbone_from)
             _check_ckpt_matches(self.backbone_ckpt, args.init_backbone_from, args, None)
             self.resume_note += (f"; image backbone from {args.init_backbone_from}, meta MLP and head fresh")
 
-        # meta standardisation: continue/warm start keep the statistics the weights were trained with
+    def _meta_statistics(self) -> None:
+        """Meta standardisation: continue/warm start keep the statistics the weights were trained with."""
         source = self.resume_ckpt or self.init_ckpt
         if source is not None:
             self.meta_mean, self.meta_std = list(source["meta_mean"]), list(source["meta_std"])
@@ -443,8 +315,6 @@ class Setup:
             raw = np.column_stack([self.train_index.columns[c] for c in self.meta_cols]) if self.meta_cols else \
                 np.zeros((len(self.train_index), 0))
             self.meta_mean, self.meta_std = meta_statistics(raw)
-
-        self._weights(args)
 
     def _weights(self, args) -> None:
         """Sampling weights of the training rows: positives 1; controls hard_neg_weight if mined, then
@@ -463,19 +333,19 @@ class Setup:
                                f"split '{args.train_split}'")
             base[hard] = args.hard_neg_weight
         weight = base.copy()
-        cond_cols = [c for c in stream.MATCH_COLUMNS if c in idx.columns] or \
+        cond_cols = [c for c in sampling.MATCH_COLUMNS if c in idx.columns] or \
             [c for c in self.meta_cols if c in idx.columns]
         cond = np.column_stack([idx.columns[c] for c in cond_cols]) if cond_cols else None
         if self.match and cond is not None:
-            w_ctrl = stream.control_match_weights(cond[~ctrl], cond[ctrl], base[ctrl])
+            w_ctrl = sampling.control_match_weights(cond[~ctrl], cond[ctrl], base[ctrl])
             weight[ctrl] = w_ctrl
         elif ctrl.any():
             weight[ctrl] = base[ctrl] * (ctrl.sum() / base[ctrl].sum())
         self.weight = None if np.all(weight == 1.0) else weight
         self.meta_auc_before = self.meta_auc_after = math.nan
         if cond is not None:
-            self.meta_auc_before = stream.metadata_auc(cond, idx.label)
-            self.meta_auc_after = stream.metadata_auc(cond, idx.label, weight)
+            self.meta_auc_before = sampling.metadata_auc(cond, idx.label)
+            self.meta_auc_after = sampling.metadata_auc(cond, idx.label, weight)
         self.cond_cols = cond_cols
 
 
@@ -484,157 +354,93 @@ class Setup:
 # ----------------------------------------------------------------------------------------------------
 
 def run(args) -> int:
-    d = Dist()
+    ranks = Dist()
     try:
-        return _run(args, d)
+        return _run(args, ranks)
     finally:
-        d.close()
+        ranks.close()
 
 
-@dataclass
-class Progress:
-    """Where a run stands: what last.pt saves and a resumed run restores."""
-    epoch: int = 0               # the epoch in progress (0-based)
-    batches_done: int = 0        # of that epoch
-    global_step: int = 0
-    history: list = field(default_factory=list)
-    best: dict | None = None
-    partial: tuple = (0.0, 0, 0, 0)  # loss_sum, n_seen, n_bad, n_planned of the epoch in progress (this rank)
-
-
-class Checkpoints:
-    """What a run writes: ``best.pt``, ``history.json`` (out_dir) and ``last.pt`` (state_dir), and the restore
-    of a ``last.pt`` (format: docs/architecture.md, 'Checkpoint format')."""
-
-    def __init__(self, s: Setup, d: Dist, model, model_kw: dict, opt):
-        self.s, self.d, self.model, self.model_kw, self.opt = s, d, model, model_kw, opt
-        self.out_dir = Path(s.args.out_dir)
-        self.last = Path(s.args.state_dir or s.args.out_dir) / "last.pt"
-
-    def _common(self, kind: str, epoch: int, metrics_: dict, finished: bool) -> dict:
-        s = self.s
-        return dict(kind=kind, arch=s.args.arch, model_kwargs=self.model_kw, state_dict=unwrap(self.model).state_dict(),
-                    meta_cols=s.meta_cols, meta_mean=s.meta_mean, meta_std=s.meta_std, variant=s.variant,
-                    args=vars(s.args), epoch=epoch, metrics=metrics_, finished=finished, fingerprint=s.fingerprint)
-
-    def save_last(self, p: Progress, finished: bool) -> None:
-        """last.pt at ``p``; the partial-epoch sums are summed over ranks (a collective: every rank calls it)."""
-        sums = self.d.sum([float(x) for x in p.partial])
-        if not self.d.main:
-            return
-        args = self.s.args
-        save_checkpoint(self.last, **self._common("last", p.epoch, p.history[-1] if p.history else {}, finished),
-                        optimizer=self.opt.state_dict(),
-                        scheduler={"kind": "warmup-cosine", "epochs": args.epochs, "warmup_epochs": args.warmup_epochs,
-                                   "base_lr": args.lr}, scaler=None, rng=rng_state(),
-                        sampler={"epoch": p.epoch, "batches_done": p.batches_done, "seed": args.seed, "partial": sums},
-                        global_step=p.global_step, history=p.history, best=p.best)
-
-    def restore(self, ck: dict) -> Progress:
-        """Model, optimizer and RNG state of an interrupted run's last.pt, and where it stood."""
-        self.model.load_state_dict(ck["state_dict"])
-        self.opt.load_state_dict(ck["optimizer"])
-        set_rng_state(ck["rng"])
-        # the partial-epoch sums are over all ranks: rank 0 carries them, the others restart from 0
-        partial = tuple(ck["sampler"].get("partial", (0.0, 0, 0, 0))) if self.d.main else (0.0, 0, 0, 0)
-        return Progress(ck["sampler"]["epoch"], ck["sampler"]["batches_done"], ck["global_step"], ck["history"],
-                        ck.get("best"), partial)
-
-    def save_best(self, epoch: int, row: dict) -> None:
-        metrics_ = {"val_cut": row["val_cut"], "val_all": row["val_all"],
-                    "selected_by": "val_cut " + ", then ".join(selection_metrics(row["val_cut"]))}
-        save_checkpoint(self.out_dir / "best.pt", **self._common("best", epoch, metrics_, False))
-
-    def mark_best_finished(self) -> None:
-        """best.pt becomes a finished stage's checkpoint (what --resume of the next stage looks for)."""
-        ck = load_checkpoint(self.out_dir / "best.pt")
-        ck["finished"] = True
-        save_checkpoint(self.out_dir / "best.pt", **{k: v for k, v in ck.items() if k != "format"})
-
-    def write_history(self, p: Progress) -> None:
-        _write_history(self.out_dir / "history.json", self.s, p.history, p.best)
-
-
-def _log_setup(s: Setup, d: Dist) -> None:
-    args, idx = s.args, s.train_index
-    log(d, f"data {args.data} variant {s.variant}: train {len(idx)} rows kept of {s.n_train_all} "
+def _log_setup(setup: Setup, ranks: Dist) -> None:
+    args, idx = setup.args, setup.train_index
+    log(ranks, f"data {args.data} variant {setup.variant}: train {len(idx)} rows kept of {setup.n_train_all} "
            f"({int((idx.label == 1).sum())} positives, {int((idx.label == 0).sum())} controls, "
-           f"{idx.n_cutout_failed} declared cutout failures (cutout_ok != 1) excluded); val {len(s.val_index)} rows "
-           f"({s.val_index.n_cutout_failed} declared cutout failures excluded)")
-    if s.cuts:
-        log(d, f"curriculum: theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}; "
-               f"controls {'matched' if s.match else 'NOT matched'} to the kept positives on "
-               f"{','.join(s.cond_cols)}")
-    if s.hard_ids is not None:
-        log(d, f"hard negatives: {s.n_hard} controls from {args.hard_negs} weighted x{args.hard_neg_weight:g}")
-    log(d, f"metadata-only AUC ({','.join(s.cond_cols) or 'no condition columns'}) of the training set: "
-           f"{s.meta_auc_before:.3f} as filtered, {s.meta_auc_after:.3f} as sampled (0.5 = no leak)")
-    log(d, s.resume_note)
-    for name, index in (("train", idx), ("val", s.val_index)):
-        bad = {c: int((~np.isfinite(index.columns[c])).sum()) for c in s.meta_cols}
+           f"{idx.n_cutout_failed} declared cutout failures (cutout_ok != 1) excluded); "
+           f"val {len(setup.val_index)} rows ({setup.val_index.n_cutout_failed} declared cutout failures excluded)")
+    if setup.cuts:
+        log(ranks, f"curriculum: theta_E/PSF >= {args.min_theta_over_psf}, arc_snr >= {args.min_arc_snr}; "
+               f"controls {'matched' if setup.match else 'NOT matched'} to the kept positives on "
+               f"{','.join(setup.cond_cols)}")
+    if setup.hard_ids is not None:
+        log(ranks, f"hard negatives: {setup.n_hard} controls from {args.hard_negs} weighted x{args.hard_neg_weight:g}")
+    log(ranks, f"metadata-only AUC ({','.join(setup.cond_cols) or 'no condition columns'}) of the training set: "
+           f"{setup.meta_auc_before:.3f} as filtered, {setup.meta_auc_after:.3f} as sampled (0.5 = no leak)")
+    log(ranks, setup.resume_note)
+    for name, index in (("train", idx), ("val", setup.val_index)):
+        bad = {c: int((~np.isfinite(index.columns[c])).sum()) for c in setup.meta_cols}
         if any(bad.values()):
-            log(d, f"warning: {name} meta values that are NaN/inf are replaced by the training mean: "
+            log(ranks, f"warning: {name} meta values that are NaN/inf are replaced by the training mean: "
                    + ", ".join(f"{c} {n}" for c, n in bad.items() if n))
 
 
 def _optimizer(model, args) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm parameters (ndim <= 1)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [param for n, param in model.named_parameters() if param.ndim > 1]
+    no_decay = [param for n, param in model.named_parameters() if param.ndim <= 1]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
 
 
-def _run(args, d: Dist) -> int:
+def _run(args, ranks: Dist) -> int:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    s = Setup(args, d)
-    _log_setup(s, d)
-    use_bf16 = bf16_enabled(args.use_bf16, d.device)
+    setup = Setup(args, ranks)
+    _log_setup(setup, ranks)
+    use_bf16 = bf16_enabled(args.use_bf16, ranks.device)
     if args.use_bf16 and not use_bf16:
-        log(d, "bf16 autocast requested but off: this device has no native bf16")
-    kwargs = model_kwargs(args.arch, len(s.meta_cols), args.dropout, drop_path=args.drop_path,
-                          stem_stride=args.stem_stride, timm_kwargs=s.timm_kwargs, crop=args.crop,
+        log(ranks, "bf16 autocast requested but off: this device has no native bf16")
+    kwargs = model_kwargs(args.arch, len(setup.meta_cols), args.dropout, drop_path=args.drop_path,
+                          stem_stride=args.stem_stride, timm_kwargs=setup.timm_kwargs, crop=args.crop,
                           stretch=args.stretch, rot180_residual=args.rot180_residual)
     model = build_model(**kwargs)
-    if s.init_ckpt is not None:
-        model.load_state_dict(s.init_ckpt["state_dict"])
-    if s.backbone_ckpt is not None:
+    if setup.init_ckpt is not None:
+        model.load_state_dict(setup.init_ckpt["state_dict"])
+    if setup.backbone_ckpt is not None:
         prefix = "backbone."
-        model.backbone.load_state_dict({k[len(prefix):]: v for k, v in s.backbone_ckpt["state_dict"].items()
+        model.backbone.load_state_dict({k[len(prefix):]: v for k, v in setup.backbone_ckpt["state_dict"].items()
                                         if k.startswith(prefix)})
-    model.to(d.device)
+    model.to(ranks.device)
     opt = _optimizer(model, args)
-    ckpts = Checkpoints(s, d, model, kwargs, opt)
-    progress = ckpts.restore(s.resume_ckpt) if s.resume_ckpt is not None else Progress()
+    ckpts = Checkpoints(setup, ranks, model, kwargs, opt)
+    progress = ckpts.restore(setup.resume_ckpt) if setup.resume_ckpt is not None else Progress()
     net = model
-    if d.world > 1:
+    if ranks.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+            model, device_ids=[ranks.local_rank] if ranks.device.type == "cuda" else None)
     loss_fn = make_loss(args.loss, args.focal_alpha, args.focal_gamma)
 
-    train_ds = stream.StampStream(s.train_index, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=s.weight,
-                                  batch_size=args.batch_size, shuffle=True, augment=args.augment, seed=args.seed,
-                                  rank=d.rank, world_size=d.world, num_workers=args.num_workers)
-    val_ds = stream.StampStream(s.val_index, s.fs, s.meta_cols, s.meta_mean, s.meta_std, weight=None,
-                                batch_size=max(args.batch_size, 256), shuffle=False, augment=False,
-                                seed=args.seed, rank=d.rank, world_size=d.world, num_workers=args.num_workers)
-    train_dl = _loader(train_ds, args.num_workers, d)
-    val_dl = _loader(val_ds, args.num_workers, d)
+    train_ds = stream.StampStream(setup.train_index, setup.fs, setup.meta_cols, setup.meta_mean, setup.meta_std,
+                                  weight=setup.weight, batch_size=args.batch_size, shuffle=True, augment=args.augment,
+                                  seed=args.seed, rank=ranks.rank, world_size=ranks.world, num_workers=args.num_workers)
+    val_ds = stream.StampStream(setup.val_index, setup.fs, setup.meta_cols, setup.meta_mean, setup.meta_std,
+                                weight=None, batch_size=max(args.batch_size, 256), shuffle=False, augment=False,
+                                seed=args.seed, rank=ranks.rank, world_size=ranks.world, num_workers=args.num_workers)
+    train_dl = _loader(train_ds, args.num_workers, ranks)
+    val_dl = _loader(val_ds, args.num_workers, ranks)
 
     for epoch in range(progress.epoch, args.epochs):
-        lr, stopped = train_one_epoch(net, model, opt, loss_fn, train_dl, train_ds, progress, epoch, s, d, use_bf16,
-                                      ckpts)
+        lr, stopped = train_one_epoch(net, model, opt, loss_fn, train_dl, train_ds, progress, epoch, setup, ranks,
+                                      use_bf16, ckpts)
         if stopped:
-            log(d, f"stopping after {progress.global_step} steps (--stop_after_steps)")
+            log(ranks, f"stopping after {progress.global_step} steps (--stop_after_steps)")
             if os.environ.get(KILL_ENV):
                 raise DHSError(f"interrupted after {progress.global_step} steps ({KILL_ENV}: a simulated kill)")
             return 0
-        loss_sum, n_seen, n_bad, n_planned = d.sum(list(progress.partial))
+        loss_sum, n_seen, n_bad, n_planned = ranks.sum(list(progress.partial))
         _check_skips(n_bad, n_planned, args.max_skip_frac, final=True)
         # the epochs --val_every skips have no validation in their history row and cannot become best.pt
         validated = (epoch + 1) % args.val_every == 0 or epoch + 1 == args.epochs
-        val = validate(net, val_dl, val_ds, s, d, use_bf16) if validated else {}
+        val = validate(net, val_dl, val_ds, setup, ranks, use_bf16) if validated else {}
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(n_seen, 1), "lr": lr, "steps": progress.global_step,
                "n_train": int(n_seen), "n_skipped": int(n_bad), **val}
         progress.history.append(row)
@@ -642,67 +448,68 @@ def _run(args, d: Dist) -> int:
                                   selection_key(val["val_cut"]) > selection_key(progress.best["val_cut"]))
         if improved:
             progress.best = {"epoch": epoch + 1, "val_cut": val["val_cut"], "val_all": val["val_all"]}
-        log(d, _format_epoch(row, improved))
-        if d.main:
+        log(ranks, _format_epoch(row, improved))
+        if ranks.main:
             if improved:
                 ckpts.save_best(epoch + 1, row)
             ckpts.write_history(progress)
         progress.epoch, progress.batches_done, progress.partial = epoch + 1, 0, (0.0, 0, 0, 0)
         ckpts.save_last(progress, finished=epoch + 1 == args.epochs)
-    if d.main:
+    if ranks.main:
         ckpts.mark_best_finished()
-        log(d, f"done: best epoch {progress.best['epoch']} ({_fmt(progress.best['val_cut'])}) -> "
+        log(ranks, f"done: best epoch {progress.best['epoch']} ({_fmt(progress.best['val_cut'])}) -> "
                f"{ckpts.out_dir / 'best.pt'}")
     return 0
 
 
-def train_one_epoch(net, model, opt, loss_fn, loader, ds, p: Progress, epoch: int, s: Setup, d: Dist,
+def train_one_epoch(net, model, opt, loss_fn, loader, ds, progress: Progress, epoch: int, setup: Setup, ranks: Dist,
                     use_bf16: bool, ckpts: Checkpoints) -> tuple[float, bool]:
     """One epoch (or the rest of an interrupted one, from ``p.batches_done``): the warm-up + cosine LR per
     step, last.pt every ``--save_every_steps``. Updates ``p`` (steps, this rank's partial sums); returns the
     last LR and whether ``--stop_after_steps`` ended the run."""
-    args = s.args
-    first = p.batches_done if epoch == p.epoch else 0
-    if epoch != p.epoch:
-        p.epoch, p.batches_done, p.partial = epoch, 0, (0.0, 0, 0, 0)
+    args = setup.args
+    first = progress.batches_done if epoch == progress.epoch else 0
+    if epoch != progress.epoch:
+        progress.epoch, progress.batches_done, progress.partial = epoch, 0, (0.0, 0, 0, 0)
     ds.set_epoch(epoch, first)
     n_batches = len(ds)
     net.train()
-    loss_sum, n_seen, n_bad, n_planned = p.partial
-    bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not d.main,
+    loss_sum, n_seen, n_bad, n_planned = progress.partial
+    bar = tqdm(total=n_batches, initial=first, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not ranks.main,
                file=sys.stderr, dynamic_ncols=True, leave=False)
     lr = math.nan
     try:
         for batch in loader:
-            lr = lr_at(epoch + p.batches_done / n_batches, args.lr, args.epochs, args.warmup_epochs)
+            lr = lr_at(epoch + progress.batches_done / n_batches, args.lr, args.epochs, args.warmup_epochs)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss = _train_step(net, model, opt, loss_fn, batch, d.device, use_bf16, args.grad_clip)
+            loss = _train_step(net, model, opt, loss_fn, batch, ranks.device, use_bf16, args.grad_clip)
             n = len(batch["label"])
             loss_sum += loss * n
             n_seen += n
             n_bad += batch["n_bad"]
             n_planned += batch["n_planned"]
-            p.partial = (loss_sum, n_seen, n_bad, n_planned)
-            p.batches_done += 1
-            p.global_step += 1
+            progress.partial = (loss_sum, n_seen, n_bad, n_planned)
+            progress.batches_done += 1
+            progress.global_step += 1
             _check_skips(n_bad, n_planned, args.max_skip_frac, final=False)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if args.save_every_steps and p.batches_done % args.save_every_steps == 0 and p.batches_done < n_batches:
-                ckpts.save_last(p, finished=False)
-            if args.stop_after_steps and p.global_step >= args.stop_after_steps:
+            if (args.save_every_steps and progress.batches_done % args.save_every_steps == 0
+                    and progress.batches_done < n_batches):
+                ckpts.save_last(progress, finished=False)
+            if args.stop_after_steps and progress.global_step >= args.stop_after_steps:
                 return lr, True
     finally:
         bar.close()
     return lr, False
 
 
-def _loader(ds, num_workers: int, d: Dist):
+def _loader(ds, num_workers: int, ranks: Dist):
     # a private generator: the loader must not draw from the global torch RNG (dropout's), or a resumed
     # run would diverge from an uninterrupted one
     return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0, pin_memory=d.device.type == "cuda",
+                                       persistent_workers=num_workers > 0, pin_memory=ranks.device.type == "cuda",
                                        generator=torch.Generator().manual_seed(0),
                                        prefetch_factor=4 if num_workers > 0 else None)
 
@@ -729,28 +536,28 @@ def _check_skips(n_bad: float, n_planned: float, max_frac: float, final: bool, w
 
 
 @torch.no_grad()
-def validate(net, loader, val_ds, s: Setup, d: Dist, use_bf16: bool) -> dict:
+def validate(net, loader, val_ds, setup: Setup, ranks: Dist, use_bf16: bool) -> dict:
     """Validation logits (float32) on the whole val split -> roc_summary with and without the cuts."""
     net.eval()
     val_ds.set_epoch(0)
     ids, logits, n_bad = [], [], 0
     model = unwrap(net)
-    for batch in tqdm(loader, total=len(val_ds), desc="val", disable=not d.main, file=sys.stderr, leave=False):
-        images = batch["images"].to(d.device, non_blocking=True)
-        meta = batch["meta"].to(d.device) if model.n_meta else None
-        with torch.autocast(device_type=d.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+    for batch in tqdm(loader, total=len(val_ds), desc="val", disable=not ranks.main, file=sys.stderr, leave=False):
+        images = batch["images"].to(ranks.device, non_blocking=True)
+        meta = batch["meta"].to(ranks.device) if model.n_meta else None
+        with torch.autocast(device_type=ranks.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = model(images, meta)
         logits.append(out.float().cpu().numpy())
         ids.append(batch["row"].numpy())
         n_bad += batch["n_bad"]
-    parts = d.gather((np.concatenate(ids), np.concatenate(logits), n_bad))
-    ids = np.concatenate([p[0] for p in parts])
-    logit = np.concatenate([p[1] for p in parts])
-    n_bad = sum(p[2] for p in parts)
-    _check_skips(n_bad, len(s.val_index), s.args.max_skip_frac, final=True, what="validation")
+    parts = ranks.gather((np.concatenate(ids), np.concatenate(logits), n_bad))
+    ids = np.concatenate([part[0] for part in parts])
+    logit = np.concatenate([part[1] for part in parts])
+    n_bad = sum(part[2] for part in parts)
+    _check_skips(n_bad, len(setup.val_index), setup.args.max_skip_frac, final=True, what="validation")
     where = ids.astype(np.int64)  # positions in the validation index
-    label = s.val_index.label[where]
-    cut = s.val_cut[where]
+    label = setup.val_index.label[where]
+    cut = setup.val_cut[where]
     return {"val_cut": metrics.roc_summary(label[cut], logit[cut]),
             "val_all": metrics.roc_summary(label, logit), "val_skipped": int(n_bad)}
 
@@ -769,26 +576,3 @@ def _format_epoch(row: dict, improved: bool) -> str:
             + ("\n    -> new best.pt" if improved else ""))
 
 
-def _write_history(path: Path, s: Setup, history: list, best: dict | None) -> None:
-    """history.json: one shape, ``{"args", "variant", ..., "best", "epochs": [per-epoch rows]}`` (the report
-    reads ``epochs``; a workflow that takes an existing Gen2 checkpoint writes ``{"epochs": []}``)."""
-    args = s.args
-    doc = {"args": vars(args), "variant": s.variant, "fingerprint": s.fingerprint,
-           "meta_cols": s.meta_cols, "meta_mean": s.meta_mean, "meta_std": s.meta_std,
-           "curriculum": {"min_theta_over_psf": args.min_theta_over_psf, "min_arc_snr": args.min_arc_snr,
-                          "match_controls": s.match, "condition_columns": s.cond_cols,
-                          "n_train_kept": len(s.train_index), "n_train_all": s.n_train_all,
-                          "meta_auc_filtered": s.meta_auc_before, "meta_auc_sampled": s.meta_auc_after},
-           "cutout_failed": {"train": s.train_index.n_cutout_failed, "val": s.val_index.n_cutout_failed},
-           "hard_negatives": {"path": args.hard_negs, "n_matched": s.n_hard, "weight": args.hard_neg_weight},
-           "best": best, "epochs": history}
-    with atomic_output(path) as tmp:
-        tmp.write_text(json.dumps(finite_or_null(doc), indent=2, default=_json_default, allow_nan=False))
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return str(x)

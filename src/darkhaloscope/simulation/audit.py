@@ -29,8 +29,8 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.metrics import auroc
-from darkhaloscope.io import atomic_output
+from darkhaloscope.metrics import auroc
+from darkhaloscope.io import atomic_output, check_writable, refuse_overwrite
 from darkhaloscope.stamps import dataset
 from darkhaloscope.stamps.contract import CONDITION_COLUMNS, SPLITS, STAMP_SIZE, decode_stamps, normalize_stamps
 
@@ -181,8 +181,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from darkhaloscope.io import check_writable, refuse_overwrite
-
     refuse_overwrite(args.out, {"--data": args.data}, "--out")
     check_writable(args.out, "--out")  # before the work, not after it
     report = audit(args.data, args.split, args.max_rows or None, args.core_auc_max, args.meta_auc_max, args.seed)

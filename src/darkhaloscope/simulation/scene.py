@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from darkhaloscope.simulation.manifest import CLUMP_COLUMNS
+from darkhaloscope.simulation.draws import CLUMP_COLUMNS
 from darkhaloscope.simulation.physics import light, psf, render
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
 

@@ -194,7 +194,7 @@ def gallery_html(cands: pd.DataFrame, rows: dict, title: str, note: str) -> str:
 
 
 def build(args) -> pd.DataFrame:
-    from darkhaloscope.evaluation.mine import read_known_lenses
+    from darkhaloscope.catalogs import read_known_lenses
     from darkhaloscope.stamps.dataset import fetch_rows, open_dataset
 
     scores = read_scores(args.scores)
@@ -239,7 +239,7 @@ def build(args) -> pd.DataFrame:
 
 def purity_table(graded: pd.DataFrame, positive: set[str]) -> pd.DataFrame:
     """Per rank: cumulative graded and positive candidates, purity = positive / graded with a Wilson interval."""
-    from darkhaloscope.evaluation.metrics import wilson_interval
+    from darkhaloscope.metrics import wilson_interval
 
     g = graded.sort_values("rank")
     is_graded = (g["grade"] != UNGRADED).to_numpy()

@@ -24,7 +24,7 @@ band), has ``cutout_ok = 0``, a null ``stamp_npz`` and a ``cutout_reason``; so d
 observing conditions are unusable (they are not fetched; a row without a position has a null
 ``region_id`` and the split that ``region_split_of`` gives region -1). ``region_id`` is the equal-area sky cell of the
 position and ``region_split`` is derived from it exactly as ``dhs manifest`` does
-(``manifest.sky_cell`` + ``manifest.region_split_of``), so a host and a simulated task in the same patch
+(``draws.sky_cell`` + ``draws.region_split_of``), so a host and a simulated task in the same patch
 of sky land in the same split. ``_failures.csv`` (ignored by parquet readers: leading underscore) lists
 every row with ``cutout_ok = 0`` and its reason. Reasons are permanent (``no_coverage:http_404`` and
 ``no_coverage:all_zero``: outside the footprint, the 404 remembered in the cache; ``partial_coverage``,
@@ -53,7 +53,6 @@ import json
 import os
 import queue
 import random
-import re
 import shutil
 import sys
 import threading
@@ -68,14 +67,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE, depth_from_tractor_ivar, encode_stamp
+from darkhaloscope.stamps.contract import (BANDS, CONDITION_COLUMNS, PIXEL_SCALE_ARCSEC, SPLITS, STAMP_SIZE,
+                                           depth_from_tractor_ivar, encode_stamp)
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import _TMP, _alive, check_writable_dir
+from darkhaloscope.catalogs import ID_CANDIDATES, read_catalog
+from darkhaloscope.io import check_writable_dir, dead_temporaries
+from darkhaloscope.simulation.draws import brickname_of, region_split_of, sky_cell
+from darkhaloscope.stamps.dataset import MARKER, parts_sha256
 
 DEFAULT_BASE_URL = "https://www.legacysurvey.org"
 LAYER = "ls-dr10"
-CONDITION_INPUTS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
-ID_CANDIDATES = ("task_id", "id", "objid", "name")
 USER_AGENT = "darkhaloscope-dhs-cutouts/0.1 (bounded concurrency, honours Retry-After)"
 ROW_GROUP = 256
 # Reasons of rows whose cutout could not be fetched (transient: a rerun asks again), as opposed to a permanent
@@ -91,117 +92,11 @@ PSFSIZE_RANGE = (0.2, 6.0)
 DEPTH_RANGE = (18.0, 28.0)
 # Consecutive cutouts that could not reach the service (connection errors, timeouts) after which the run stops.
 MAX_CONSECUTIVE_UNREACHABLE = 10
-# Written into every output directory of `dhs cutouts`: only a directory holding it is ever replaced.
-MARKER = ".dhs-cutouts"
 
 
 # ----------------------------------------------------------------------------------------------------
-# The catalogue
+# The catalogue (read by darkhaloscope.catalogs.read_catalog)
 # ----------------------------------------------------------------------------------------------------
-
-def _open_bytes(path: str) -> bytes:
-    from darkhaloscope.stamps.dataset import filesystem as _filesystem
-
-    fs, p = _filesystem(path)
-    try:
-        with fs.open_input_file(p) as fh:
-            return fh.read()
-    except Exception as exc:
-        raise DHSError(f"cannot read catalogue {path}: {type(exc).__name__}: {exc}") from None
-
-
-def _fits_table(blob: bytes, path: str) -> pa.Table:
-    from astropy.table import Table
-
-    try:
-        table = Table.read(io.BytesIO(blob), format="fits")
-    except Exception as exc:
-        raise DHSError(f"catalogue {path} is not a readable FITS table ({type(exc).__name__}: {exc})") from None
-    cols = {}
-    for name in table.colnames:
-        col = table[name]
-        if col.ndim != 1:  # e.g. a (N, k) array column: not a scalar per row, not carried through
-            continue
-        values = np.asarray(col)
-        if values.dtype.kind == "S":  # FITS strings are bytes, right-padded (ASCII by the standard)
-            try:
-                cols[name] = pa.array([v.decode("ascii").rstrip() for v in values], pa.string())
-            except UnicodeDecodeError:
-                raise DHSError(f"catalogue {path}: column {name} holds non-ASCII bytes, which FITS strings "
-                               "cannot") from None
-        elif values.dtype.kind == "U":
-            cols[name] = pa.array([v.rstrip() for v in values], pa.string())
-        else:
-            mask = np.ma.getmaskarray(col) if hasattr(col, "mask") else None
-            cols[name] = pa.array(values.astype(values.dtype.newbyteorder("=")), mask=mask)
-    return pa.table(cols)
-
-
-def normalise_columns(table: pa.Table, path) -> pa.Table:
-    """Column names in lower case, as the rest of the project spells them: DR10 sweep and Tractor files (and
-    catalogues derived from them) spell them in upper case (RA, DEC, PSFSIZE_G, ...). Every catalogue reader
-    goes through here. Two columns that differ only in case are refused (which one is meant is unknowable)."""
-    lower = [c.lower() for c in table.column_names]
-    dup = sorted({c for c in lower if lower.count(c) > 1})
-    if dup:
-        raise DHSError(f"catalogue {path} has columns that differ only in case: {', '.join(dup)}")
-    return table.rename_columns(lower)
-
-
-_CANONICAL_INT = re.compile(r"^-?(0|[1-9][0-9]*)$")
-
-
-def _csv_table(stream_of, path, id_column: str | None) -> pa.Table:
-    """A CSV catalogue; id-like columns (``ID_CANDIDATES``, ``--id_column``, brickname) are read as text, so
-    that "0001" stays "0001", and become integers only when every value is written as a plain integer."""
-    import pyarrow.csv as pcsv
-
-    names = pcsv.read_csv(stream_of(), read_options=pcsv.ReadOptions(block_size=1 << 16)).column_names
-    idlike = [c for c in names if c.lower() in (*ID_CANDIDATES, "brickname")
-              or (id_column is not None and c.lower() == id_column.lower())]
-    table = pcsv.read_csv(stream_of(), convert_options=pcsv.ConvertOptions(
-        column_types={c: pa.string() for c in idlike}, strings_can_be_null=False))
-    for c in idlike:
-        col = table.column(c)
-        if c.lower() != "brickname" and col.null_count == 0 and all(
-                _CANONICAL_INT.match(v) for v in col.to_pylist()) and table.num_rows:
-            table = table.set_column(table.column_names.index(c), c, pc.cast(col, pa.int64()))
-    return table
-
-
-def read_catalog(path: str, id_column: str | None = None) -> pa.Table:
-    """Parquet, CSV or FITS table (by the file name's ending), local or a pyarrow URI such as s3://; column
-    names in lower case (``normalise_columns``)."""
-    name = str(path).split("?")[0].lower()
-    if "://" not in str(path) and not Path(path).exists():
-        raise DHSError(f"catalogue {path} does not exist")
-    if "://" not in str(path) and Path(path).is_dir():
-        raise DHSError(f"catalogue {path} is a directory; give a table file")
-    blob = _open_bytes(str(path))
-    table = None
-    try:
-        if name.endswith((".parquet", ".pq")):
-            table = pq.read_table(pa.BufferReader(blob))
-        elif name.endswith((".csv", ".csv.gz")):
-            def stream_of():
-                stream = pa.BufferReader(blob)
-                return pa.CompressedInputStream(stream, "gzip") if name.endswith(".gz") else stream
-
-            table = _csv_table(stream_of, path, id_column)
-    except DHSError:
-        raise
-    except Exception as exc:
-        raise DHSError(f"catalogue {path} is not readable ({type(exc).__name__}: {exc})") from None
-    if table is None and name.endswith((".fits", ".fit", ".fits.gz", ".fit.gz")):
-        if name.endswith(".gz"):
-            import gzip
-
-            blob = gzip.decompress(blob)
-        table = _fits_table(blob, path)
-    if table is None:
-        raise DHSError(f"catalogue {path}: unknown format (expected .parquet, .csv or .fits)")
-    return normalise_columns(table, path)
-
 
 def _floats(table: pa.Table, name: str) -> np.ndarray:
     col = table.column(name)
@@ -268,13 +163,11 @@ def check_conditions(psfsize: np.ndarray, ivar: np.ndarray, path) -> None:
 def load_catalog(path: str, id_column: str | None = None, conditions=None) -> Catalog:
     """The catalogue, checked. ``conditions``: a callable (ra, dec, brickname) -> (psfsize, psfdepth ivar), each
     (N, 3) with NaN where unknown, that supplies the observing conditions when the catalogue has none of the
-    ``CONDITION_INPUTS`` columns (sky.tractor: the release's own Tractor catalogues)."""
+    ``CONDITION_COLUMNS`` columns (sky.tractor: the release's own Tractor catalogues)."""
     table = read_catalog(path, id_column)
-    have = [c for c in CONDITION_INPUTS if c in table.column_names]
+    have = [c for c in CONDITION_COLUMNS if c in table.column_names]
     if conditions is not None and not have and "ra" in table.column_names and "dec" in table.column_names \
             and table.num_rows:
-        from darkhaloscope.simulation.manifest import brickname_of
-
         ra0, dec0 = _floats(table, "ra"), _floats(table, "dec")
         _refuse_outside(ra0, (0.0, 360.0), "ra", path, "deg", closed_top=False)
         _refuse_outside(dec0, (-90.0, 90.0), "dec", path, "deg")
@@ -290,7 +183,7 @@ def load_catalog(path: str, id_column: str | None = None, conditions=None) -> Ca
             table = table.append_column(f"psfsize_{b}", pa.array(size[:, j], from_pandas=True))
         for j, b in enumerate(BANDS):
             table = table.append_column(f"psfdepth_{b}", pa.array(ivar[:, j], from_pandas=True))
-    missing = [c for c in ("ra", "dec", *CONDITION_INPUTS) if c not in table.column_names]
+    missing = [c for c in ("ra", "dec", *CONDITION_COLUMNS) if c not in table.column_names]
     if missing:
         raise DHSError(f"catalogue {path} lacks column(s) {', '.join(missing)} (psfdepth_* as Tractor inverse "
                        "variances, 1/nanomaggy^2; with none of psfsize_*/psfdepth_*, --tractor_url fills them "
@@ -319,8 +212,6 @@ def load_catalog(path: str, id_column: str | None = None, conditions=None) -> Ca
     if "brickname" in table.column_names:
         brick = np.array([str(b) if b is not None else "" for b in table.column("brickname").to_pylist()], object)
     else:
-        from darkhaloscope.simulation.manifest import brickname_of
-
         ok = np.isfinite(ra) & np.isfinite(dec)
         brick = np.full(len(ra), "", object)
         if ok.any():
@@ -620,15 +511,13 @@ def fetch_all(cat: Catalog, fetcher: Fetcher, progress: bool = True,
 
 def _extra_columns(table: pa.Table, id_col: str | None) -> list[str]:
     own = {"ra", "dec", "brickname", "region_id", "region_split", "is_control", "cutout_ok", "cutout_reason",
-           "stamp_npz", "task_id", *CONDITION_INPUTS}
+           "stamp_npz", "task_id", *CONDITION_COLUMNS}
     return [c for c in table.column_names if c not in own and c != id_col]
 
 
 def assemble(cat: Catalog, fetch_reasons: np.ndarray, cache_dir: Path, out_dir: Path, split_fracs,
              is_control: int, id_col: str | None, chunk: int = 1024, refuse_if_none_usable: bool = False) -> dict:
     """Write the dataset (to a temporary sibling directory, renamed at the end); returns a summary."""
-    from darkhaloscope.simulation.manifest import region_split_of, sky_cell
-
     out_dir = Path(out_dir)
     n = len(cat.ra)
     good = np.isfinite(cat.ra) & np.isfinite(cat.dec) & (np.abs(cat.dec) <= 90.0)
@@ -734,57 +623,13 @@ def _is_own(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
-def parts_sha256(root, fs=None) -> str:
-    """The content hash of a dataset: SHA-256 over the relative path and bytes of every parquet file under
-    ``root`` (sorted by path). ``dhs cutouts`` stores it in its marker; a host manifest records it (sky.hosts)."""
-    import hashlib
-
-    import pyarrow.fs as pafs
-
-    if fs is None:
-        fs, root = pafs.LocalFileSystem(), str(Path(root).resolve())
-    root = str(root).rstrip("/")
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                   and not Path(i.path).name.startswith((".", "_")))
-    h = hashlib.sha256()
-    for path in files:
-        h.update(path[len(root):].lstrip("/").encode() + b"\0")
-        with fs.open_input_stream(path) as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def dataset_sha256(root) -> str:
-    """``parts_sha256`` of a dataset written by this command, read from its marker (local or a pyarrow URI);
-    computed from the files when the marker lacks it."""
-    from darkhaloscope.stamps.dataset import filesystem as _filesystem
-
-    fs, path = _filesystem(str(root))
-    try:
-        with fs.open_input_stream(f"{str(path).rstrip('/')}/{MARKER}") as fh:
-            sha = json.loads(fh.read().decode()).get("sha256")
-    except (OSError, ValueError, AttributeError):
-        sha = None
-    if sha:
-        return sha
-    return parts_sha256(path, fs) if "://" in str(root) else parts_sha256(root)
-
-
 def remove_stale_output_temporaries(out_dir: Path) -> list[Path]:
     """Delete the ``.<name>.tmp-<pid>`` (being written) and ``.<name>.old.tmp-<pid>`` (being replaced)
     directories beside ``out_dir`` that a killed run of this command left: the writer is dead and the directory
     holds the marker. Anything else of that name is left alone."""
     removed = []
-    try:
-        siblings = list(out_dir.parent.iterdir())
-    except OSError:
-        return removed
-    for p in siblings:
-        m = _TMP.match(p.name)
-        if (m and m.group("name") in (out_dir.name, out_dir.name + ".old") and p.is_dir() and _is_own(p)
-                and not _alive(int(m.group("pid")))):
+    for p in dead_temporaries(out_dir, (out_dir.name, out_dir.name + ".old")):
+        if p.is_dir() and _is_own(p):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

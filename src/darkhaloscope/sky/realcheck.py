@@ -186,7 +186,7 @@ def sim_control_logits(path) -> np.ndarray:
 
 def fpr_rows(model: str, scored: pd.DataFrame, thresholds, sim_logits: np.ndarray) -> list[dict]:
     """Per half (and both): the real controls above each simulated threshold, with Wilson intervals."""
-    from darkhaloscope.evaluation.metrics import wilson_interval
+    from darkhaloscope.metrics import wilson_interval
 
     rows = []
     ctl = scored[scored["is_control"] == 1]
@@ -217,9 +217,9 @@ def candidate_rows(model: str, scored: pd.DataFrame, thresholds) -> list[dict]:
 
 
 def distribution_figure(per_model: dict) -> str:
-    from darkhaloscope.evaluation.report import _img, _plt
+    from darkhaloscope.evaluation.report import figure_img, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(per_model), figsize=(5 * len(per_model), 3.4), squeeze=False)
     for ax, (model, (real, sim, thresholds)) in zip(axes[0], per_model.items()):
         allv = np.concatenate([real, sim]) if len(real) else sim
@@ -235,7 +235,7 @@ def distribution_figure(per_model: dict) -> str:
         ax.set_title(model)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    return _img(fig, "realcheck-logits", "real vs simulated control logits")
+    return figure_img(fig, "realcheck-logits", "real vs simulated control logits")
 
 
 def report_page(table: pd.DataFrame, per_model: dict, data, scored: pd.DataFrame | None) -> str:

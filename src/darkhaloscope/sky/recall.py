@@ -172,7 +172,7 @@ def views_of(tta: int | None, scored_with: str | None) -> int:
 
 def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], grade_column: str | None,
                  tta: int = 1) -> pd.DataFrame:
-    from darkhaloscope.evaluation.metrics import recall_at_threshold, wilson_interval
+    from darkhaloscope.metrics import recall_at_threshold, wilson_interval
 
     groups = [("all", lenses)]
     if grade_column:

@@ -52,7 +52,7 @@ class TractorConditions:
         self.n_matched = 0
 
     def __call__(self, ra: np.ndarray, dec: np.ndarray, bricks: np.ndarray):
-        from darkhaloscope.evaluation.mine import KnownLensIndex
+        from darkhaloscope.catalogs import KnownLensIndex
 
         n = len(ra)
         size = np.full((n, len(BANDS)), np.nan)

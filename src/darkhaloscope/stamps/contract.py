@@ -18,8 +18,11 @@ from functools import lru_cache
 from importlib import resources
 
 import numpy as np
+import pyarrow as pa
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.stamps.codec import decode_stored_npz, read_npz_members, write_npz  # np.savez's, ~10x cheaper
+from darkhaloscope.stamps.robust import MAD_TO_SIGMA, normalize_annulus
 
 BANDS = ("g", "r", "z")
 STAMP_SIZE = 64
@@ -98,8 +101,6 @@ def encode_stamp(image: np.ndarray) -> bytes:
     image = np.asarray(image, dtype=np.float32)
     if image.shape != (len(BANDS), STAMP_SIZE, STAMP_SIZE):
         raise DHSError(f"stamp has shape {image.shape}, expected (3, {STAMP_SIZE}, {STAMP_SIZE})")
-    from darkhaloscope.stamps.codec import write_npz  # same archive as np.savez, ~10x cheaper, deterministic
-
     return write_npz({key: image[i] for i, key in enumerate(STAMP_KEYS)})
 
 
@@ -129,10 +130,6 @@ def decode_stamps(blobs) -> tuple[np.ndarray, np.ndarray]:
     Same result as ``decode_stamp`` per blob. Stored float32 npz blobs (``np.savez`` / ``encode_stamp``)
     take the compiled batch path (``codec.decode_stored_npz``, CRC-checked); the rest go through
     the per-row parser and then ``np.load``."""
-    import pyarrow as pa
-
-    from darkhaloscope.stamps.codec import decode_stored_npz, read_npz_members
-
     arrow = isinstance(blobs, (pa.Array, pa.ChunkedArray))
     blobs = blobs if arrow else list(blobs)
     out, status = decode_stored_npz(blobs, STAMP_KEYS, (STAMP_SIZE, STAMP_SIZE))
@@ -165,9 +162,6 @@ NORM_CLIP = 10.0
 _OUTER_INDEX = np.flatnonzero(OUTER_ANNULUS)
 
 
-MAD_TO_SIGMA = 1.4826  # robust sigma = 1.4826 x MAD for Gaussian noise
-
-
 def annulus_sky(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sky level and noise of each band from the outer annulus, (..., B, 64, 64) -> two (..., B) arrays:
     the median and MAD_TO_SIGMA x MAD, the statistics ``normalize_stamps`` divides by (there compiled,
@@ -188,8 +182,6 @@ def normalize_stamps(images: np.ndarray, symmetries: np.ndarray | None = None, o
 
     ``symmetries`` (one code per stamp, k + 4 * flip: np.rot90 k times, then a left-right flip) writes
     each stamp transformed, for augmentation at no extra cost; ``out`` may be ``images`` (in place)."""
-    from darkhaloscope.stamps.robust import normalize_annulus  # numba: imported only where stamps are normalised
-
     images = np.asarray(images, dtype=np.float32)
     if images.shape[-2:] != (STAMP_SIZE, STAMP_SIZE):
         raise DHSError(f"stamps have shape {images.shape}, expected (..., {STAMP_SIZE}, {STAMP_SIZE})")

@@ -22,8 +22,11 @@ Rules that live only here:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +36,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.io import filesystem  # noqa: F401 (the datasets' location, local or a URI)
+from darkhaloscope.stamps.contract import decode_stamp
 
 PARTITION = "region_split"
 TASK_ID = "task_id"
@@ -146,17 +151,6 @@ def control_flags(column, where: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 # Opening a split
 # ----------------------------------------------------------------------------------------------------
-
-def filesystem(data: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local directory or an s3:// (or other pyarrow) URI."""
-    data = str(data)
-    if "://" in data:
-        try:
-            return pafs.FileSystem.from_uri(data)
-        except Exception as exc:
-            raise DHSError(f"cannot open data location {data}: {exc}") from None
-    return pafs.LocalFileSystem(), data
-
 
 @dataclass
 class Split:
@@ -327,8 +321,6 @@ def splits_of(data: str) -> list[str]:
 def fetch_rows(data: str, task_ids, columns=()) -> dict:
     """task_id -> {column: value} of ``columns`` plus the decoded (3, 64, 64) ``stamp`` (None when it does not
     decode), scanning every split once; ids keep their kind (int or str). Declared cutout failures are left out."""
-    from darkhaloscope.stamps.contract import decode_stamp
-
     wanted = [t.item() if hasattr(t, "item") else t for t in task_ids]
     if not wanted:
         return {}
@@ -363,3 +355,41 @@ def fetch_stamps(data: str, task_ids) -> dict:
     """task_id -> decoded (3, 64, 64) stamp (``fetch_rows``); stamps that do not decode are left out. Used by the
     report's and the recall page's galleries."""
     return {t: row["stamp"] for t, row in fetch_rows(data, task_ids).items() if row["stamp"] is not None}
+
+
+# Written into every output directory of `dhs cutouts`: only a directory holding it is ever replaced, and it
+# records the dataset's content hash (``dataset_sha256``), which a host manifest is tied to.
+MARKER = ".dhs-cutouts"
+
+
+def parts_sha256(root, fs=None) -> str:
+    """The content hash of a dataset: SHA-256 over the relative path and bytes of every parquet file under
+    ``root`` (sorted by path). ``dhs cutouts`` stores it in its marker; a host manifest records it
+    (simulation.real_hosts)."""
+    if fs is None:
+        fs, root = pafs.LocalFileSystem(), str(Path(root).resolve())
+    root = str(root).rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                   and not Path(i.path).name.startswith((".", "_")))
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path[len(root):].lstrip("/").encode() + b"\0")
+        with fs.open_input_stream(path) as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_sha256(root) -> str:
+    """``parts_sha256`` of a dataset written by this command, read from its marker (local or a pyarrow URI);
+    computed from the files when the marker lacks it."""
+    fs, path = filesystem(str(root))
+    try:
+        with fs.open_input_stream(f"{str(path).rstrip('/')}/{MARKER}") as fh:
+            sha = json.loads(fh.read().decode()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        sha = None
+    if sha:
+        return sha
+    return parts_sha256(path, fs) if "://" in str(root) else parts_sha256(root)

@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from darkhaloscope.stamps import contract
-
-MAD_TO_SIGMA = np.float32(contract.MAD_TO_SIGMA)  # float32: the kernel's arithmetic
+MAD_TO_SIGMA = 1.4826  # robust sigma = 1.4826 x MAD for Gaussian noise
+_MAD_TO_SIGMA_F32 = np.float32(MAD_TO_SIGMA)  # float32: the kernel's arithmetic
 MIN_SCALE = np.float32(1e-8)
 
 
@@ -159,7 +158,7 @@ def normalize_annulus(images, index, clip, symmetry, out):  # pragma: no cover -
                 med = median_inplace(buf, cand, sample)
                 for t in range(k):
                     buf[t] = abs(buf[t] - med)
-                scale = median_inplace(buf, cand, sample) * MAD_TO_SIGMA
+                scale = median_inplace(buf, cand, sample) * _MAD_TO_SIGMA_F32
                 if scale < MIN_SCALE:
                     scale = MIN_SCALE
             o = out[s, b]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The finder-quality tables (issue 10) from score parquets: a finished workflow run directory or any scores.
 
-    python benchmarks/finder_table.py --run_dir results                 # gen3_test + gen2_test of a run
-    python benchmarks/finder_table.py --scores gen3=a.parquet --scores gen2=b.parquet [--json out.json]
-    python benchmarks/finder_table.py --run_dir results --append_csv docs/measurements/finder_runs.csv \
+    python tools/finder_table.py --run_dir results                 # gen3_test + gen2_test of a run
+    python tools/finder_table.py --scores gen3=a.parquet --scores gen2=b.parquet [--json out.json]
+    python tools/finder_table.py --run_dir results --append_csv docs/measurements/finder_runs.csv \
         --row_id 72 --change "what this run changed"    # also record the run: gen3 as row 72, gen2 as 72'
 
 Per model, on its test split (rows joined with the stamps' truth columns by `dhs infer`):
@@ -39,8 +39,9 @@ import pandas as pd
 
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation import evaluate as ev
-from darkhaloscope.evaluation import metrics, strata
-from darkhaloscope.io import finite_or_null
+from darkhaloscope import metrics
+from darkhaloscope.evaluation import strata
+from darkhaloscope.io import check_writable, finite_or_null
 
 FPRS = (1e-2, 1e-3, 1e-4)
 RESOLVED_MIN_RATIO = 1.4
@@ -219,8 +220,6 @@ def append_csv(path: Path, rows: list[dict]) -> None:
 def check_outputs(pairs, args) -> None:
     """One model per label (the tables are keyed by label: a repeated one would drop a model silently), and the
     --json/--md paths writable files, checked before any table is computed."""
-    from darkhaloscope.io import check_writable
-
     labels = [label for label, _ in pairs]
     for label in labels:
         if labels.count(label) > 1:

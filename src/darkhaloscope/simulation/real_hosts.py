@@ -9,7 +9,7 @@ its host's ``region_split`` (set from the sky cell by ``dhs cutouts``, as the si
 
 Manifest: ``task_id`` is the task's row number (int64: shards and render blocks are task_id //
 batch_size, as for simulated data), ``host_id`` the host's catalogue id (any type), the host's position,
-split and conditions, ``noise_seed``, and the lens and source draws of ``manifest.draw_lenses`` (null for
+split and conditions, ``noise_seed``, and the lens and source draws of ``draws.draw_lenses`` (null for
 controls) with the lens at the stamp centre plus the simulator's 0.03-arcsec jitter. When the hosts have
 the Tractor shape ``shape_e1``/``shape_e2``, the lens axis ratio is the host's, q = (1 - |e|) / (1 + |e|)
 (clipped to the prior's lens_q range), and the lens angle is the host's major axis plus the simulator's
@@ -27,7 +27,8 @@ drawn from the task's ``noise_seed``); the real stamp already carries its sky an
 ``arc_snr`` / ``arc_snr_peak`` use the sky noise implied by the host's 5-sigma depth and PSF (the same
 formula as the simulator, ``scene.sky_sigma``; ``sky_ivar_*`` is its inverse square), not a measurement
 on the stamp, so that they mean the same thing on simulated and real hosts. Output: the simulator's
-Phase 4c schema (``inject.output_schema``) plus ``host_id``; host light truth columns are null.
+Phase 4c schema (``phase4c.output_schema``, rows built by ``phase4c.batch_table``, as for simulated data) plus
+``host_id``; host light truth columns are null.
 """
 
 from __future__ import annotations
@@ -41,21 +42,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
-from darkhaloscope.stamps.contract import BANDS, SPLITS, decode_stamp, encode_stamp, load_conditions
+from darkhaloscope.catalogs import KnownLensIndex, load_known_lenses, read_catalog
 from darkhaloscope.errors import DHSError
 from darkhaloscope.io import atomic_output
+from darkhaloscope.simulation.draws import SOURCE_PRIORS, ClumpPrior, clump_prior, draw_clumps, draw_lenses, stream
+from darkhaloscope.simulation.phase4c import (batch_table, check_args, clump_slots, output_path, output_schema,
+                                              shard_mask)
+from darkhaloscope.simulation.scene import (GAIN_E_PER_NMGY, SceneBatch, arc_snr, column_arrays, psf_fwhm, render_arcs,
+                                            sky_psf_sum_sq, sky_sigma)
+from darkhaloscope.stamps.contract import BANDS, CONDITION_COLUMNS, SPLITS, decode_stamp, load_conditions
+from darkhaloscope.stamps.dataset import dataset_sha256, filesystem
 
-CONDITIONS = tuple(f"psfsize_{b}" for b in BANDS) + tuple(f"psfdepth_{b}" for b in BANDS)
 HOST_MANIFEST_TAG = b"dhs_host_manifest"
-# The content hash of the host dataset a manifest was drawn from (cutouts.dataset_sha256): inject refuses another.
+# The content hash of the host dataset a manifest was drawn from (stamps.dataset.dataset_sha256): inject refuses another.
 HOSTS_SHA_TAG = b"dhs_hosts_sha256"
 
 
 def _dataset(hosts_dir: str):
-    from darkhaloscope.stamps.dataset import filesystem as _filesystem
-
-    fs, root = _filesystem(hosts_dir)
+    fs, root = filesystem(hosts_dir)
     if "://" not in str(hosts_dir) and not Path(root).is_dir():
         raise DHSError(f"--hosts {hosts_dir} is not a directory")
     try:
@@ -67,7 +73,7 @@ def _dataset(hosts_dir: str):
 def read_hosts(hosts_dir: str) -> tuple[pa.Table, int]:
     """(usable host rows without stamps, in split then file order; number of rows with cutout_ok != 1)."""
     ds = _dataset(hosts_dir)
-    need = ("task_id", "ra", "dec", "region_split", "cutout_ok", *CONDITIONS)
+    need = ("task_id", "ra", "dec", "region_split", "cutout_ok", *CONDITION_COLUMNS)
     missing = [c for c in need if c not in ds.schema.names]
     if missing:
         raise DHSError(f"host dataset {hosts_dir} lacks column(s) {', '.join(missing)} (write it with dhs cutouts)")
@@ -111,11 +117,8 @@ def shape_orientation(e1, e2) -> tuple[np.ndarray, np.ndarray]:
 
 def known_lens_positions(paths) -> tuple[np.ndarray, np.ndarray]:
     """(ra, dec) of the known lenses in ``paths``: ``lenscat`` (or None) is the lenscat catalogue and a CSV or
-    parquet file is read as mining reads it (``mine.load_known_lenses``); any other catalogue (e.g. FITS) as
+    parquet file is read as mining reads it (``catalogs.load_known_lenses``); any other catalogue (e.g. FITS) as
     ``dhs cutouts`` reads it."""
-    from darkhaloscope.evaluation.mine import load_known_lenses
-    from darkhaloscope.sky.cutouts import read_catalog
-
     ras, decs = [], []
     for p in paths or [None]:
         if p is None or p == "lenscat":
@@ -139,8 +142,6 @@ def known_lens_positions(paths) -> tuple[np.ndarray, np.ndarray]:
 def drop_known_lenses(hosts: pa.Table, known_lenses, radius_arcsec: float) -> tuple[pa.Table, int]:
     """The hosts farther than ``radius_arcsec`` from every known lens (as mining excludes them: a known lens
     must not become a labelled negative), and how many were dropped. ``radius_arcsec`` 0: none dropped."""
-    from darkhaloscope.evaluation.mine import KnownLensIndex
-
     if radius_arcsec is None or radius_arcsec <= 0:
         return hosts, 0
     near = KnownLensIndex(*known_lens_positions(known_lenses)).near(_f(hosts, "ra"), _f(hosts, "dec"), radius_arcsec)
@@ -153,9 +154,6 @@ def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, so
                         clumps=None, known_lenses=None, exclude_radius_arcsec: float = 0.0) -> tuple[pa.Table, int, int]:
     """The host-injection manifest (module docstring), the number of unusable hosts left out and the number
     of hosts left out as known lenses (``drop_known_lenses``)."""
-    from darkhaloscope.sky.cutouts import dataset_sha256
-    from darkhaloscope.simulation.manifest import SOURCE_PRIORS, ClumpPrior, _stream, draw_clumps, draw_lenses
-
     clumps = (clumps or ClumpPrior()).check()
     if not 0.0 <= control_frac <= 1.0:
         raise DHSError(f"--control_frac must be in [0, 1], got {control_frac}")
@@ -165,17 +163,17 @@ def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, so
     hosts, n_bad = read_hosts(hosts_dir)
     hosts, n_known = drop_known_lenses(hosts, known_lenses, exclude_radius_arcsec)
     n = hosts.num_rows
-    for c in CONDITIONS:
+    for c in CONDITION_COLUMNS:
         v = _f(hosts, c)
         if not np.isfinite(v).all():
             raise DHSError(f"host dataset {hosts_dir}: {c} is NaN/null in {int((~np.isfinite(v)).sum())} usable row(s)")
     if source_priors == "grid_sota" and "flux_r" not in hosts.column_names:
         raise DHSError("--source_priors grid_sota sets the source magnitude from the host's: the host catalogue "
                        "needs a flux_r column (nanomaggies)")
-    label_rng = _stream(seed, "label")
+    label_rng = stream(seed, "label")
     is_control = np.zeros(n, np.int32)
     is_control[label_rng.permutation(n)[: int(round(control_frac * n))]] = 1
-    orient_rng = _stream(seed, "host_orientation")
+    orient_rng = stream(seed, "host_orientation")
     random_phi = orient_rng.random(n) * np.pi
     q_host = np.full(n, np.nan)
     phi = random_phi
@@ -190,7 +188,7 @@ def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, so
         if source_priors == "grid_sota" and not np.isfinite(host_mag_r).all():
             raise DHSError(f"--source_priors grid_sota: flux_r is not > 0 for {int((~np.isfinite(host_mag_r)).sum())} "
                            "usable host(s)")
-    lenses = draw_lenses(_stream(seed, "lens"), {"host_mag_r": host_mag_r, "host_phi": phi, "host_x": np.zeros(n),
+    lenses = draw_lenses(stream(seed, "lens"), {"host_mag_r": host_mag_r, "host_phi": phi, "host_x": np.zeros(n),
                                                  "host_y": np.zeros(n)}, source_priors)
     lo, hi = load_conditions()["realistic_source_priors"]["lens_q"]
     lenses["lens_q"] = np.where(np.isfinite(q_host), np.clip(q_host, lo, hi), lenses["lens_q"])
@@ -205,15 +203,15 @@ def build_host_manifest(hosts_dir: str, seed: int, control_frac: float = 0.5, so
                       else pa.nulls(n, pa.int64())),
         "region_split": hosts.column("region_split").combine_chunks().cast(pa.string()),
         "is_control": pa.array(is_control),
-        "noise_seed": pa.array(_stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64)),
+        "noise_seed": pa.array(stream(seed, "noise").integers(0, 2**63 - 1, n, dtype=np.int64)),
         "host_mag_r": pa.array(host_mag_r, from_pandas=True),
     }
-    for c in CONDITIONS:
+    for c in CONDITION_COLUMNS:
         cols[c] = pa.array(_f(hosts, c))
     for k, v in lenses.items():
         cols[k] = pa.array(v, pa.float64(), mask=~positive)
     if clumps.max > 0:
-        for k, v in draw_clumps(_stream(seed, "clumps"), lenses, clumps).items():
+        for k, v in draw_clumps(stream(seed, "clumps"), lenses, clumps).items():
             cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.ravel(), pa.float64()), clumps.max,
                                                         mask=pa.array(~positive))
     text = f"hosts={hosts_dir};seed={seed};source_priors={source_priors};control_frac={control_frac}"
@@ -237,8 +235,6 @@ def inject_arcs(host_images: np.ndarray, rows: dict, psf_model: str, beta: float
     ``is_control``, ``noise_seed``, the conditions and the lens/source draws. Returns a dict with
     ``image`` (B, 3, 64, 64) float32, ``arc`` (noiseless), ``sky_sigma`` (B, 3), ``arc_fwhm`` (B, 3),
     ``arc_snr``, ``arc_snr_peak``, ``magnification`` (NaN for controls)."""
-    from darkhaloscope.simulation.scene import GAIN_E_PER_NMGY, arc_snr, psf_fwhm, render_arcs, sky_psf_sum_sq, sky_sigma
-
     images = np.array(host_images, np.float32, copy=True)
     b = len(images)
     fwhm = psf_fwhm(rows)
@@ -276,58 +272,9 @@ def _host_stamps(hosts_dir: str, host_ids: pa.Array) -> dict:
     return found
 
 
-def _table(rows: dict, host_ids: pa.Array, res: dict, psf_model: str, beta: float, schema: pa.Schema) -> pa.Table:
-    from darkhaloscope.simulation.inject import PASS_COLUMNS, TRUTH_COLUMNS
-    from darkhaloscope.simulation.manifest import CLUMP_COLUMNS
-
-    n = len(rows["task_id"])
-    positive = np.asarray(rows["is_control"]) == 0
-
-    def nullable(v, mask=None):
-        v = np.asarray(v, np.float64)
-        return pa.array(v, pa.float64(), mask=~np.isfinite(v) if mask is None else mask)
-
-    cols = {
-        "task_id": pa.array(rows["task_id"], pa.int64()),
-        "ra": pa.array(rows["ra"], pa.float64()), "dec": pa.array(rows["dec"], pa.float64()),
-        "brickname": pa.array([None if b is None else str(b) for b in rows["brickname"]], pa.string()),
-        "region_id": pa.array([None if r is None else int(r) for r in rows["region_id"]], pa.int64()),
-        "is_control": pa.array(np.asarray(rows["is_control"], np.int32)),
-        "cutout_ok": pa.array(np.ones(n, np.int32)),
-        "stamp_npz": pa.array([encode_stamp(im) for im in res["image"]], pa.binary()),
-    }
-    for c in PASS_COLUMNS:
-        cols[c] = nullable(rows[c]) if c in rows else pa.nulls(n, pa.float64())
-    for i, b in enumerate(BANDS):
-        cols[f"sky_ivar_{b}"] = pa.array(1.0 / res["sky_sigma"][:, i] ** 2)
-    for i, b in enumerate(BANDS):
-        cols[f"psf_fwhm_used_{b}"] = nullable(res["arc_fwhm"][:, i])
-    cols["theta_e_arcsec"] = nullable(rows["theta_e_arcsec"], ~positive)
-    for c in ("arc_snr", "arc_snr_peak", "magnification"):
-        cols[c] = nullable(res[c], ~positive)
-    cols["lens_model"] = pa.array(np.where(positive, "SIE+SHEAR", "none").tolist(), pa.string())
-    cols["control_kind"] = pa.array([None if p else "unpaired" for p in positive], pa.string())
-    cols["confuser_kind"] = pa.nulls(n, pa.string())  # unknown on a real host
-    cols["psf_model"] = pa.array([psf_model] * n, pa.string())
-    cols["moffat_beta"] = pa.array(np.full(n, beta), pa.float64(), mask=np.full(n, psf_model != "moffat"))
-    for c in TRUTH_COLUMNS:
-        cols[c] = nullable(rows[c], ~positive)
-    k = schema.field(CLUMP_COLUMNS[0]).type.list_size if CLUMP_COLUMNS[0] in schema.names else 0
-    for c in CLUMP_COLUMNS if k else ():
-        cols[c] = pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(rows[c], np.float64).ravel()), k,
-                                                    mask=pa.array(~positive))
-    cols["host_id"] = host_ids
-    return pa.table(cols, schema=schema)
-
-
 def render_host_shard(manifest: pa.Table, hosts_dir: str, out_dir, psf_model: str, beta: float, shard: int,
                       n_shards: int, batch_size: int = 256, progress: bool = True) -> dict[str, int]:
     """Inject the arcs of one shard into the real host stamps; one parquet file per split (as inject)."""
-    from tqdm import tqdm
-
-    from darkhaloscope.simulation.inject import check_args, clump_slots, output_path, output_schema, shard_mask
-    from darkhaloscope.simulation.scene import column_arrays
-
     check_args(psf_model, beta, shard, n_shards, batch_size)
     task_id = manifest.column("task_id").to_numpy()
     idx = np.flatnonzero(shard_mask(task_id, shard, n_shards, batch_size))
@@ -355,8 +302,8 @@ def render_host_shard(manifest: pa.Table, hosts_dir: str, out_dir, psf_model: st
                                    "rewritten after dhs manifest --hosts?)")
                 images.append(img)
             res = inject_arcs(np.stack(images), rows, psf_model, beta)
-            table = _table(rows, host_ids, res, psf_model, beta, schema)
-            splits = np.asarray(rows["region_split"]).astype(str)
+            table, splits = batch_table(rows, SceneBatch(**res), psf_model, beta, False, {"host_id": host_ids},
+                                        nan_as_null=True)
             for split in SPLITS:
                 keep = np.flatnonzero(splits == split)
                 if len(keep):
@@ -373,8 +320,6 @@ def run_inject(args) -> int:
         raise DHSError(f"manifest {manifest_path} does not exist")
     if not is_host_manifest(manifest_path):
         raise DHSError(f"manifest {manifest_path} was not written by dhs manifest --hosts (it has no host_id)")
-    from darkhaloscope.sky.cutouts import dataset_sha256
-
     drawn_from = (pq.read_schema(manifest_path).metadata or {}).get(HOSTS_SHA_TAG, b"").decode()
     now = dataset_sha256(args.hosts)
     if drawn_from != now:
@@ -390,8 +335,6 @@ def run_inject(args) -> int:
 
 
 def run_manifest(args) -> int:
-    from darkhaloscope.simulation.manifest import clump_prior
-
     if args.n_tasks is not None:
         raise DHSError("--n_tasks does not apply with --hosts (one task per usable host)")
 

@@ -1,6 +1,6 @@
 """One Gen3 ablation from a finished workflow run: the same workflow, one configuration change, the rest reused.
 
-    python benchmarks/ablate.py --run_dir results --out_dir results_ablate/bce \\
+    python tools/ablate.py --run_dir results --out_dir results_ablate/bce \\
         --set gen3_a1.loss=bce --set gen3_a2.loss=bce [--configfile config.yaml] [--cores 2]
 
 The finished run directory is copied without its simulated stamps and the Gen3 training state (as real
@@ -19,7 +19,7 @@ seed's Gen3 ingredients at the demo budget (docs/finder.md):
     hard negatives off   --set gen3_a1.hard_neg_weight=1 --set gen3_a2.hard_neg_weight=1
 
 (weight 1 makes the mined controls ordinary training controls). Prints the finder tables of the base and
-the ablated Gen3 (benchmarks/finder_table.py) and saves them as ``<out_dir>/ablation.md`` and ``.json``.
+the ablated Gen3 (tools/finder_table.py) and saves them as ``<out_dir>/ablation.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if rc:
         sys.exit(f"ablate: error: snakemake failed (exit {rc}); see {out_dir}/logs")
 
-    spec = importlib.util.spec_from_file_location("finder_table", REPO / "benchmarks" / "finder_table.py")
+    spec = importlib.util.spec_from_file_location("finder_table", REPO / "tools" / "finder_table.py")
     finder_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(finder_table)
     return finder_table.main(["--scores", f"base={run_dir / GEN3_SCORES}", "--scores", f"{name}={out_dir / GEN3_SCORES}",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which resolved, bright lenses a finder misses, and whether the +-10 sigma clip hid their arcs (issue 10).
 
-    python benchmarks/missed_lenses.py --run_dir results [--model gen3] [--data results/data/v4_sota_moffat]
+    python tools/missed_lenses.py --run_dir results [--model gen3] [--data results/data/v4_sota_moffat]
 
 The resolved-bright positives (theta_E/PSF >= 1.4, arc_snr >= 20) of the model's test scores, split at the
 all-positives threshold of FPR 1e-2 into found and missed, are joined with their simulation truth (the test
@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
-from darkhaloscope.evaluation import metrics, strata
+from darkhaloscope import metrics
+from darkhaloscope.evaluation import strata
 from darkhaloscope.stamps import contract
 
-# the resolved-bright cut of the finder tables (one definition: benchmarks/finder_table.py)
+# the resolved-bright cut of the finder tables (one definition: tools/finder_table.py)
 _spec = importlib.util.spec_from_file_location("finder_table", Path(__file__).with_name("finder_table.py"))
 finder_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(finder_table)
