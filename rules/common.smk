@@ -81,7 +81,8 @@ SIM_CODE = sorted(
     local(str(p))
     for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
-       for f in ("stamps/contract.py", "sky/hosts.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
+       for f in ("stamps/contract.py", "sky/hosts.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json",
+                 "data/dr10_noise_acf.json")]
     if p.exists()
 )
 
@@ -170,6 +171,13 @@ def clump_args(sim):
     return [flag(f"source_clumps_{k}", c[k]) for k in ("max", "flux_frac", "sigma_arcsec", "radius_reff")]
 
 
+def realism_args(sim):
+    """`dhs manifest` flags of simulation.realism; none when it is absent (every effect off)."""
+    r = sim.get("realism") or {}
+    return [flag(k, r.get(k)) for k in ("companion_rate", "train_companion_rate", "correlated_noise", "psf_shape",
+                                        "bad_pixel_rate", "train_centre_jitter_px")]
+
+
 def train_args(stage):
     """All `dhs train` flags of a stage, from the shared `train` section and the stage's own section."""
     t, s = config["train"], config[STAGES[stage]["section"]]
@@ -237,6 +245,7 @@ def manifest_args():
     if not REAL:  # test-only controls (the 1e-4 operating point needs >= 10^4 of them)
         args.append(flag("extra_test_controls", sim.get("extra_test_controls") or None))
         args.append(flag("train_confuser_frac", sim.get("train_confuser_frac")))
+        args += realism_args(sim)
     return " ".join(a for a in args if a)
 
 
