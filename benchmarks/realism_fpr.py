@@ -13,7 +13,9 @@ with ``dhs infer --tta T --only_controls`` by each model, and compared at the th
   DR10 noise correlation (``correlated_noise``), a PSF shape draw (``psf_shape``), one defect
   (``bad_pixels``), or the host (and every other object, as a cutout off by half a pixel would place them)
   0.5 px off its place in a random direction (``centre_offset``);
-* ``<effect>:off``: the effect removed from the rows that have it (only where the run's manifest has it).
+* ``<effect>:off``: the effect removed from the rows that have it (only where the run's manifest has it);
+* ``reference`` (with ``--ckpt``): the controls unchanged; that checkpoint's thresholds come from these scores
+  (``thresholds_from_scores``), for a model that has no stratified table (e.g. an earlier epoch).
 
 Output: JSON (and a CSV beside it) with, per model, arm and FPR target, the threshold, the false positives and
 controls, the FPR with its 95% Wilson interval, and the multiple FPR(arm) / FPR(reference). Rendering and
@@ -72,6 +74,8 @@ def arm_table(table: pa.Table, effect: str, on: bool, rng: np.random.Generator) 
     from darkhaloscope.simulation.scene import column_arrays
 
     n = table.num_rows
+    if effect == "reference":
+        return table
     if not on:
         return _drop(table, {"companions": realism.COMPANION_COLUMNS, "psf_shape": realism.PSF_SHAPE_COLUMNS,
                              "bad_pixels": realism.BAD_PIXEL_COLUMNS,
@@ -124,6 +128,20 @@ def thresholds(run_dir: Path, model: str) -> dict[float, float]:
     return out
 
 
+def thresholds_from_scores(logits: np.ndarray) -> dict[float, float]:
+    """The lowest logit threshold whose FPR (logit >= threshold) on these controls is <= each target (a tie
+    is all in or all out, as metrics.tpr_at_fpr): for models without a stratified table yet."""
+    values = np.sort(np.unique(logits))[::-1]
+    above = np.searchsorted(np.sort(logits), values, side="left")  # controls below each distinct value
+    fp = logits.size - above  # controls >= each distinct value (values descending, fp ascending)
+    out = {}
+    for f in FPRS:
+        ok = np.flatnonzero(fp <= f * logits.size * (1 + 1e-12))
+        if ok.size:
+            out[f] = float(values[ok[-1]])
+    return out
+
+
 def fpr_row(logits: np.ndarray, thr: float) -> dict:
     k, n = int(np.sum(logits >= thr)), int(logits.size)
     lo, hi = wilson_interval(k, n)
@@ -136,6 +154,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path, help="JSON to write (a CSV is written beside it)")
     p.add_argument("--effects", default=",".join(EFFECTS))
     p.add_argument("--models", default="gen3", help="comma list of gen3, gen2")
+    p.add_argument("--ckpt", action="append", default=[],
+                   help="MODEL=PATH: score with this checkpoint instead of the run's (e.g. an earlier epoch); its "
+                        "thresholds then come from its own scores of the unchanged controls (arm 'reference')")
     p.add_argument("--tta", type=int, default=4, help="dhs infer --tta (the demo's infer.tta)")
     p.add_argument("--max_controls", type=int, default=None, help="subsample the test controls (default: all)")
     p.add_argument("--seed", type=int, default=0)
@@ -158,12 +179,20 @@ def main(argv=None) -> int:
         if args.max_controls and controls.num_rows > args.max_controls:
             controls = controls.take(pa.array(np.sort(rng.choice(controls.num_rows, args.max_controls, replace=False))))
         ids = controls.column("task_id").to_numpy()
+        ckpts = {m: args.run_dir / MODELS[m] for m in models}
+        for item in args.ckpt:
+            m, _, path = item.partition("=")
+            if m not in models or not path:
+                raise DHSError(f"--ckpt '{item}' must be MODEL=PATH with MODEL one of --models")
+            ckpts[m] = Path(path)
         refs, thr = {}, {}
-        for m in models:
+        for m in models:  # the run's own test scores and thresholds, unless another checkpoint is scored
+            if m in dict(i.partition("=")[::2] for i in args.ckpt):
+                continue
             s = pq.read_table(args.run_dir / "scores" / f"{m}_test_scores.parquet", columns=["task_id", "is_control", "logit"]).to_pandas()
             s = s[s["is_control"] == 1].set_index("task_id").loc[ids]
             refs[m], thr[m] = s["logit"].to_numpy(), thresholds(args.run_dir, m)
-        arms = []
+        arms = [("reference", True)] if len(refs) < len(models) else []
         for e in effects:
             arms.append((e, True))
             present = {"companions": "comp_mag_r", "correlated_noise": realism.NOISE_CORR_COLUMN,
@@ -173,16 +202,12 @@ def main(argv=None) -> int:
         work = Path(args.work or tempfile.mkdtemp(prefix="realism_fpr_"))
         work.mkdir(parents=True, exist_ok=True)
         results = []
-        for m in models:
-            for f in thr[m]:
-                results.append({"model": m, "arm": "reference", "target_fpr": f, "threshold": thr[m][f],
-                                **fpr_row(refs[m], thr[m][f]), "multiple": 1.0})
         # one inject per arm (task_ids offset by arm), all arms' test parts in one dataset, one infer per model
         data = work / "data"
         (data / "region_split=test").mkdir(parents=True, exist_ok=True)
         for k, (effect, on) in enumerate(arms):
             name = f"{effect}_{'on' if on else 'off'}"
-            table = arm_table(controls, effect, on, np.random.default_rng([args.seed, EFFECTS.index(effect)]))
+            table = arm_table(controls, effect, on, np.random.default_rng([args.seed, (EFFECTS + ('reference',)).index(effect)]))
             table = table.set_column(table.schema.get_field_index("task_id"), "task_id",
                                      pa.array(ids + (k + 1) * ARM_ID_OFFSET))
             pq.write_table(table, work / f"{name}.parquet")
@@ -194,18 +219,26 @@ def main(argv=None) -> int:
             print(f"rendered {name}: {table.num_rows} controls", flush=True)
         for m in models:
             out = work / f"scores_{m}.parquet"
-            run_cli(["infer", "--data", str(data), "--ckpt", str(args.run_dir / MODELS[m]), "--out", str(out),
+            run_cli(["infer", "--data", str(data), "--ckpt", str(ckpts[m]), "--out", str(out),
                      "--split", "test", "--batch_size", "256", "--tta", str(args.tta), "--only_controls"],
                     work / f"infer_{m}.log")
             scores = pq.read_table(out, columns=["task_id", "logit"]).to_pandas()
             arm_of = scores["task_id"].to_numpy() // ARM_ID_OFFSET - 1
-            for k, (effect, on) in enumerate(arms):
-                logits = scores["logit"].to_numpy()[arm_of == k]
+            logits_of = {arms[k]: scores["logit"].to_numpy()[arm_of == k] for k in range(len(arms))}
+            if m not in refs:
+                refs[m] = logits_of[("reference", True)]
+                thr[m] = thresholds_from_scores(refs[m])
+            for f in thr[m]:
+                results.append({"model": m, "ckpt": str(ckpts[m]), "arm": "reference", "target_fpr": f,
+                                "threshold": thr[m][f], **fpr_row(refs[m], thr[m][f]), "multiple": 1.0})
+            for (effect, on), logits in logits_of.items():
+                if effect == "reference":
+                    continue
                 for f in thr[m]:
                     row = fpr_row(logits, thr[m][f])
                     ref = fpr_row(refs[m], thr[m][f])["fpr"]
-                    results.append({"model": m, "arm": f"{effect}:{'on' if on else 'off'}", "target_fpr": f,
-                                    "threshold": thr[m][f], **row,
+                    results.append({"model": m, "ckpt": str(ckpts[m]), "arm": f"{effect}:{'on' if on else 'off'}",
+                                    "target_fpr": f, "threshold": thr[m][f], **row,
                                     "multiple": row["fpr"] / ref if ref > 0 else math.nan})
                     print(f"{m} {effect}:{'on' if on else 'off'} fpr {f:g}: {row['false_pos']}/{row['controls']} "
                           f"= {row['fpr']:.4g} (x{results[-1]['multiple']:.2f})", flush=True)
