@@ -161,3 +161,37 @@ def test_bad_pixels_mask_or_raise_one_defect():
         else:
             assert np.isclose(img[i, band, r0, c0], 1 + rows["bad_sigma"][i] * 0.01)
     assert np.all(img[kinds == "none"] == 1)
+
+
+def _benchmark():
+    import importlib.util
+
+    from workflow_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("realism_fpr", REPO / "benchmarks" / "realism_fpr.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_realism_fpr_arms_change_one_effect_and_thresholds_follow_the_tie_rule():
+    bench = _benchmark()
+    table = build_manifest(300, 8, real=RealismPrior(companion_rate=0.2, correlated_noise=True))
+    rows = column_arrays(table)
+    rng = np.random.default_rng(0)
+    comp = column_arrays(bench.arm_table(table, "companions", True, rng))
+    assert np.all(np.isfinite(comp["comp_mag_r"]).sum(axis=1) == 1)
+    off = bench.arm_table(table, "companions", False, rng)
+    assert "comp_mag_r" not in off.column_names and "noise_corr" in off.column_names
+    moved = column_arrays(bench.arm_table(table, "centre_offset", True, rng))
+    d = np.hypot(moved["host_x"] - rows["host_x"], moved["host_y"] - rows["host_y"]) / PIXEL_SCALE_ARCSEC
+    np.testing.assert_allclose(d, bench.CENTRE_OFFSET_PX)
+    ok = np.isfinite(rows["nb_x"])  # every object moves with the host, as in a shifted cutout
+    np.testing.assert_allclose((moved["nb_x"] - rows["nb_x"])[ok],
+                               np.broadcast_to((moved["host_x"] - rows["host_x"])[:, None], ok.shape)[ok])
+    for name in ("companions", "correlated_noise", "psf_shape", "bad_pixels"):
+        assert bench.arm_table(table, name, True, rng).num_rows == table.num_rows
+    logits = np.r_[np.arange(1000.0), [2000.0] * 5]  # 5 tied on top
+    thr = bench.thresholds_from_scores(logits)
+    assert np.sum(logits >= thr[0.01]) == 10
+    assert 0.001 not in thr  # the 5 tied scores exceed 1e-3 x 1005 together: no threshold reaches it
