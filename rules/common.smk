@@ -85,7 +85,8 @@ SIM_CODE = sorted(
     local(str(p))
     for p in [*(REPO / "src/darkhaloscope/simulation").rglob("*.py")]
     + [REPO / "src/darkhaloscope" / f
-       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json")]
+       for f in ("stamps/contract.py", "data/dr10_conditions.json", "data/dr10_parent_sample.json",
+                 "data/dr10_noise_acf.json")]
     if p.exists()
 )
 
@@ -172,6 +173,13 @@ def clump_args(sim):
     if not c.get("max"):
         return []
     return [flag(f"source_clumps_{k}", c[k]) for k in ("max", "flux_frac", "sigma_arcsec", "radius_reff")]
+
+
+def realism_args(sim):
+    """`dhs manifest` flags of simulation.realism; none when it is absent (every effect off)."""
+    r = sim.get("realism") or {}
+    return [flag(k, r.get(k)) for k in ("companion_rate", "train_companion_rate", "correlated_noise", "psf_shape",
+                                        "bad_pixel_rate", "train_centre_jitter_px")]
 
 
 def train_args(stage):
@@ -281,6 +289,7 @@ def manifest_args():
     if not REAL:  # test-only controls (the 1e-4 operating point needs >= 10^4 of them)
         args.append(flag("extra_test_controls", sim.get("extra_test_controls") or None))
         args.append(flag("train_confuser_frac", sim.get("train_confuser_frac")))
+        args += realism_args(sim)
     return " ".join(a for a in args if a)
 
 

@@ -34,8 +34,10 @@ from darkhaloscope.simulation.draws import (CONFUSER_COLUMNS, LENS_COLUMNS, NEIG
                                             STAR_COLUMNS, ClumpPrior, brickname_of, clump_prior, draw_clumps,
                                             draw_conditions, draw_confusers, draw_lenses, draw_neighbours,
                                             draw_positions, draw_stars, region_split_of, stream)
+from darkhaloscope.simulation import realism
 from darkhaloscope.simulation.hosts import HOST_PRIORS, draw_hosts
 from darkhaloscope.simulation.real_hosts import run_manifest
+from darkhaloscope.simulation.realism import RealismPrior
 from darkhaloscope.stamps.contract import CONDITION_COLUMNS
 from darkhaloscope.values import parse_floats
 
@@ -70,13 +72,18 @@ def parse_split_fracs(value, flag: str = "--split_fracs") -> tuple[float, float,
 def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fracs=(0.7, 0.15, 0.15),
                    source_priors: str = "realistic", confuser_frac: float = 0.1,
                    n_regions: int | None = None, clumps: ClumpPrior = ClumpPrior(),
-                   host_priors: str = "dr10", train_confuser_frac: float | None = None) -> pa.Table:
+                   host_priors: str = "dr10", train_confuser_frac: float | None = None,
+                   real: RealismPrior = RealismPrior()) -> pa.Table:
     """The Phase 4a table as a pyarrow Table (see the module docstring for conventions).
+
+    ``real`` switches on the real-sky effects of ``simulation.realism`` (docs/realism.md), each drawn from its
+    own stream into its own columns: with all of them off the table is column for column the plain one.
 
     ``train_confuser_frac`` (None: ``confuser_frac``) is the confuser rate of the training split's rows only,
     still the same in both classes: the network can see more of the lens-like features that set its false
     positives, while validation and test keep the population's rate."""
     clumps.check()
+    real.check()
     if n_tasks < 1:
         raise DHSError(f"--n_tasks must be >= 1, got {n_tasks}")
     if not 0.0 <= control_frac <= 1.0:
@@ -111,12 +118,27 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     }
     cols.update(draw_conditions(stream(seed, "conditions"), region_index))
     hosts = draw_hosts(stream(seed, "host"), n, host_priors)
+    is_train = cols["region_split"] == "train"
+    if real.train_centre_jitter_px:  # training rows only: the host (and the lens that follows it) off-centre
+        dx, dy = realism.centre_jitter(stream(seed, "centre_jitter"), n, real.train_centre_jitter_px)
+        hosts["host_x"] = hosts["host_x"] + np.where(is_train, dx, 0.0)
+        hosts["host_y"] = hosts["host_y"] + np.where(is_train, dy, 0.0)
     cols.update(hosts)
     cols.update(draw_neighbours(stream(seed, "neighbours"), n))
     cols.update(draw_stars(stream(seed, "stars"), n))
     frac = confuser_frac if train_confuser_frac is None else \
         np.where(cols["region_split"] == "train", train_confuser_frac, confuser_frac)
     cols.update(draw_confusers(stream(seed, "confusers"), n, frac))
+    if real.companion_rate or real.train_companion_rate:
+        rate = real.companion_rate if real.train_companion_rate is None else \
+            np.where(is_train, real.train_companion_rate, real.companion_rate)
+        cols.update(realism.draw_companions(stream(seed, "companions"), hosts, rate))
+    if real.psf_shape:
+        cols.update(realism.draw_psf_shapes(stream(seed, "psf_shape"), n))
+    if real.correlated_noise:
+        cols[realism.NOISE_CORR_COLUMN] = np.ones(n, np.int8)
+    if real.bad_pixel_rate:
+        cols.update(realism.draw_bad_pixels(stream(seed, "bad_pixels"), n, real.bad_pixel_rate))
     lenses = draw_lenses(stream(seed, "lens"), hosts, source_priors)
     positive = is_control == 0
     for k, v in lenses.items():
@@ -143,13 +165,15 @@ def build_manifest(n_tasks: int, seed: int, control_frac: float = 0.5, split_fra
     if clumps.max > 0:
         text += (f";source_clumps=max:{clumps.max},flux_frac:{clumps.flux_frac[0]}-{clumps.flux_frac[1]},"
                  f"sigma_arcsec:{clumps.sigma_arcsec[0]}-{clumps.sigma_arcsec[1]},radius_reff:{clumps.radius_reff}")
+    if real.any:
+        text += ";" + real.describe()
     meta = {b"dhs_manifest": text.encode()}
     return pa.table(arrays).replace_schema_metadata(meta)
 
 
 def add_test_controls(table: pa.Table, n_extra: int, seed: int, split_fracs=(0.7, 0.15, 0.15),
                       source_priors: str = "realistic", confuser_frac: float = 0.1, clumps: ClumpPrior = ClumpPrior(),
-                      host_priors: str = "dr10") -> pa.Table:
+                      host_priors: str = "dr10", real: RealismPrior = RealismPrior()) -> pa.Table:
     """Append ``n_extra`` control tasks in test-split sky regions, so that a test split can resolve low FPRs
     (1e-4 needs >= 10^4 controls) without growing the training set.
 
@@ -167,7 +191,7 @@ def add_test_controls(table: pa.Table, n_extra: int, seed: int, split_fracs=(0.7
     n_draw = int(np.ceil(1.3 * n_extra / test_frac)) + 100
     while True:  # regions are clustered, so the test share of a draw varies: draw more until enough
         extra = build_manifest(n_draw, extra_seed, 1.0, split_fracs, source_priors, confuser_frac, clumps=clumps,
-                               host_priors=host_priors)
+                               host_priors=host_priors, real=real)
         is_test = np.asarray(extra.column("region_split").to_pylist(), dtype=object) == "test"
         if is_test.sum() >= n_extra:
             break
@@ -284,6 +308,23 @@ def add_arguments(parser) -> None:
                         help="lo,hi: Gaussian sigma of a clump in the source plane, arcsec")
     parser.add_argument("--source_clumps_radius_reff", type=float, default=d.radius_reff,
                         help="clump centres within this many src_reff of the source centre")
+    parser.add_argument("--companion_rate", type=float, default=0.0,
+                        help="mean close companions per stamp, 0.5-5 arcsec from the host (both classes; docs/realism.md)")
+    parser.add_argument("--train_companion_rate", type=float, default=None,
+                        help="the training split's own companion rate (both classes; default --companion_rate)")
+    parser.add_argument("--correlated_noise", action="store_true",
+                        help="pixel noise correlated as in DR10 coadds (measured on real cutouts)")
+    parser.add_argument("--psf_shape", action="store_true",
+                        help="PSF ellipticity, band-to-band offsets and a one-sided wing on top of the round Moffat")
+    parser.add_argument("--bad_pixel_rate", type=float, default=0.0,
+                        help="fraction of stamps with one masked run or hot pixel")
+    parser.add_argument("--train_centre_jitter_px", type=float, default=0.0,
+                        help="extra host offset, uniform in a disc of this radius (pixels), training split only")
+
+
+def realism_prior(args) -> RealismPrior:
+    return RealismPrior(args.companion_rate, args.train_companion_rate, args.correlated_noise, args.psf_shape,
+                        args.bad_pixel_rate, args.train_centre_jitter_px).check()
 
 
 def run(args) -> int:
@@ -296,9 +337,10 @@ def run(args) -> int:
         raise DHSError("--known_lenses and --exclude_radius_arcsec apply to real hosts only (add --hosts DIR)")
     table = build_manifest(args.n_tasks, args.seed, args.control_frac, parse_split_fracs(args.split_fracs),
                            args.source_priors, args.confuser_frac, args.n_regions, clump_prior(args),
-                           args.host_priors, args.train_confuser_frac)
+                           args.host_priors, args.train_confuser_frac, realism_prior(args))
     table = add_test_controls(table, args.extra_test_controls, args.seed, parse_split_fracs(args.split_fracs),
-                              args.source_priors, args.confuser_frac, clump_prior(args), args.host_priors)
+                              args.source_priors, args.confuser_frac, clump_prior(args), args.host_priors,
+                              realism_prior(args))
     write_manifest(table, args.out)
     splits = table.column("region_split").to_pylist()
     print(f"manifest: {table.num_rows} tasks ({int(table.column('is_control').to_numpy().sum())} controls), "

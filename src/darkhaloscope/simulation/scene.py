@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from darkhaloscope.simulation.draws import CLUMP_COLUMNS
+from darkhaloscope.simulation import realism
 from darkhaloscope.simulation.physics import light, psf, render
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, mag_to_nanomaggy
 
@@ -128,16 +129,38 @@ def _output(rows: dict, out, dtype) -> np.ndarray:
 def neighbour_light(rows: dict, out=None) -> np.ndarray:
     """(B, 3, 64, 64) float32 neighbour galaxies in g, r, z (only occupied slots are evaluated), added
     into ``out`` when given."""
+    return _sersic_slots(rows, "nb", out, 1)
+
+
+def companion_light(rows: dict, out=None) -> np.ndarray:
+    """(B, 3, 64, 64) float32 close companions (``comp_*`` slots, realism.draw_companions; none when the
+    manifest has no such columns), averaged over COMPANION_SUPERSAMPLE^2 sub-pixels (they are compact and can
+    be bright: point samples of a 0.1-0.3" Sersic miss its flux by tens of percent), added into ``out``."""
+    if "comp_mag_r" not in rows:
+        return _output(rows, out, np.float32)
+    return _sersic_slots(rows, "comp", out, COMPANION_SUPERSAMPLE)
+
+
+COMPANION_SUPERSAMPLE = 4
+_AXS = {1: _AX1, COMPANION_SUPERSAMPLE: light.pixel_grid(STAMP_SIZE, COMPANION_SUPERSAMPLE)[0][0]}
+
+
+def _sersic_slots(rows: dict, prefix: str, out, supersample: int) -> np.ndarray:
+    """Adds the occupied Sersic slots ``<prefix>_x, _y, _mag_r, _g_minus_r, _r_minus_z, _reff, _n, _q, _phi``,
+    each averaged over supersample^2 sub-pixels per pixel (1: point samples)."""
     out = _output(rows, out, np.float32)
-    stamp, slot = np.nonzero(np.isfinite(rows["nb_mag_r"]))
+    stamp, slot = np.nonzero(np.isfinite(rows[f"{prefix}_mag_r"]))
     if len(stamp) == 0:
         return out
-    get = {k: rows[k][stamp, slot] for k in ("nb_x", "nb_y", "nb_mag_r", "nb_g_minus_r", "nb_r_minus_z",
-                                             "nb_reff", "nb_n", "nb_q", "nb_phi")}
-    shape = light.sersic_on_grid(_AX1, _AX1, np.full(len(stamp), PIX_AREA), get["nb_reff"], get["nb_n"],
-                                 get["nb_q"], get["nb_phi"], get["nb_x"], get["nb_y"])
-    flux = band_fluxes(get["nb_mag_r"], get["nb_g_minus_r"], get["nb_r_minus_z"]).astype(np.float32)
-    _add_profiles(out, stamp, shape, flux)  # each stamp's neighbours in slot order, as np.nonzero lists them
+    get = {k: rows[f"{prefix}_{k}"][stamp, slot] for k in ("x", "y", "mag_r", "g_minus_r", "r_minus_z",
+                                                           "reff", "n", "q", "phi")}
+    ax = _AXS[supersample]
+    shape = light.sersic_on_grid(ax, ax, np.full(len(stamp), PIX_AREA), get["reff"], get["n"],
+                                 get["q"], get["phi"], get["x"], get["y"])
+    if supersample > 1:
+        shape = light.bin_image(shape, supersample)
+    flux = band_fluxes(get["mag_r"], get["g_minus_r"], get["r_minus_z"]).astype(np.float32)
+    _add_profiles(out, stamp, shape, flux)  # each stamp's objects in slot order, as np.nonzero lists them
     return out
 
 
@@ -256,15 +279,27 @@ def sky_sigma(psfdepth, psf_sum_sq) -> np.ndarray:
     return mag_to_nanomaggy(psfdepth) / 5.0 * np.sqrt(psf_sum_sq)
 
 
-def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds) -> np.ndarray:
-    """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``."""
+def add_noise(noiseless: np.ndarray, sigma_sky: np.ndarray, noise_seeds, correlated=None) -> np.ndarray:
+    """Sky + source noise, drawn from one generator per task seeded by its frozen ``noise_seed``.
+    ``correlated`` (B,) bool: those stamps' unit normals get the DR10 coadd pixel correlation
+    (``realism.correlate_normals``: the same per-pixel variance, correlated neighbours)."""
     noiseless = np.ascontiguousarray(noiseless, np.float32)
     # (B, 3) sky variance per stamp and band (sigma_sky may broadcast, e.g. one row for all stamps)
     sky_var = (np.asarray(sigma_sky, np.float64) ** 2).astype(np.float32)
     sky_var = np.ascontiguousarray(np.broadcast_to(sky_var, noiseless.shape[:2]))
     out = np.empty(noiseless.shape, np.float32)
-    for i, seed in enumerate(np.asarray(noise_seeds, np.int64)):
-        np.random.default_rng(int(seed)).standard_normal(dtype=np.float32, out=out[i])
+    seeds = np.asarray(noise_seeds, np.int64)
+    corr = np.zeros(len(seeds), bool) if correlated is None else np.asarray(correlated, bool)
+    if corr.any():
+        pad = realism.noise_kernel().shape[0] - 1
+        idx = np.nonzero(corr)[0]
+        raw = np.empty((len(idx), out.shape[1], out.shape[2] + pad, out.shape[3] + pad), np.float32)
+        for j, i in enumerate(idx):
+            np.random.default_rng(int(seeds[i])).standard_normal(dtype=np.float32, out=raw[j])
+        out[idx] = realism.correlate_normals(raw)
+    for i, seed in enumerate(seeds):
+        if not corr[i]:
+            np.random.default_rng(int(seed)).standard_normal(dtype=np.float32, out=out[i])
         _scale_noise(out[i], noiseless[i], sky_var[i])  # while the stamp's normals are in cache
     return out
 
@@ -363,6 +398,7 @@ def background_light(rows: dict) -> np.ndarray:
     host_flux = band_fluxes(rows["host_mag_r"], rows["host_g_minus_r"], rows["host_r_minus_z"]).astype(np.float32)
     pre = host_light(rows)[:, None] * host_flux[:, :, None, None]
     neighbour_light(rows, out=pre)
+    companion_light(rows, out=pre)
     star_light(rows, out=pre)
     confuser_light(rows, out=pre)
     return pre
@@ -410,5 +446,10 @@ def render_scenes(rows: dict, psf_model: str, beta: float) -> SceneBatch:
         magnification[idx] = res["magnification"]
         snr[idx], snr_peak[idx] = arc_snr(res["arc"], sigma[idx])
         background[idx] += res["arc"]  # the noiseless scene
-    image = add_noise(background, sigma, rows["noise_seed"])
+    if realism.PSF_SHAPE_COLUMNS[0] in rows:  # PSF shape beyond the round Moffat, on the whole scene
+        background = realism.psf_shape(background, rows, SKY_MOFFAT_BETA)
+    corr = np.asarray(rows[realism.NOISE_CORR_COLUMN], bool) if realism.NOISE_CORR_COLUMN in rows else None
+    image = add_noise(background, sigma, rows["noise_seed"], corr)
+    if realism.BAD_PIXEL_COLUMNS[0] in rows:
+        realism.bad_pixels(image, rows, sigma)
     return SceneBatch(image, arc, sigma, fwhm_used, snr, snr_peak, magnification)
