@@ -60,6 +60,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tools"))  # finder_table: the headline's intervals
 
 from bench_train import bare_loop, pipeline_loop  # noqa: E402
 from factory import write_fake_phase4c  # noqa: E402

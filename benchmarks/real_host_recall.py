@@ -46,7 +46,7 @@ from darkhaloscope.evaluation import strata
 from darkhaloscope.sky.recall import operating_thresholds
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, AB_ZEROPOINT, decode_stamp, load_conditions
 
-_spec = importlib.util.spec_from_file_location("finder_table", Path(__file__).with_name("finder_table.py"))
+_spec = importlib.util.spec_from_file_location("finder_table", Path(__file__).resolve().parents[1] / "tools" / "finder_table.py")
 finder_table = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(finder_table)
 

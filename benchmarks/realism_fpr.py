@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.metrics import wilson_interval
+from darkhaloscope.metrics import wilson_interval
 from darkhaloscope.simulation import realism
 from darkhaloscope.stamps.contract import PIXEL_SCALE_ARCSEC
 
