@@ -88,8 +88,11 @@ def test_seed_grid_overlays_are_the_seeds_population_under_two_recipes():
     # the demo's recipe and budget, unchanged
     for key in ("train", "gen2", "gen3_a1", "gen3_a2", "infer", "mine"):
         assert grid[key] == demo[key], key
-    assert {k: v for k, v in grid["simulation"].items() if k not in ("source_priors", "host_priors")} == \
-        {k: v for k, v in demo["simulation"].items() if k not in ("source_priors", "host_priors")}
+    seeds_own = ("source_priors", "host_priors", "realism")
+    assert {k: v for k, v in grid["simulation"].items() if k not in seeds_own} == \
+        {k: v for k, v in demo["simulation"].items() if k not in seeds_own}
+    # the seed's own world: none of the real-sky effects the demo draws (docs/realism.md), as its claim was made
+    assert demo["simulation"]["realism"] and grid["simulation"]["realism"] is None
     # the seed's recipe: whole stamps, the +-10 clip, three bands, a ConvNeXt, focal Gen3, independent Gen3, 1 view
     t = exact["train"]
     assert t["arch"].startswith("convnext") and t["crop"] == 64 and t["stretch"] == "clip"
