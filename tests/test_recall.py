@@ -124,3 +124,23 @@ def test_recall_refuses_controls_and_a_foreign_table(lens_data, tmp_path, capsys
     rc = main(["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(csv),
                "--grade_column", "grade", "--tta", "1"])
     assert rc == 2 and "no grade column 'grade'" in capsys.readouterr().err
+
+
+def test_recall_refuses_another_models_thresholds(lens_data, tmp_path, capsys):
+    """The thresholds' score file records the checkpoint that made it (SHA-256): recall with another model's
+    checkpoint (a Gen2 model with Gen3's table) is refused in one line, and writes nothing."""
+    root, cat, ckpt = lens_data
+    csv = tmp_path / "s.csv"
+    _stratified_csv(csv, {1e-2: 0.0})
+    scored = tmp_path / "gen3_like.parquet"
+    assert main(["infer", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--out", str(scored),
+                 "--split", "test", "--max_skip_frac", "1"]) == 0
+    capsys.readouterr()  # infer's progress bar
+    other = make_checkpoint(tmp_path / "other.pt", seed=1)
+    out = tmp_path / "recall.csv"
+    assert main(["recall", "--data", str(root / "lenses"), "--ckpt", str(other), "--stratified_csv", str(csv),
+                 "--scored_with", str(scored), "--out_csv", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not the checkpoint that scored" in err and not out.exists()
+    assert main(["recall", "--data", str(root / "lenses"), "--ckpt", str(ckpt), "--stratified_csv", str(csv),
+                 "--scored_with", str(scored), "--out_csv", str(out)]) == 0

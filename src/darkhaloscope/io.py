@@ -160,3 +160,14 @@ def filesystem(data: str) -> tuple[pafs.FileSystem, str]:
         except Exception as exc:
             raise DHSError(f"cannot open data location {data}: {exc}") from None
     return pafs.LocalFileSystem(), data
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file's bytes (read in 4 MiB chunks): what ties an output to the exact file it came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, file_sha256
 
 log = logging.getLogger("dhs.infer")
 
@@ -413,7 +413,8 @@ def run(args: argparse.Namespace) -> int:
              scorer.ckpt["model_kwargs"].get("arch"), ",".join(meta_cols) or "none", scorer.device, scorer.tta,
              " with bf16 autocast" if args.use_bf16 else "")
     n_rows = n_skipped = n_scored = n_no_cutout = n_meta_nan = n_not_control = 0
-    metadata = {SCORING_METADATA_KEY: json.dumps({**scorer.metadata(), "ckpt": str(args.ckpt)}).encode()}
+    metadata = {SCORING_METADATA_KEY: json.dumps({**scorer.metadata(), "ckpt": str(args.ckpt),
+                                                  "ckpt_sha256": file_sha256(args.ckpt)}).encode()}
     with atomic_output(args.out) as tmp:
         writer = None
         bar = tqdm(total=n_total, unit="stamp", desc="dhs infer", leave=False)

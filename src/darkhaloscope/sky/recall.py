@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from darkhaloscope.errors import DHSError
 from darkhaloscope.evaluation.infer import TTA_CHOICES
 from darkhaloscope.stamps.contract import SPLITS
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, file_sha256
 
 log = logging.getLogger("dhs.recall")
 UNGRADED = "ungraded"
@@ -155,8 +155,10 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
     return pd.concat(frames, ignore_index=True)
 
 
-def views_of(tta: int | None, scored_with: str | None) -> int:
-    """The number of views to score in: those the stratified table's scores were made with."""
+def views_of(tta: int | None, scored_with: str | None, ckpt: str | None = None) -> int:
+    """The number of views to score in: those the stratified table's scores were made with. With ``ckpt``, the
+    score file must also have been made by that very checkpoint (its recorded SHA-256): thresholds of one model
+    (e.g. Gen3's) applied to another's logits (Gen2's) would give a meaningless recall."""
     from darkhaloscope.evaluation.infer import scoring_of
 
     if scored_with is None:
@@ -164,9 +166,13 @@ def views_of(tta: int | None, scored_with: str | None) -> int:
             raise DHSError("say which views the stratified table's scores used: --scored_with SCORES.parquet "
                            "(the score file dhs eval read) or --tta N")
         return tta
-    recorded = int(scoring_of(scored_with)["tta"])
+    scoring = scoring_of(scored_with)
+    recorded = int(scoring["tta"])
     if tta is not None and tta != recorded:
         raise DHSError(f"--tta {tta} disagrees with {scored_with}, which was scored with {recorded} view(s)")
+    if ckpt is not None and scoring.get("ckpt_sha256") and scoring["ckpt_sha256"] != file_sha256(ckpt):
+        raise DHSError(f"--ckpt {ckpt} is not the checkpoint that scored {scored_with} ({scoring.get('ckpt')}): "
+                       "the thresholds belong to that model; pass its checkpoint, or the score file of this one")
     return recorded
 
 
@@ -256,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
         raise DHSError(f"--batch_size must be >= 1, got {args.batch_size}")
     check_outputs(args)
     thresholds = operating_thresholds(args.stratified_csv)
-    tta = views_of(args.tta, args.scored_with)
+    tta = views_of(args.tta, args.scored_with, args.ckpt)
     lenses = score_lenses(args.data, args.ckpt, args.grade_column, args.batch_size, args.device, tta, args.use_bf16)
     table = recall_table(lenses, thresholds, args.grade_column, tta)
     out_csv = Path(args.out_csv) if args.out_csv else recall_path(args.stratified_csv)
