@@ -161,7 +161,10 @@ def test_ctrl_c_against_a_hung_service_is_quick(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "darkhaloscope", "cutouts", "--catalog",
                                  str(tmp_path / "cat.parquet"), "--out_dir", str(tmp_path / "o"), "--base_url",
                                  svc.base_url, "--timeout", "30", "--no_progress"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                # as a shell gives it: pytest-xdist workers may ignore SIGINT, and a child inherits
+                                # that (tests/test_hostile_inputs.py has the same)
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while len(svc.requests) < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
