@@ -19,6 +19,7 @@ import numpy as np
 import scipy.fft
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.simulation.physics.psf import moffat_alpha
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE
 
 MAX_COMPANIONS = 2
@@ -220,8 +221,6 @@ def _kernel_spectrum(ny: int, nx: int) -> np.ndarray:
 
 def moffat_second_moment_px2(fwhm_arcsec, beta: float) -> np.ndarray:
     """Per-axis second moment (px^2) of a round Moffat: alpha^2 / (2 (beta - 2)), beta > 2."""
-    from darkhaloscope.simulation.physics.psf import moffat_alpha
-
     alpha = moffat_alpha(fwhm_arcsec, beta) / PIXEL_SCALE_ARCSEC
     return alpha**2 / (2.0 * (beta - 2.0))
 

@@ -38,8 +38,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from darkhaloscope.catalogs import read_known_lenses
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation.report import colour_composite, CSS, missing
 from darkhaloscope.io import atomic_output
+from darkhaloscope.metrics import wilson_interval
+from darkhaloscope.stamps.contract import BANDS, normalize_stamps
+from darkhaloscope.stamps.dataset import fetch_rows, open_dataset
 
 log = logging.getLogger("dhs.candidates")
 
@@ -139,9 +144,6 @@ def _png(rgb_or_gray: np.ndarray, **kwargs) -> str:
 
 def _stamp_images(stamp: np.ndarray) -> list[tuple[str, str]]:
     """[(label, base64 PNG)]: the colour composite, then the normalised g, r, z channels."""
-    from darkhaloscope.evaluation.report import colour_composite
-    from darkhaloscope.stamps.contract import BANDS, normalize_stamps
-
     images = [("grz composite", _png(colour_composite(stamp)))]
     norm = normalize_stamps(stamp[None].astype(np.float32).copy(), clip=None)[0]
     for band, channel in zip(BANDS, norm):
@@ -164,8 +166,6 @@ def _fmt(v, spec=".3g") -> str:
 
 
 def gallery_html(cands: pd.DataFrame, rows: dict, title: str, note: str) -> str:
-    from darkhaloscope.evaluation.report import CSS, missing
-
     cards = []
     for c in cands.itertuples(index=False):
         row = rows.get(c.task_id)
@@ -194,9 +194,6 @@ def gallery_html(cands: pd.DataFrame, rows: dict, title: str, note: str) -> str:
 
 
 def build(args) -> pd.DataFrame:
-    from darkhaloscope.catalogs import read_known_lenses
-    from darkhaloscope.stamps.dataset import fetch_rows, open_dataset
-
     scores = read_scores(args.scores)
     if not len(scores):
         raise DHSError(f"score file {args.scores} has no rows with a position")
@@ -239,8 +236,6 @@ def build(args) -> pd.DataFrame:
 
 def purity_table(graded: pd.DataFrame, positive: set[str]) -> pd.DataFrame:
     """Per rank: cumulative graded and positive candidates, purity = positive / graded with a Wilson interval."""
-    from darkhaloscope.metrics import wilson_interval
-
     g = graded.sort_values("rank")
     is_graded = (g["grade"] != UNGRADED).to_numpy()
     is_pos = g["grade"].isin(positive).to_numpy()

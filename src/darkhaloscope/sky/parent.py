@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.io import atomic_output
+from darkhaloscope.io import atomic_output, filesystem
 
 log = logging.getLogger("dhs.parent")
 
@@ -120,8 +120,6 @@ def _expand_uri(pattern: str) -> list[str]:
     ``endpoint_override``) is kept on every file's URI."""
     import pyarrow.fs as pafs
 
-    from darkhaloscope.stamps.dataset import filesystem
-
     base, _, query = pattern.partition("?")
     query = f"?{query}" if query else ""
     scheme = base.split("://", 1)[0]
@@ -158,8 +156,6 @@ def local_copy(source: str, tmp_dir: str | None = None):
                 except OSError as exc:
                     raise DHSError(f"cannot download {source}: {exc}") from None
             else:
-                from darkhaloscope.stamps.dataset import filesystem
-
                 fs, path = filesystem(source)
                 try:
                     with fs.open_input_stream(path) as fh:

@@ -43,8 +43,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
+from darkhaloscope.evaluation import infer
+from darkhaloscope.evaluation.report import figure_img, gallery_figure, missing, page, parse_labelled, pyplot, safe, section, table_html
+from darkhaloscope.evaluation.scorefile import read_checked
 from darkhaloscope.io import atomic_output
+from darkhaloscope.metrics import wilson_interval
+from darkhaloscope.sky.recall import operating_thresholds
 from darkhaloscope.stamps.contract import BANDS, PIXEL_SCALE_ARCSEC, STAMP_SIZE, encode_stamp
+from darkhaloscope.stamps.dataset import fetch_stamps
 
 log = logging.getLogger("dhs.realcheck")
 
@@ -166,8 +172,6 @@ def read_check_set(data) -> pd.DataFrame:
 
 def score_check_set(data, ckpt, out, tta: int = 1, batch_size: int = 256, device: str = "auto") -> pd.DataFrame:
     """Logits of every row of the check set through ``dhs infer`` (task_id, logit)."""
-    from darkhaloscope.evaluation import infer
-
     args = argparse.Namespace(data=str(data), ckpt=str(ckpt), out=str(out), split="test", batch_size=batch_size,
                               use_bf16=False, tta=tta, only_controls=False, num_workers=0, max_skip_frac=0.0,
                               device=device)
@@ -177,8 +181,6 @@ def score_check_set(data, ckpt, out, tta: int = 1, batch_size: int = 256, device
 
 def sim_control_logits(path) -> np.ndarray:
     """Logits of the simulated test controls of a ``dhs infer`` score file."""
-    from darkhaloscope.evaluation.scorefile import read_checked
-
     t = read_checked(path, ["is_control", "logit"])
     ctl = t.column("is_control").to_numpy(zero_copy_only=False) == 1
     return np.asarray(t.column("logit").to_numpy(zero_copy_only=False), np.float64)[ctl]
@@ -186,8 +188,6 @@ def sim_control_logits(path) -> np.ndarray:
 
 def fpr_rows(model: str, scored: pd.DataFrame, thresholds, sim_logits: np.ndarray) -> list[dict]:
     """Per half (and both): the real controls above each simulated threshold, with Wilson intervals."""
-    from darkhaloscope.metrics import wilson_interval
-
     rows = []
     ctl = scored[scored["is_control"] == 1]
     med_sim = float(np.median(sim_logits)) if len(sim_logits) else math.nan
@@ -217,8 +217,6 @@ def candidate_rows(model: str, scored: pd.DataFrame, thresholds) -> list[dict]:
 
 
 def distribution_figure(per_model: dict) -> str:
-    from darkhaloscope.evaluation.report import figure_img, pyplot
-
     plt = pyplot()
     fig, axes = plt.subplots(1, len(per_model), figsize=(5 * len(per_model), 3.4), squeeze=False)
     for ax, (model, (real, sim, thresholds)) in zip(axes[0], per_model.items()):
@@ -239,9 +237,6 @@ def distribution_figure(per_model: dict) -> str:
 
 
 def report_page(table: pd.DataFrame, per_model: dict, data, scored: pd.DataFrame | None) -> str:
-    from darkhaloscope.evaluation.report import gallery_figure, missing, page, safe, section, table_html
-    from darkhaloscope.stamps.dataset import fetch_stamps
-
     ctl = table[table["row"] == "controls"][["model", "half", "fpr_target", "threshold", "n_controls", "n_above",
                                                "fpr", "ci_low", "ci_high", "median_real_logit",
                                                "median_sim_control_logit"]]
@@ -270,8 +265,6 @@ def report_page(table: pd.DataFrame, per_model: dict, data, scored: pd.DataFrame
 # ----------------------------------------------------------------------------------------------------
 
 def _pairs(items, flag: str) -> dict[str, str]:
-    from darkhaloscope.evaluation.report import parse_labelled
-
     return dict(parse_labelled(items or [], flag))
 
 
@@ -299,9 +292,6 @@ def _write(table: pd.DataFrame, out_csv, report: str | None, page: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from darkhaloscope.evaluation.report import missing, page, section
-    from darkhaloscope.sky.recall import operating_thresholds
-
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     ckpts, tables, sims = (_pairs(args.ckpt, "--ckpt"), _pairs(args.table, "--table"),
                            _pairs(args.sim_scores, "--sim_scores"))

@@ -36,9 +36,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from darkhaloscope.errors import DHSError
-from darkhaloscope.evaluation.infer import TTA_CHOICES
+from darkhaloscope.evaluation.infer import TTA_CHOICES, load_scorer, score_batches, scoring_of
+from darkhaloscope.evaluation.report import gallery_figure, missing, page, safe, section, table_html
+from darkhaloscope.io import atomic_output, check_writable, file_sha256, refuse_overwrite, same_file
+from darkhaloscope.metrics import recall_at_threshold, wilson_interval
 from darkhaloscope.stamps.contract import SPLITS
-from darkhaloscope.io import atomic_output, file_sha256
+from darkhaloscope.stamps.dataset import fetch_stamps, open_split
 
 log = logging.getLogger("dhs.recall")
 UNGRADED = "ungraded"
@@ -85,8 +88,6 @@ def _number(value, what: str, path) -> float:
 
 def check_outputs(args) -> None:
     """Before any work: no output is an input (or lies inside --data) or another output, and each is writable."""
-    from darkhaloscope.io import check_writable, refuse_overwrite, same_file
-
     inputs = {"--data": args.data, "--ckpt": args.ckpt, "--stratified_csv": args.stratified_csv}
     outs = {"--out_csv": args.out_csv or recall_path(args.stratified_csv), "--scores_out": args.scores_out,
             "--report": args.report}
@@ -106,9 +107,6 @@ def score_lenses(data: str, ckpt_path: str, grade_column: str | None, batch_size
     """One row per lens of every split: task_id, ra, dec, grade, region_split, scored (bool), reason,
     logit (NaN when not scored). Scored through ``infer``'s one path (``infer.load_scorer`` +
     ``infer.score_batches``) in ``tta`` views, so a lens gets the logit ``dhs infer --tta`` gives it."""
-    from darkhaloscope.evaluation.infer import load_scorer, score_batches
-    from darkhaloscope.stamps.dataset import open_split
-
     scorer = load_scorer(ckpt_path, device, tta, use_bf16)
     frames = []
     for split in SPLITS:
@@ -159,8 +157,6 @@ def views_of(tta: int | None, scored_with: str | None, ckpt: str | None = None) 
     """The number of views to score in: those the stratified table's scores were made with. With ``ckpt``, the
     score file must also have been made by that very checkpoint (its recorded SHA-256): thresholds of one model
     (e.g. Gen3's) applied to another's logits (Gen2's) would give a meaningless recall."""
-    from darkhaloscope.evaluation.infer import scoring_of
-
     if scored_with is None:
         if tta is None:
             raise DHSError("say which views the stratified table's scores used: --scored_with SCORES.parquet "
@@ -178,8 +174,6 @@ def views_of(tta: int | None, scored_with: str | None, ckpt: str | None = None) 
 
 def recall_table(lenses: pd.DataFrame, thresholds: list[tuple[float, float]], grade_column: str | None,
                  tta: int = 1) -> pd.DataFrame:
-    from darkhaloscope.metrics import recall_at_threshold, wilson_interval
-
     groups = [("all", lenses)]
     if grade_column:
         groups += [(g, lenses[lenses["grade"] == g]) for g in sorted(lenses["grade"].unique())]
@@ -207,9 +201,6 @@ def recall_path(stratified_csv) -> Path:
 
 def report_html(table: pd.DataFrame, lenses: pd.DataFrame, data: str, thresholds, gallery_n: int = 16) -> str:
     """Offline page: the recall table, then found and missed lenses at the lowest estimable FPR target."""
-    from darkhaloscope.evaluation.report import gallery_figure, missing, page, safe, section, table_html
-    from darkhaloscope.stamps.dataset import fetch_stamps
-
     parts = [section("recall", "Recall on real known lenses", table_html(table))]
     usable = [(t, v) for t, v in thresholds if math.isfinite(v)]
     if not usable:

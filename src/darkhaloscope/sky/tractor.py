@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from darkhaloscope.catalogs import KnownLensIndex
 from darkhaloscope.errors import DHSError
 from darkhaloscope.stamps.contract import BANDS
 
@@ -52,8 +53,6 @@ class TractorConditions:
         self.n_matched = 0
 
     def __call__(self, ra: np.ndarray, dec: np.ndarray, bricks: np.ndarray):
-        from darkhaloscope.catalogs import KnownLensIndex
-
         n = len(ra)
         size = np.full((n, len(BANDS)), np.nan)
         ivar = np.full((n, len(BANDS)), np.nan)
